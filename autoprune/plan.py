@@ -1,0 +1,239 @@
+"""Pruning plans: what to prune, how much and by which criterion. Plain, versioned data.
+
+A plan holds a default rule and per-layer rules keyed by exact module name or ``re:`` pattern.
+Structured rules are looked up by a prunable group's leading layer (see ``autoprune layers``);
+unstructured rules by each Conv/Linear layer's own name. Plans never hold torch objects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from autoprune.errors import PlanError
+
+__all__ = ["PLAN_VERSION", "MODES", "CRITERIA", "QUANTIZE", "LayerRule", "PruningPlan"]
+
+PLAN_VERSION = 1
+MODES = ("structured", "unstructured", "skip")
+CRITERIA = ("l1", "l2", "taylor", "fpgm", "bn_scale", "lamp", "random")
+# Criteria that score whole channels only, so they have no meaning for single weights.
+_STRUCTURED_ONLY = ("fpgm", "bn_scale")
+QUANTIZE = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How one layer (or prunable group) is pruned.
+
+    Example:
+        >>> LayerRule(mode="structured", sparsity=0.5, criterion="l2", round_to=8)
+        LayerRule(mode='structured', sparsity=0.5, criterion='l2', round_to=8)
+    """
+
+    mode: str = "skip"  # structured (remove channels/heads) | unstructured (zero weights) | skip
+    sparsity: float = 0.0  # fraction removed (structured) or zeroed (unstructured), 0 <= s < 1
+    criterion: str = "l1"  # importance used to pick what goes, one of CRITERIA
+    round_to: int | None = None  # structured: keep a multiple of this many channels
+
+    def __post_init__(self) -> None:
+        _check_rule(self, "rule")
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "skip" and self.sparsity > 0
+
+
+def _check_rule(rule: LayerRule, where: str) -> None:
+    if rule.mode not in MODES:
+        raise PlanError(f"{where}.mode: {rule.mode!r} is not one of {', '.join(MODES)}")
+    s = rule.sparsity
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
+        raise PlanError(f"{where}.sparsity: {s!r} must be a number with 0 <= sparsity < 1")
+    if rule.criterion not in CRITERIA:
+        raise PlanError(
+            f"{where}.criterion: {rule.criterion!r} is not one of {', '.join(CRITERIA)}"
+        )
+    if rule.mode == "unstructured" and rule.criterion in _STRUCTURED_ONLY:
+        raise PlanError(
+            f"{where}.criterion: {rule.criterion!r} scores whole channels and works with "
+            f"mode 'structured' only; for unstructured use one of l1, l2, taylor, lamp, random"
+        )
+    r = rule.round_to
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise PlanError(f"{where}.round_to: {r!r} must be a positive integer or null")
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """A complete, serializable pruning plan for one model.
+
+    Rules are resolved per name: exact match first, then ``re:`` patterns in order
+    (full match), then ``default``.
+
+    Example:
+        >>> plan = PruningPlan(
+        ...     default=LayerRule("structured", 0.5),
+        ...     rules={"fc": LayerRule("skip"), "re:stages\\.0\\..*": LayerRule("unstructured", 0.8)},
+        ... )
+        >>> plan.rule_for("stages.0.conv1").mode
+        'unstructured'
+        >>> PruningPlan.from_json(plan.to_json()) == plan
+        True
+    """
+
+    default: LayerRule = field(default_factory=LayerRule)  # rule for names no other rule matches
+    rules: dict[str, LayerRule] = field(default_factory=dict)  # exact name or "re:pattern" -> rule
+    quantize: str = "none"  # post-training quantization after pruning: none | int8 (dynamic)
+    finetune: dict[str, Any] = field(default_factory=dict)  # fine-tuning overrides (e.g. lr)
+    fingerprint: list[str] | None = None  # architecture signature of the model it was made for
+    version: int = PLAN_VERSION  # plan format version
+
+    def __post_init__(self) -> None:
+        if self.version != PLAN_VERSION:
+            raise PlanError(
+                f"version: plan format {self.version!r} is not supported (this autoprune reads "
+                f"version {PLAN_VERSION})"
+            )
+        if self.quantize not in QUANTIZE:
+            raise PlanError(f"quantize: {self.quantize!r} is not one of {', '.join(QUANTIZE)}")
+        for key in self.rules:
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as e:
+                    raise PlanError(f"rules[{key!r}]: invalid regular expression: {e}") from None
+
+    # -- lookup ---------------------------------------------------------------------------
+    def rule_for(self, name: str) -> LayerRule:
+        """The rule for module ``name``: exact key, then first matching ``re:`` key, then default."""
+        if name in self.rules:
+            return self.rules[name]
+        for key, rule in self.rules.items():
+            if key.startswith("re:") and re.fullmatch(key[3:], name):
+                return rule
+        return self.default
+
+    # -- constructors ---------------------------------------------------------------------
+    @classmethod
+    def uniform(
+        cls, sparsity: float, mode: str = "structured", criterion: str = "l1", **kwargs: Any
+    ) -> PruningPlan:
+        """The same rule for every layer, e.g. ``PruningPlan.uniform(0.5)``."""
+        return cls(default=LayerRule(mode, sparsity, criterion), **kwargs)
+
+    def with_fingerprint(self, signature: list[str]) -> PruningPlan:
+        return replace(self, fingerprint=list(signature))
+
+    # -- serialization --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "default": asdict(self.default),
+            "rules": {k: asdict(r) for k, r in self.rules.items()},
+            "quantize": self.quantize,
+            "finetune": dict(self.finetune),
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "plan") -> PruningPlan:
+        """Build a plan from plain data, naming the offending field on any error."""
+        if not isinstance(data, dict):
+            raise PlanError(f"{source}: expected a mapping with 'default' and 'rules', got "
+                            f"{type(data).__name__}")
+        # A plan file written by a search carries metrics next to the plan.
+        if "plan" in data and isinstance(data["plan"], dict):
+            data = data["plan"]
+        known = {"version", "default", "rules", "quantize", "finetune", "fingerprint"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: "
+                            f"{', '.join(sorted(known))}")
+        version = data.get("version", PLAN_VERSION)
+        if version != PLAN_VERSION:
+            raise PlanError(f"{source}.version: plan format {version!r} is not supported "
+                            f"(this autoprune reads version {PLAN_VERSION})")
+        rules = data.get("rules") or {}
+        if not isinstance(rules, dict):
+            raise PlanError(f"{source}.rules: expected a mapping of layer name -> rule")
+        fingerprint = data.get("fingerprint")
+        if fingerprint is not None and not (
+            isinstance(fingerprint, list) and all(isinstance(e, str) for e in fingerprint)
+        ):
+            raise PlanError(f"{source}.fingerprint: expected a list of strings or null")
+        finetune = data.get("finetune") or {}
+        if not isinstance(finetune, dict):
+            raise PlanError(f"{source}.finetune: expected a mapping such as {{lr: 0.01}}")
+        return cls(
+            default=_rule_from(data.get("default", {}), f"{source}.default"),
+            rules={str(k): _rule_from(v, f"{source}.rules[{k!r}]") for k, v in rules.items()},
+            quantize=data.get("quantize", "none"),
+            finetune=finetune,
+            fingerprint=fingerprint,
+            version=version,
+        )
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> PruningPlan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{source}: not valid JSON ({e})") from None
+        return cls.from_dict(data, source)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "plan") -> PruningPlan:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise PlanError(f"{source}: not valid YAML ({e})") from None
+        return cls.from_dict(data, source)
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON (``.json``) or YAML (``.yaml``/``.yml``)."""
+        path = Path(path)
+        text = self.to_yaml() if path.suffix in (".yaml", ".yml") else self.to_json()
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PruningPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file {path} does not exist")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            return cls.from_yaml(text, source=str(path))
+        return cls.from_json(text, source=str(path))
+
+
+def _rule_from(data: Any, where: str) -> LayerRule:
+    if isinstance(data, LayerRule):
+        return data
+    if not isinstance(data, dict):
+        raise PlanError(f"{where}: expected a mapping like {{mode: structured, sparsity: 0.5, "
+                        f"criterion: l1}}, got {data!r}")
+    allowed = {"mode", "sparsity", "criterion", "round_to"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise PlanError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
+                        f"{', '.join(sorted(allowed))}")
+    rule = object.__new__(LayerRule)  # validate with the field path before constructing
+    for k, default in (("mode", "skip"), ("sparsity", 0.0), ("criterion", "l1"), ("round_to", None)):
+        object.__setattr__(rule, k, data.get(k, default))
+    _check_rule(rule, where)
+    return LayerRule(**{k: data[k] for k in data})

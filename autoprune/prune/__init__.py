@@ -1,0 +1,31 @@
+"""Applying pruning plans: structured removal (Torch-Pruning) and unstructured masks."""
+
+from autoprune.prune._apply import (
+    PruneReport,
+    WeightMask,
+    apply_plan,
+    bake_masks_,
+    count_kept,
+    has_masks,
+    prune_model_,
+)
+from autoprune.prune._groups import (
+    ModelInspection,
+    PrunableGroup,
+    Unprunable,
+    inspect_model,
+)
+
+__all__ = [
+    "ModelInspection",
+    "PrunableGroup",
+    "PruneReport",
+    "WeightMask",
+    "Unprunable",
+    "apply_plan",
+    "bake_masks_",
+    "count_kept",
+    "has_masks",
+    "inspect_model",
+    "prune_model_",
+]

@@ -1,0 +1,275 @@
+"""apply_plan: structured removal through the dependency graph, then unstructured masks."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from autoprune.criteria import get_criterion
+from autoprune.errors import PlanError
+from autoprune.fingerprint import architecture_signature, first_difference
+from autoprune.plan import LayerRule, PruningPlan
+from autoprune.prune._groups import PrunableGroup, build_groups
+
+__all__ = [
+    "PruneReport", "WeightMask", "apply_plan", "prune_model_", "bake_masks_", "has_masks",
+    "count_kept",
+]
+
+_WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+Calibration = Iterable[tuple]  # (inputs, targets) batches; inputs a tensor or tuple of tensors
+
+
+@dataclass
+class PruneReport:
+    """What ``prune_model_`` did, group by group and layer by layer."""
+
+    structured: dict[str, tuple[int, int]] = field(default_factory=dict)  # group: (before, after)
+    unstructured: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer: (zeroed, n)
+    notes: list[str] = field(default_factory=list)  # fallbacks and other remarks
+
+
+def count_kept(units: int, sparsity: float, round_to: int | None = None) -> int:
+    """Units kept after pruning ``sparsity`` of ``units``: round half up, at least one unit.
+
+    Example:
+        >>> count_kept(16, 0.5), count_kept(9, 0.5), count_kept(20, 0.3, round_to=8)
+        (8, 4, 8)
+    """
+    keep = units - math.floor(sparsity * units + 0.5)
+    if round_to and keep > round_to:
+        keep -= keep % round_to
+    return max(1, keep)
+
+
+def _check_fingerprint(plan: PruningPlan, model: nn.Module) -> None:
+    if plan.fingerprint is None:
+        return
+    diff = first_difference(plan.fingerprint, architecture_signature(model))
+    if diff:
+        raise PlanError(
+            f"this plan was made for a different model ({diff}). Apply it to the model it was "
+            f"searched on, or drop its 'fingerprint' field to apply it by layer names anyway."
+        )
+
+
+def _check_rule_names(plan: PruningPlan, model: nn.Module) -> None:
+    names = {n for n, _ in model.named_modules()}
+    for key in plan.rules:
+        if not key.startswith("re:") and key not in names:
+            close = [n for n in names if key.split(".")[-1] in n][:3]
+            hint = f" (similar: {', '.join(sorted(close))})" if close else ""
+            raise PlanError(
+                f"rules[{key!r}]: the model has no layer named {key!r}{hint}. "
+                f"`autoprune layers --task TASK` lists the names."
+            )
+
+
+def _group_rule(plan: PruningPlan, group: PrunableGroup) -> LayerRule:
+    # Exact names win, for the leading layer and then any coupled layer; patterns see the
+    # leading layer only, so one pattern never hits a group twice.
+    for name in [group.name, *group.coupled]:
+        if name in plan.rules:
+            return plan.rules[name]
+    for key, rule in plan.rules.items():
+        if key.startswith("re:") and re.fullmatch(key[3:], group.name):
+            return rule
+    return plan.default
+
+
+def _run_calibration(
+    model: nn.Module,
+    calibration: Calibration | None,
+    loss_fn: Callable | None,
+) -> None:
+    if calibration is None or loss_fn is None:
+        raise PlanError(
+            "criterion 'taylor' needs gradients: pass calibration batches and a loss "
+            "(apply_plan(..., calibration=task.calibration_batches(4), loss_fn=task.loss_fn))"
+        )
+    model.zero_grad()
+    was_training = model.training
+    model.eval()  # keep BatchNorm statistics untouched
+    with torch.enable_grad():
+        for inputs, targets in calibration:
+            inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+            loss_fn(model(*inputs), targets).backward()
+    model.train(was_training)
+
+
+def _pick(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+    # Stable sort: equal scores are pruned in index order, so pruning is deterministic.
+    return torch.sort(scores, stable=True).indices[:n_remove]
+
+
+def _prune_structured(
+    model: nn.Module,
+    plan: PruningPlan,
+    example_inputs: tuple,
+    calibration: Calibration | None,
+    loss_fn: Callable | None,
+    report: PruneReport,
+) -> None:
+    dg, inspection = build_groups(model, example_inputs)
+    work = [(g, _group_rule(plan, g)) for g in inspection.groups]
+    work = [(g, r) for g, r in work if r.mode == "structured" and r.sparsity > 0]
+    if not work:
+        return
+    if any(get_criterion(r.criterion).needs_gradients for _, r in work):
+        _run_calibration(model, calibration, loss_fn)
+    # Score every group first, then prune: scores are not disturbed by earlier removals.
+    chosen = []
+    for group, rule in work:
+        crit = rule.criterion
+        scores = get_criterion(crit).group_importance()(group.tp_group)
+        if scores is None:  # e.g. bn_scale on a group without BatchNorm
+            report.notes.append(f"{group.name}: {crit} cannot score this group, used l1")
+            scores = get_criterion("l1").group_importance()(group.tp_group)
+        scores = scores.detach().cpu().float()
+        if group.num_heads:
+            per_head = scores.numel() // group.num_heads
+            keep = count_kept(group.num_heads, rule.sparsity)
+            heads = _pick(scores.view(group.num_heads, per_head).mean(1), group.num_heads - keep)
+            idxs = (heads[:, None] * per_head + torch.arange(per_head)).flatten()
+        else:
+            keep = count_kept(group.channels, rule.sparsity, rule.round_to)
+            idxs = _pick(scores, group.channels - keep)
+        chosen.append((group, sorted(idxs.tolist()), keep))
+    for group, idxs, keep in chosen:
+        if idxs:
+            group.tp_group.prune(idxs=idxs, record_history=False)
+        report.structured[group.name] = (group.units, keep)
+    modules = dict(model.named_modules())
+    for group, _, _ in chosen:
+        for owner_name in group.head_owners:
+            _update_head_count(modules[owner_name])
+    model.zero_grad(set_to_none=True)
+
+
+def _update_head_count(attn: nn.Module) -> None:
+    """Attention modules cache head counts as ints; bring them in line with the new widths."""
+    head_dim = getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size", None)
+    linears = [c for c in attn.children() if isinstance(c, nn.Linear)]
+    heads = linears[0].out_features // head_dim
+    for attr in ("num_heads", "num_attention_heads"):
+        if hasattr(attn, attr):
+            setattr(attn, attr, heads)
+    if hasattr(attn, "all_head_size"):
+        attn.all_head_size = heads * head_dim
+
+
+def _prune_unstructured(
+    model: nn.Module,
+    plan: PruningPlan,
+    calibration: Calibration | None,
+    loss_fn: Callable | None,
+    report: PruneReport,
+) -> None:
+    work = [
+        (name, m, plan.rule_for(name))
+        for name, m in model.named_modules()
+        if isinstance(m, _WEIGHT_TYPES)
+    ]
+    work = [(n, m, r) for n, m, r in work if r.mode == "unstructured" and r.sparsity > 0]
+    if any(get_criterion(r.criterion).needs_gradients for _, _, r in work):
+        _run_calibration(model, calibration, loss_fn)
+    for name, module, rule in work:
+        weight = module.weight
+        scores = get_criterion(rule.criterion).weight_scores(weight).detach().flatten()
+        n_zero = math.floor(rule.sparsity * scores.numel() + 0.5)
+        mask = torch.ones_like(scores)
+        mask[_pick(scores, n_zero)] = 0
+        parametrize.register_parametrization(module, "weight", WeightMask(mask.view_as(weight)))
+        report.unstructured[name] = (n_zero, scores.numel())
+    model.zero_grad(set_to_none=True)
+
+
+def prune_model_(
+    model: nn.Module,
+    plan: PruningPlan,
+    example_inputs: tuple,
+    *,
+    calibration: Calibration | None = None,
+    loss_fn: Callable | None = None,
+    seed: int = 0,
+) -> PruneReport:
+    """Apply ``plan`` to ``model`` in place and report what was removed.
+
+    Structured groups are removed first (physically, through Torch-Pruning's dependency
+    graph); then unstructured layers get masks, which stay applied
+    through fine-tuning (a :class:`WeightMask` parametrization) until :func:`bake_masks_`.
+    """
+    _check_fingerprint(plan, model)
+    _check_rule_names(plan, model)
+    example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    calibration = list(calibration) if calibration is not None else None
+    report = PruneReport()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the random criterion; everything else is deterministic
+        _prune_structured(model, plan, example_inputs, calibration, loss_fn, report)
+        _prune_unstructured(model, plan, calibration, loss_fn, report)
+    return report
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: PruningPlan,
+    example_inputs: tuple,
+    *,
+    calibration: Calibration | None = None,
+    loss_fn: Callable | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Return a pruned copy of ``model``; the original is not changed.
+
+    Example:
+        >>> from autoprune.testing import create_test_model
+        >>> m = create_test_model("resnet_tiny")
+        >>> pruned = apply_plan(m, PruningPlan.uniform(0.5), m.example_inputs())
+        >>> pruned.stages[0].conv1.out_channels
+        4
+    """
+    pruned = copy.deepcopy(model)
+    prune_model_(pruned, plan, example_inputs, calibration=calibration, loss_fn=loss_fn,
+                 seed=seed)
+    return pruned
+
+
+class WeightMask(nn.Module):
+    """Parametrization ``weight = original * mask``: masked weights stay zero whatever the
+    optimizer does to ``original``. (A parametrization, unlike ``torch.nn.utils.prune``'s
+    hooks, keeps the model deep-copyable after a forward pass.)"""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.detach().clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def _masked(model: nn.Module) -> list[nn.Module]:
+    return [
+        m for m in model.modules()
+        if parametrize.is_parametrized(m, "weight")
+        and any(isinstance(p, WeightMask) for p in m.parametrizations.weight)
+    ]
+
+
+def has_masks(model: nn.Module) -> bool:
+    """True if unstructured masks are still attached (not yet baked)."""
+    return bool(_masked(model))
+
+
+def bake_masks_(model: nn.Module) -> nn.Module:
+    """Make unstructured masks permanent: zeros written into ``weight``, masks removed."""
+    for module in _masked(model):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
