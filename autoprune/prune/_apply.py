@@ -73,9 +73,9 @@ def _check_rule_names(plan: PruningPlan, model: nn.Module) -> None:
 
 
 def _group_rule(plan: PruningPlan, group: PrunableGroup) -> LayerRule:
-    # Exact names win, for the leading layer and then any coupled layer; patterns see the
-    # leading layer only, so one pattern never hits a group twice.
-    for name in [group.name, *group.coupled]:
+    # Exact names win, for the leading layer and then any layer producing the same channels;
+    # patterns see the leading layer only, so one pattern never hits a group twice.
+    for name in [group.name, *group.producers]:
         if name in plan.rules:
             return plan.rules[name]
     for key, rule in plan.rules.items():

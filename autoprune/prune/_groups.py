@@ -20,6 +20,7 @@ class PrunableGroup:
 
     name: str  # leading layer: the name structured plan rules are keyed by
     coupled: list[str]  # every layer whose weights lose slices when this group is pruned
+    producers: list[str]  # Conv/Linear layers whose outputs are these channels
     channels: int  # prunable units of the leading layer's output (channels or neurons)
     params: int  # parameters that belong to these channels (in every coupled layer)
     flops_share: float  # share of the model's MACs in layers this group touches
@@ -186,6 +187,7 @@ def build_groups(
         groups.append(PrunableGroup(
             name=names[root],
             coupled=[names[m] for m in uniq],
+            producers=[names[m] for m in dict.fromkeys(outs) if isinstance(m, _ROOT_TYPES)],
             channels=channels,
             params=params,
             flops_share=touched / total_macs,

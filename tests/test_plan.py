@@ -1,0 +1,74 @@
+import pytest
+
+from autoprune.errors import PlanError
+from autoprune.plan import LayerRule, PruningPlan
+
+PLAN = PruningPlan(
+    default=LayerRule("structured", 0.25, "l2", round_to=8),
+    rules={
+        "fc": LayerRule("skip"),
+        "re:stages\\.0\\..*": LayerRule("unstructured", 0.8, "lamp"),
+        "stages.1.conv1": LayerRule("structured", 0.5, "taylor"),
+    },
+    quantize="int8",
+    finetune={"lr": 0.01},
+    fingerprint=["stem.0:Conv2d:8x1x3x3", "fc:Linear:10x32,10"],
+)
+
+
+def test_json_and_yaml_round_trip(tmp_path):
+    assert PruningPlan.from_json(PLAN.to_json()) == PLAN
+    assert PruningPlan.from_yaml(PLAN.to_yaml()) == PLAN
+    for name in ("p.json", "p.yaml"):
+        assert PruningPlan.load(PLAN.save(tmp_path / name)) == PLAN
+
+
+def test_rule_resolution_order():
+    assert PLAN.rule_for("stages.1.conv1").criterion == "taylor"  # exact
+    assert PLAN.rule_for("stages.0.conv1").mode == "unstructured"  # pattern
+    assert PLAN.rule_for("stages.0").mode == "structured"  # pattern is a full match only
+    assert PLAN.rule_for("stages.2.conv1") == PLAN.default
+    assert PLAN.rule_for("fc").active is False
+
+
+def test_search_result_file_with_metrics_loads_as_plan(tmp_path):
+    f = tmp_path / "trial_7.json"
+    f.write_text('{"plan": %s, "metrics": {"accuracy": 0.97}}' % PLAN.to_json())
+    assert PruningPlan.load(f) == PLAN
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"default": {"mode": "pruned"}}', r"plan\.default\.mode: 'pruned' is not one of "
+                                            r"structured, unstructured, skip"),
+        ('{"default": {"sparsity": 1.0}}', r"plan\.default\.sparsity: 1\.0 must be .*0 <= "),
+        ('{"default": {"sparsity": "half"}}', r"plan\.default\.sparsity: 'half'"),
+        ('{"rules": {"fc": {"criterion": "l3"}}}', r"plan\.rules\['fc'\]\.criterion: 'l3' is "
+                                                   r"not one of l1, l2, taylor"),
+        ('{"rules": {"fc": {"mode": "unstructured", "criterion": "fpgm"}}}',
+         r"'fpgm' scores whole channels"),
+        ('{"rules": {"fc": {"round_to": 0}}}', r"round_to: 0 must be a positive integer"),
+        ('{"rules": {"fc": {"sparsity": 0.5, "ratio": 2}}}', r"rules\['fc'\]: unknown field\(s\) "
+                                                             r"ratio; allowed: criterion, mode"),
+        ('{"rules": {"re:(": {}}}', r"rules\['re:\('\]: invalid regular expression"),
+        ('{"rules": ["fc"]}', r"plan\.rules: expected a mapping"),
+        ('{"version": 9}', r"plan\.version: plan format 9 is not supported"),
+        ('{"quantize": "int4"}', r"quantize: 'int4' is not one of none, int8"),
+        ('{"defaults": {}}', r"unknown field\(s\) defaults"),
+        ('[1, 2]', r"expected a mapping with 'default' and 'rules'"),
+        ('{"default": ', r"not valid JSON"),
+    ],
+)
+def test_malformed_plans_name_the_field(text, message):
+    with pytest.raises(PlanError, match=message):
+        PruningPlan.from_json(text)
+
+
+def test_malformed_yaml_file_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("default: [unclosed")
+    with pytest.raises(PlanError, match=r"bad\.yaml: not valid YAML"):
+        PruningPlan.load(f)
+    with pytest.raises(PlanError, match="does not exist"):
+        PruningPlan.load(tmp_path / "missing.json")
