@@ -11,13 +11,14 @@ def test_stats_before_and_after_pruning():
     model = create_test_model("resnet_tiny").eval()
     x = model.example_inputs()
     dense = model_stats(model, x)
-    assert dense.params == dense.nonzero_params == 19810
+    bn_biases = sum(m.bias.numel() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert dense.params == 19810 and dense.nonzero_params == 19810 - bn_biases  # zero-init
     assert dense.size_bytes >= 4 * dense.params
     assert dense.flops == 2 * dense.macs > 0
 
     unstructured = model_stats(apply_plan(model, PruningPlan.uniform(0.5, "unstructured"), x), x)
     assert unstructured.params == dense.params and unstructured.macs == dense.macs
-    zeroed = dense.params - unstructured.nonzero_params
+    zeroed = dense.nonzero_params - unstructured.nonzero_params
     conv_fc = sum(m.weight.numel() for m in model.modules()
                   if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     assert abs(zeroed - conv_fc / 2) <= 8  # half of every conv/linear weight, rounded per layer
