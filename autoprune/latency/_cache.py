@@ -1,0 +1,159 @@
+"""Latency cache keyed by (architecture signature, target, input shapes, device)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import tempfile
+import threading
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+from autoprune.latency._measure import LatencyStats
+from autoprune.latency._target import Target
+
+__all__ = ["LatencyCache", "CACHE_FORMAT_VERSION"]
+
+CACHE_FORMAT_VERSION = 1
+
+
+class LatencyCache:
+    """Measured latencies by architecture, in memory and optionally in a JSON file.
+
+    Latency depends on the pruned shapes, not on the weight values, so two plans that prune
+    to the same shapes share one measurement. With a ``path``, entries are loaded at start and
+    every new entry is merged into the file (atomically, under a file lock), so a resumed
+    search, or several worker processes, reuse earlier measurements.
+
+    Example:
+        >>> import dataclasses
+        >>> from autoprune.latency import load_target, measure_latency
+        >>> from autoprune.testing import create_test_model
+        >>> cache = LatencyCache()
+        >>> fast = dataclasses.replace(load_target("cpu-1t"), min_runs=5, min_seconds=0)
+        >>> model = create_test_model("resnet_tiny")
+        >>> a = measure_latency(model, model.example_inputs(), fast, cache=cache)
+        >>> b = measure_latency(create_test_model("resnet_tiny"), model.example_inputs(), fast,
+        ...                     cache=cache)
+        >>> b.cached, b.p50_ms == a.p50_ms, cache.hits, cache.misses
+        (True, True, 1, 1)
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None  # JSON file, or None (memory)
+        self.hits = 0  # lookups answered from the cache
+        self.misses = 0  # lookups that needed a measurement
+        self._entries: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        if self.path is not None and self.path.exists():
+            self._entries.update(self._read_file())
+
+    @staticmethod
+    def key(
+        architecture: str, target: Target, input_shapes: tuple[tuple[int, ...], ...]
+    ) -> str:
+        """The cache key of a measurement.
+
+        Args:
+            architecture: ``signature_digest`` of the (baked) model, or an ONNX graph digest.
+            target: the target profile; its :meth:`Target.key` and the device it names (this
+                machine's CPU and ONNX Runtime version for local targets, the address for
+                remote ones) are part of the key.
+            input_shapes: the shapes actually measured.
+        """
+        shapes = ";".join("x".join(str(d) for d in s) for s in input_shapes)
+        device = f"remote={target.remote}" if target.is_remote else _local_device()
+        return f"{architecture}|{shapes}|{target.key()}|{device}"
+
+    def get(self, key: str) -> LatencyStats | None:
+        """The cached stats (``cached=True``), counting a hit or a miss."""
+        with self._lock:
+            data = self._entries.get(key)
+            if data is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+        stats = LatencyStats.from_dict(data)
+        return LatencyStats(**{**stats.to_dict(), "cached": True})
+
+    def put(self, key: str, stats: LatencyStats) -> None:
+        """Store a measurement (and merge it into the file, if any)."""
+        with self._lock:
+            self._entries[key] = stats.to_dict()
+            if self.path is not None:
+                self._write_file(key)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def _read_file(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # unreadable cache: measure again rather than fail a search
+        if not isinstance(data, dict) or data.get("version") != CACHE_FORMAT_VERSION:
+            return {}
+        entries = data.get("entries", {})
+        return {k: v for k, v in entries.items() if isinstance(v, dict)}
+
+    def _write_file(self, key: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(self.path.with_name(self.path.name + ".lock")):
+            merged = self._read_file() if self.path.exists() else {}
+            merged.update(self._entries)
+            self._entries = merged
+            payload = json.dumps(
+                {"version": CACHE_FORMAT_VERSION, "entries": merged}, indent=1, sort_keys=True
+            )
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(payload)
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: last writer wins, entries merge anyway
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@lru_cache(maxsize=1)
+def _local_device() -> str:
+    """This machine as a latency cache sees it: CPU model, usable cores, ORT version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    try:
+        ort_version = version("onnxruntime")
+    except PackageNotFoundError:  # pragma: no cover
+        ort_version = "?"
+    return f"local={model}/{cores}cpu/ort{ort_version}"

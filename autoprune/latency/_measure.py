@@ -1,0 +1,381 @@
+"""Timing ONNX Runtime sessions on a target, with a stopping rule on the median's CI."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprune.errors import TargetError
+from autoprune.latency._export import DEFAULT_OPSET, baked_copy, export_onnx, onnx_digest
+from autoprune.latency._target import Target, load_target
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from autoprune.latency._cache import LatencyCache
+
+__all__ = [
+    "LatencyStats",
+    "measure_latency",
+    "measure_onnx",
+    "summarize",
+    "median_ci_rel",
+    "prepare_inputs",
+    "create_session",
+    "time_session",
+]
+
+_Z95 = 1.959964  # two-sided 95 % normal quantile
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one model on one target, in milliseconds per inference (one batch).
+
+    Example:
+        >>> stats = summarize([1.0, 1.1, 1.2, 1.0, 1.05])
+        >>> stats.p50_ms, stats.runs, stats.value("p50") == stats.p50_ms
+        (1.05, 5, True)
+    """
+
+    p50_ms: float  # median
+    p90_ms: float  # 90th percentile
+    mean_ms: float  # mean of the timed runs
+    std_ms: float  # standard deviation of the timed runs
+    cv: float  # coefficient of variation: std / mean
+    runs: int  # number of timed runs
+    ci_rel: float  # 95 % CI half-width of the median, relative to the median
+    min_ms: float  # fastest run
+    cached: bool = field(default=False, compare=False)  # True when served from a LatencyCache
+
+    def value(self, statistic: str = "p50") -> float:
+        """The statistic a budget compares against: ``"p50"`` or ``"p90"`` (milliseconds)."""
+        if statistic == "p50":
+            return self.p50_ms
+        if statistic == "p90":
+            return self.p90_ms
+        raise TargetError(f"unknown latency statistic {statistic!r}; use p50 or p90")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("cached")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyStats:
+        known = {f.name for f in fields(cls)} - {"cached"}
+        missing = known - set(data)
+        if missing:
+            raise ValueError(f"latency stats miss field(s) {', '.join(sorted(missing))}")
+        return cls(
+            **{k: (int(data[k]) if k == "runs" else float(data[k])) for k in known}
+        )
+
+
+def median_ci_rel(samples: Sequence[float]) -> float:
+    """Distribution-free 95 % CI half-width of the median (order statistics), over the median."""
+    n = len(samples)
+    if n < 3:
+        return math.inf
+    xs = sorted(samples)
+    half = _Z95 * math.sqrt(n) / 2
+    lo = max(0, math.floor(n / 2 - half) - 1)
+    hi = min(n - 1, math.ceil(n / 2 + half))
+    median = float(np.median(xs))
+    return (xs[hi] - xs[lo]) / 2 / median if median > 0 else math.inf
+
+
+def summarize(samples_ms: Sequence[float]) -> LatencyStats:
+    """Statistics of timed runs (milliseconds)."""
+    if not samples_ms:
+        raise ValueError("no timed runs")
+    xs = np.asarray(samples_ms, dtype=np.float64)
+    mean = float(xs.mean())
+    std = float(xs.std(ddof=1)) if xs.size > 1 else 0.0
+    return LatencyStats(
+        p50_ms=float(np.percentile(xs, 50)),
+        p90_ms=float(np.percentile(xs, 90)),
+        mean_ms=mean,
+        std_ms=std,
+        cv=std / mean if mean > 0 else 0.0,
+        runs=int(xs.size),
+        ci_rel=median_ci_rel(samples_ms),
+        min_ms=float(xs.min()),
+    )
+
+
+def prepare_inputs(
+    example_inputs: Sequence[torch.Tensor | np.ndarray] | torch.Tensor, target: Target
+) -> tuple[torch.Tensor, ...]:
+    """The inputs a target measures with: explicit ``input_shapes``, else the example inputs
+    with dim 0 set to ``batch_size``. Values are random (latency does not depend on them)."""
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
+        example_inputs = (example_inputs,)
+    tensors = tuple(
+        torch.as_tensor(t).detach().cpu() if not isinstance(t, torch.Tensor) else t.detach()
+        for t in example_inputs
+    )
+    if target.input_shapes is not None:
+        if len(target.input_shapes) != len(tensors):
+            raise TargetError(
+                f"target {target.name!r} gives {len(target.input_shapes)} input shape(s) but "
+                f"the model takes {len(tensors)} input(s)"
+            )
+        shapes = [tuple(s) for s in target.input_shapes]
+    elif target.batch_size is not None:
+        shapes = [(target.batch_size, *t.shape[1:]) if t.dim() else () for t in tensors]
+    else:
+        return tensors
+    out = []
+    generator = torch.Generator().manual_seed(0)
+    for t, shape in zip(tensors, shapes):
+        if tuple(t.shape) == shape:
+            out.append(t)
+        elif t.is_floating_point():
+            out.append(torch.randn(shape, generator=generator, dtype=t.dtype))
+        else:  # ids, masks: zeros are valid indices
+            out.append(torch.zeros(shape, dtype=t.dtype))
+    return tuple(out)
+
+
+_OPT_LEVEL_NAMES = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+def create_session(onnx_model: bytes, target: Target) -> ort.InferenceSession:
+    """A fresh ONNX Runtime session configured as ``target`` says."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [p for p in target.providers if p not in available]
+    if missing:
+        raise TargetError(
+            f"target {target.name!r} needs execution provider(s) {', '.join(missing)}, which "
+            f"this onnxruntime does not have (available: {', '.join(available)})"
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = target.intra_op_threads
+    options.inter_op_num_threads = target.inter_op_threads
+    options.execution_mode = (
+        ort.ExecutionMode.ORT_SEQUENTIAL
+        if target.inter_op_threads <= 1
+        else ort.ExecutionMode.ORT_PARALLEL
+    )
+    options.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, _OPT_LEVEL_NAMES[target.graph_optimization_level]
+    )
+    options.log_severity_level = 3
+    return ort.InferenceSession(onnx_model, options, providers=list(target.providers))
+
+
+def _feeds(
+    session: ort.InferenceSession, arrays: Sequence[np.ndarray]
+) -> dict[str, np.ndarray]:
+    graph_inputs = [i.name for i in session.get_inputs()]
+    named = {f"input_{i}": a for i, a in enumerate(arrays)}
+    if all(n in named for n in graph_inputs):  # our own exports (unused inputs dropped)
+        return {n: named[n] for n in graph_inputs}
+    if len(graph_inputs) != len(arrays):
+        raise TargetError(
+            f"the ONNX model has {len(graph_inputs)} input(s) ({', '.join(graph_inputs)}) but "
+            f"{len(arrays)} input array(s) were given"
+        )
+    return dict(zip(graph_inputs, arrays))
+
+
+_PIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pinned(target: Target) -> Iterator[None]:
+    """Pin the calling thread to one core while timing a single-threaded target.
+
+    A fixed core keeps caches warm and stops the scheduler from migrating the thread between
+    runs. The last allowed core is used (core 0 takes most interrupts).
+    """
+    can_pin = (
+        target.pin_threads
+        and target.intra_op_threads == 1
+        and hasattr(os, "sched_setaffinity")
+    )
+    if not can_pin:
+        yield
+        return
+    previous = os.sched_getaffinity(0)
+    core = max(previous)
+    try:
+        os.sched_setaffinity(0, {core})
+    except OSError:  # not permitted in this container: time unpinned
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
+def time_session(
+    session: ort.InferenceSession, arrays: Sequence[np.ndarray], target: Target
+) -> list[float]:
+    """Warm up, then time runs (ms) until the median's relative CI < ``target.target_ci``.
+
+    Stops early at ``max_runs`` or after ``max_seconds`` (but never before ``min_runs``).
+    Inputs and outputs are bound once (IOBinding) so Python overhead stays out of the timings.
+    """
+    feeds = _feeds(session, arrays)
+    binding = session.io_binding()
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(array))
+    for out in session.get_outputs():
+        binding.bind_output(out.name)
+    session.run_with_iobinding(binding)  # first run allocates outputs; reuse them from now on
+    for out, value in zip(session.get_outputs(), binding.get_outputs()):
+        binding.bind_ortvalue_output(out.name, value)
+    run = session.run_with_iobinding
+    clock = time.perf_counter_ns
+
+    samples: list[float] = []
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with _pinned(target):
+            warm_end = time.perf_counter() + target.warmup_seconds
+            done = 0
+            while done < target.warmup_runs or time.perf_counter() < warm_end:
+                run(binding)
+                done += 1
+            start = time.perf_counter()
+            deadline = start + target.max_seconds
+            min_end = start + target.min_seconds
+            while True:
+                t0 = clock()
+                run(binding)
+                samples.append((clock() - t0) / 1e6)
+                n = len(samples)
+                if n >= target.max_runs:
+                    break
+                if n >= target.min_runs:
+                    now = time.perf_counter()
+                    if now > deadline:
+                        break
+                    if (
+                        now >= min_end
+                        and n % 5 == 0
+                        and median_ci_rel(samples) < target.target_ci
+                    ):
+                        break
+    finally:
+        if gc_enabled:
+            gc.enable()
+    return samples
+
+
+def measure_onnx(
+    onnx_model: bytes, arrays: Sequence[np.ndarray], target: Target
+) -> tuple[LatencyStats, list[float]]:
+    """Measure an ONNX model locally in a fresh session: the stats and the raw samples (ms)."""
+    session = create_session(onnx_model, target)
+    samples = time_session(session, arrays, target)
+    del session
+    return summarize(samples), samples
+
+
+def _onnx_bytes(model: bytes | str | Path | Any) -> bytes:
+    if isinstance(model, bytes):
+        return model
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if not path.is_file():
+            raise TargetError(f"ONNX model file {str(path)!r} does not exist")
+        return path.read_bytes()
+    if hasattr(model, "SerializeToString"):  # onnx.ModelProto
+        return model.SerializeToString()
+    raise TypeError(
+        f"measure_latency takes an nn.Module, ONNX bytes, an .onnx path or an onnx.ModelProto, "
+        f"got {type(model).__name__}"
+    )
+
+
+def input_shapes(inputs: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(d) for d in t.shape) for t in inputs)
+
+
+def measure_latency(
+    model_or_onnx: nn.Module | bytes | str | Path,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    target: Target | str = "cpu-1t",
+    cache: LatencyCache | None = None,
+) -> LatencyStats:
+    """Measure the latency of a (pruned) model on a target.
+
+    A PyTorch model is exported to ONNX (masks baked, output checked against PyTorch) and
+    timed in a fresh ONNX Runtime session, locally or on the target's remote server. With a
+    ``cache``, models with the same architecture signature (same pruned shapes, any weights)
+    on the same target and input shapes are measured once.
+
+    Args:
+        model_or_onnx: an ``nn.Module``, or an ONNX model (bytes, ``.onnx`` path, ModelProto).
+        example_inputs: the tensors the model is called with (shapes are adapted to the
+            target's ``batch_size`` / ``input_shapes``).
+        target: a :class:`Target` or a spec for :func:`load_target`.
+        cache: optional :class:`LatencyCache`.
+
+    Returns:
+        :class:`LatencyStats` (``cached=True`` when it came from the cache).
+
+    Raises:
+        ExportError: the model does not export, or ORT disagrees with PyTorch.
+        TargetError: bad target, or the remote server refused the request.
+    """
+    target = load_target(target) if not isinstance(target, Target) else target
+    inputs = prepare_inputs(example_inputs, target)
+    shapes = input_shapes(inputs)
+    if isinstance(model_or_onnx, nn.Module):
+        model = baked_copy(model_or_onnx)
+        from autoprune.fingerprint import signature_digest
+
+        arch = signature_digest(model)
+        onnx_model = None
+    else:
+        onnx_model = _onnx_bytes(model_or_onnx)
+        arch = "onnx:" + onnx_digest(onnx_model)
+
+    key = cache.key(arch, target, shapes) if cache is not None else None
+    if cache is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+
+    if onnx_model is None:
+        onnx_model = export_onnx(model, inputs, opset=DEFAULT_OPSET).onnx_bytes
+    arrays = [t.numpy() for t in inputs]
+    stats = _measure_onnx_on_target(onnx_model, arrays, target)
+    if cache is not None:
+        cache.put(key, stats)
+    return stats
+
+
+def _measure_onnx_on_target(
+    onnx_model: bytes, arrays: Sequence[np.ndarray], target: Target
+) -> LatencyStats:
+    if target.is_remote:
+        from autoprune.latency._client import measure_remote
+
+        return measure_remote(onnx_model, arrays, target)
+    return measure_onnx(onnx_model, arrays, target)[0]
