@@ -1,0 +1,286 @@
+"""Brief fine-tuning of a pruned model, optionally distilled from the unpruned teacher.
+
+Every search trial fine-tunes its pruned model for a small step budget. Unstructured masks
+(``torch.nn.utils.prune`` forward pre-hooks over ``weight_orig``) stay in place throughout, so
+pruned weights remain zero in the effective weight whatever the optimizer does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from autoprune.errors import NonFiniteLossError, TaskError, UsageError
+
+if TYPE_CHECKING:
+    from autoprune.task import Task
+
+__all__ = ["FinetuneSettings", "FinetuneResult", "finetune_", "distillation_loss"]
+
+_OPTIMIZERS = ("sgd", "adamw")
+_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How a pruned model is fine-tuned; tasks carry defaults, ``replace()`` to change them.
+
+    Example:
+        >>> s = FinetuneSettings(steps=100, lr=0.01)
+        >>> s.replace(distill_weight=0.5).distill_weight
+        0.5
+    """
+
+    steps: int = 200  # optimizer steps (0 = no fine-tuning); the data is cycled as needed
+    lr: float = 0.01  # peak learning rate
+    optimizer: str = "sgd"  # "sgd" (with momentum, Nesterov) or "adamw"
+    momentum: float = 0.9  # SGD momentum; AdamW uses it as beta1
+    weight_decay: float = 5e-4  # L2 (SGD) or decoupled (AdamW) weight decay
+    schedule: str = "cosine"  # "cosine" (decays to 0 at `steps`) or "constant"
+    warmup_steps: int = 0  # linear warm-up steps before the schedule
+    batch_size: int | None = None  # None = the task's batches; else re-batch its DataLoader
+    distill_weight: float = 0.0  # weight of the distillation loss in [0, 1]; 0 = off
+    temperature: float = 4.0  # softmax temperature of the distillation loss
+    eval_every: int = 0  # evaluate (and call on_eval) every N steps; 0 = never
+    seed: int = 0  # seeds torch and the training data order
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.steps, int) or self.steps < 0:
+            problems.append(f"steps must be an int >= 0, got {self.steps!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            problems.append(f"lr must be > 0, got {self.lr!r}")
+        if self.optimizer not in _OPTIMIZERS:
+            problems.append(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in _SCHEDULES:
+            problems.append(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.batch_size is not None and (
+            not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            problems.append(f"batch_size must be None or an int >= 1, got {self.batch_size!r}")
+        if not 0 <= self.distill_weight <= 1:
+            problems.append(f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            problems.append(f"eval_every must be an int >= 0, got {self.eval_every!r}")
+        if problems:
+            raise UsageError("invalid FinetuneSettings: " + "; ".join(problems))
+
+    def replace(self, **changes: Any) -> FinetuneSettings:
+        """A copy with some fields changed (validated)."""
+        return replace(self, **changes)
+
+
+@dataclass
+class FinetuneResult:
+    """What happened during fine-tuning."""
+
+    steps_done: int  # optimizer steps actually taken
+    final_loss: float  # training loss of the last step (nan if no step was taken)
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, val metric)
+    stopped_early: bool = False  # on_eval returned True
+    seconds: float = 0.0  # wall-clock time, evaluations included
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Hinton's soft-target loss: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``."""
+    t = temperature
+    return (
+        nn.functional.kl_div(
+            nn.functional.log_softmax(student / t, dim=-1),
+            nn.functional.log_softmax(teacher / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * t
+        * t
+    )
+
+
+def finetune_(
+    model: nn.Module,
+    task: Task,
+    settings: FinetuneSettings | None = None,
+    *,
+    teacher: nn.Module | None = None,
+    on_eval: Callable[[int, float], bool | None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` in place on ``task.train_data``; return what happened.
+
+    Args:
+        model: the (pruned) model; unstructured masks are kept, the model ends in eval mode.
+        task: gives the data, the loss and the metric. If it has a ``finetune_fn``, that is
+            called instead with the same arguments.
+        settings: the budget and optimizer; ``task.finetune`` if None.
+        teacher: the unpruned model to distill from when ``settings.distill_weight > 0``;
+            ``task.build_model()`` if None.
+        on_eval: called as ``on_eval(step, metric)`` every ``settings.eval_every`` steps with
+            the task metric on the validation data; returning True stops fine-tuning early
+            (the search uses it to prune hopeless trials).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite; the message gives the step and
+            the learning rate.
+
+    Example:
+        >>> result = finetune_(model, task, task.finetune.replace(steps=50))  # doctest: +SKIP
+        >>> task.evaluate(model)  # doctest: +SKIP
+    """
+    from autoprune.task import Task, _to_device, call_model, iterate_seeded
+
+    if not isinstance(task, Task):
+        raise TypeError(f"finetune_ expects an autoprune.task.Task, got {type(task).__name__}")
+    settings = task.finetune if settings is None else settings
+    start = time.perf_counter()
+    if task.finetune_fn is not None:
+        result = task.finetune_fn(model, task, settings, teacher=teacher, on_eval=on_eval)
+        if result is None:
+            result = FinetuneResult(settings.steps, math.nan)
+        if not isinstance(result, FinetuneResult):
+            raise TaskError(
+                f"task {task.name!r}: finetune_fn returned {type(result).__name__}, "
+                "expected a FinetuneResult or None"
+            )
+        result.seconds = result.seconds or time.perf_counter() - start
+        return result
+
+    torch.manual_seed(settings.seed)
+    result = FinetuneResult(steps_done=0, final_loss=math.nan)
+    if settings.steps == 0:
+        model.eval()
+        return result
+
+    if settings.distill_weight > 0 and teacher is None:
+        teacher = task.build_model()
+    if teacher is not None and settings.distill_weight > 0:
+        teacher.eval()
+    else:
+        teacher = None
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TaskError(f"task {task.name!r}: the model has no trainable parameters")
+    optimizer = _make_optimizer(params, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(settings))
+    data = _training_data(task, settings)
+    device = next(iter(params)).device
+
+    model.train()
+    batches = iterate_seeded(data, settings.seed)
+    epoch = 0
+    try:
+        while result.steps_done < settings.steps:
+            try:
+                inputs, targets = next(batches)
+            except StopIteration:
+                epoch += 1
+                batches = iterate_seeded(data, settings.seed + epoch)
+                try:
+                    inputs, targets = next(batches)
+                except StopIteration:
+                    raise TaskError(f"task {task.name!r}: train_data yielded no batches") from None
+            step = result.steps_done + 1
+            inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+            outputs = call_model(model, inputs)
+            loss = task.loss_fn(outputs, targets)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else ""
+                raise TaskError(
+                    f"task {task.name!r}: loss_fn must return a scalar tensor, got "
+                    f"{type(loss).__name__}{shape}"
+                )
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_out = call_model(teacher, inputs)
+                w = settings.distill_weight
+                loss = (1 - w) * loss + w * distillation_loss(
+                    outputs, teacher_out, settings.temperature
+                )
+            if not torch.isfinite(loss).all():
+                value = loss.detach().float().flatten()[0].item()
+                raise NonFiniteLossError(
+                    f"loss became {value} at step {step} "
+                    f"(lr={optimizer.param_groups[0]['lr']:g}, peak lr={settings.lr:g}): "
+                    "lower the learning rate (FinetuneSettings.lr) or check the task's loss"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            result.steps_done = step
+            result.final_loss = loss.item()
+            if settings.eval_every and step % settings.eval_every == 0:
+                metric = task.evaluate(model)  # restores train mode
+                result.history.append((step, metric))
+                if on_eval is not None and on_eval(step, metric):
+                    result.stopped_early = True
+                    break
+    finally:
+        model.eval()
+        result.seconds = time.perf_counter() - start
+    return result
+
+
+def _make_optimizer(params: list[nn.Parameter], s: FinetuneSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=s.lr,
+            momentum=s.momentum,
+            nesterov=s.momentum > 0,
+            weight_decay=s.weight_decay,
+        )
+    return torch.optim.AdamW(
+        params, lr=s.lr, betas=(s.momentum, 0.999), weight_decay=s.weight_decay
+    )
+
+
+def _lr_factor(s: FinetuneSettings) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < s.warmup_steps:
+            return (step + 1) / (s.warmup_steps + 1)
+        if s.schedule == "constant":
+            return 1.0
+        span = max(1, s.steps - s.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - s.warmup_steps) / span)))
+
+    return factor
+
+
+def _training_data(task: Task, s: FinetuneSettings) -> Any:
+    if s.batch_size is None:
+        return task.train_data
+    from torch.utils.data import DataLoader
+
+    data = task.train_data
+    if not isinstance(data, DataLoader):
+        raise UsageError(
+            f"FinetuneSettings.batch_size={s.batch_size} needs the task's train_data to be a "
+            f"torch DataLoader to re-batch it, but task {task.name!r} has "
+            f"{type(data).__name__}; leave batch_size=None"
+        )
+    if data.batch_size == s.batch_size:
+        return data
+    return DataLoader(
+        data.dataset,
+        batch_size=s.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(s.seed),
+        collate_fn=data.collate_fn,
+        drop_last=data.drop_last,
+    )

@@ -1,0 +1,522 @@
+"""The task contract: the user's trained model, data, metric and fine-tuning settings.
+
+A task is what autoprune needs to know about a model to prune it: how to build a fresh copy of
+the trained model, what it is called with, the data to fine-tune and evaluate on, the metric to
+keep, and the loss. Tasks come from a Python file (``path/to/file.py:make_task``), an importable
+module (``package.module:make_task``) or the built-in registry (``digits``), see
+:func:`load_task`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import itertools
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoprune.errors import TaskError
+from autoprune.finetune import FinetuneSettings
+
+__all__ = [
+    "Metric",
+    "Task",
+    "accuracy",
+    "call_model",
+    "load_task",
+    "TASK_EXAMPLE",
+]
+
+DEFAULT_FACTORY = "make_task"  # function looked up when a spec names no function
+
+TASK_EXAMPLE = """\
+# my_task.py -- run with: autoprune search --task my_task.py:make_task
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from autoprune.task import Task, accuracy
+
+
+def make_task() -> Task:
+    x, y = torch.randn(512, 20), torch.randint(0, 3, (512,))  # your data here
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)
+    )
+    # model.load_state_dict(torch.load("trained.pt", weights_only=True))
+    state = model.state_dict()
+
+    def build_model() -> torch.nn.Module:  # a fresh copy of the trained model
+        fresh = torch.nn.Sequential(
+            torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)
+        )
+        fresh.load_state_dict(state)
+        return fresh.eval()
+
+    g = torch.Generator().manual_seed(0)
+    return Task(
+        name="my_task",
+        build_model=build_model,
+        example_inputs=(torch.randn(1, 20),),
+        train_data=DataLoader(TensorDataset(x[:400], y[:400]), 32, shuffle=True, generator=g),
+        val_data=DataLoader(TensorDataset(x[400:], y[400:]), 128),
+        metric=accuracy(),
+        loss_fn=torch.nn.functional.cross_entropy,
+    )
+"""
+
+_EXAMPLE_HINT = "Example of a correct task file:\n\n" + TASK_EXAMPLE
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on one batch's inputs: a tensor, or a tuple/list of positional tensors."""
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    return obj
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def iterate_seeded(data: Iterable, seed: int) -> Iterable:
+    """Iterate ``data`` in a reproducible order.
+
+    A ``DataLoader`` built with ``generator=`` advances that generator every epoch; it is
+    re-seeded with ``seed`` first, so every fine-tuning run with the same seed sees the same
+    batches. Other iterables are iterated as they are.
+    """
+    gen = getattr(data, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(seed)
+    return iter(data)
+
+
+@dataclass
+class Metric:
+    """The quantity a task keeps while pruning, computed on the validation data.
+
+    Example:
+        >>> Metric("top1", "maximize", lambda model, data: 0.9).name
+        'top1'
+    """
+
+    name: str  # column name in results, e.g. "accuracy"
+    direction: str  # "maximize" or "minimize"
+    fn: Callable[[nn.Module, Iterable], float]  # (model in eval mode, val batches) -> value
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("maximize", "minimize"):
+            raise TaskError(
+                f"Metric {self.name!r}: direction must be 'maximize' or 'minimize', "
+                f"got {self.direction!r}"
+            )
+        if not callable(self.fn):
+            raise TaskError(f"Metric {self.name!r}: fn must be callable (model, data) -> float")
+
+
+def _accuracy(model: nn.Module, data: Iterable) -> float:
+    device = _model_device(model)
+    correct = total = 0
+    for inputs, targets in data:
+        out = call_model(model, _to_device(inputs, device))
+        targets = targets.to(device)
+        correct += (out.argmax(dim=-1) == targets).sum().item()
+        total += targets.numel()
+    if total == 0:
+        raise TaskError("accuracy: the validation data yielded no samples")
+    return correct / total
+
+
+def accuracy(name: str = "accuracy") -> Metric:
+    """Top-1 classification accuracy (fraction in [0, 1]) of logits ``(batch, classes)``."""
+    return Metric(name, "maximize", _accuracy)
+
+
+def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(outputs, targets)
+
+
+@dataclass
+class Task:
+    """The user's side of the contract: trained model, inputs, data, metric, loss.
+
+    ``train_data`` and ``val_data`` are re-iterables of ``(inputs, targets)`` batches, where
+    ``inputs`` is a tensor or a tuple of tensors passed positionally to the model; a
+    ``DataLoader`` with a seeded ``generator`` is the usual choice (fine-tuning re-seeds it).
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), 4)
+        >>> task = Task(
+        ...     name="toy",
+        ...     build_model=lambda: torch.nn.Linear(4, 2).eval(),
+        ...     example_inputs=(torch.randn(1, 4),),
+        ...     train_data=data,
+        ...     val_data=data,
+        ... )
+        >>> 0.0 <= task.evaluate(task.build_model()) <= 1.0
+        True
+    """
+
+    name: str  # short identifier, used in run directories and reports
+    build_model: Callable[[], nn.Module]  # returns a fresh copy of the trained model, eval mode
+    example_inputs: tuple[torch.Tensor, ...]  # batch-1 inputs, for export, latency and tracing
+    train_data: Iterable  # (inputs, targets) batches for fine-tuning and calibration
+    val_data: Iterable  # (inputs, targets) batches the metric is computed on
+    metric: Metric = field(default_factory=accuracy)  # what pruning must preserve
+    loss_fn: Callable[[Any, Any], torch.Tensor] = _cross_entropy  # (outputs, targets) -> loss
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)  # default budget
+    finetune_fn: Callable[..., Any] | None = None  # replaces finetune_(); same signature
+    evaluate_fn: Callable[[nn.Module], float] | None = None  # replaces metric on val_data
+    description: str = ""  # one line shown by `autoprune show`
+
+    def __post_init__(self) -> None:
+        if isinstance(self.example_inputs, torch.Tensor):
+            self.example_inputs = (self.example_inputs,)
+        elif isinstance(self.example_inputs, list):
+            self.example_inputs = tuple(self.example_inputs)
+        problems = []
+        if not isinstance(self.name, str) or not self.name:
+            problems.append(f"name must be a non-empty string, got {self.name!r}")
+        if not callable(self.build_model):
+            problems.append(
+                "build_model must be a function returning a fresh nn.Module, "
+                f"got {type(self.build_model).__name__}"
+            )
+        if not isinstance(self.example_inputs, tuple) or not all(
+            isinstance(t, torch.Tensor) for t in self.example_inputs
+        ):
+            problems.append(
+                "example_inputs must be a tensor or a tuple of tensors (batch size 1), "
+                f"got {_describe(self.example_inputs)}"
+            )
+        for name in ("train_data", "val_data"):
+            value = getattr(self, name)
+            if not isinstance(value, Iterable) or isinstance(value, (str, bytes)):
+                problems.append(
+                    f"{name} must be a re-iterable of (inputs, targets) batches such as a "
+                    f"DataLoader, got {type(value).__name__}"
+                )
+            elif isinstance(value, Iterator):
+                problems.append(
+                    f"{name} is a one-shot iterator ({type(value).__name__}); it must be "
+                    "re-iterable (a DataLoader or a list of batches), it is read many times"
+                )
+        if not isinstance(self.metric, Metric):
+            problems.append(
+                "metric must be an autoprune.task.Metric (e.g. accuracy()), "
+                f"got {type(self.metric).__name__}"
+            )
+        if not callable(self.loss_fn):
+            problems.append("loss_fn must be callable (outputs, targets) -> scalar tensor")
+        if not isinstance(self.finetune, FinetuneSettings):
+            problems.append(
+                "finetune must be an autoprune.finetune.FinetuneSettings, "
+                f"got {type(self.finetune).__name__}"
+            )
+        for name in ("finetune_fn", "evaluate_fn"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                problems.append(f"{name} must be callable or None")
+        if problems:
+            raise TaskError(f"invalid Task {self.name!r}: " + "; ".join(problems))
+
+    def evaluate(self, model: nn.Module) -> float:
+        """The task metric of ``model`` on the validation data (``evaluate_fn`` if given).
+
+        The model is put in eval mode and gradients are off; its previous mode is restored.
+        """
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                if self.evaluate_fn is not None:
+                    value = self.evaluate_fn(model)
+                    source = "evaluate_fn"
+                else:
+                    value = self.metric.fn(model, self.val_data)
+                    source = f"metric {self.metric.name!r}"
+        finally:
+            model.train(was_training)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TaskError(
+                f"task {self.name!r}: {source} returned {_describe(value)}, expected a float"
+            )
+        return float(value)
+
+    def calibration_batches(self, n: int, seed: int = 0) -> list[tuple[Any, Any]]:
+        """The first ``n`` training batches in a seeded order, e.g. for Taylor importance."""
+        if n < 1:
+            return []
+        batches = list(itertools.islice(iterate_seeded(self.train_data, seed), n))
+        if not batches:
+            raise TaskError(f"task {self.name!r}: train_data yielded no batches")
+        return batches
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(type(v).__name__ for v in value[:4])
+        return f"{type(value).__name__} of ({inner}{', ...' if len(value) > 4 else ''})"
+    return type(value).__name__
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_task(spec: str, **overrides: Any) -> Task:
+    """Load a task from a spec; ``overrides`` are passed to the task's factory function.
+
+    Specs:
+        ``path/to/file.py:make_task``  a function in a Python file (``:make_task`` optional);
+        ``package.module:make_task``   a function in an importable module;
+        ``digits``                     a built-in task (see ``autoprune.tasks.list_tasks()``).
+
+    Raises:
+        TaskError: the file or module is missing or fails to import, the function is missing,
+            raises, or returns something that is not a valid :class:`Task`. The message names
+            the file (and line) and includes an example of a correct task file.
+
+    Example:
+        >>> task = load_task("digits")  # doctest: +SKIP
+        >>> task = load_task("my_task.py:make_task", epochs=3)  # doctest: +SKIP
+    """
+    from autoprune.tasks import get_task, list_tasks
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise TaskError(f"task spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if spec in list_tasks():
+        return get_task(spec, **overrides)
+    target, fn_name = _split_spec(spec)
+    if _looks_like_path(target):
+        module, where = _import_file(spec, Path(target))
+    elif re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", target):
+        module, where = _import_module(spec, target, list_tasks())
+    else:
+        raise TaskError(
+            f"cannot read task spec {spec!r}: expected a built-in name "
+            f"({', '.join(list_tasks())}), 'path/to/file.py:make_task' or "
+            f"'package.module:make_task'.\n\n{_EXAMPLE_HINT}"
+        )
+    return _call_factory(module, fn_name, where, overrides)
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    # rpartition so a Windows drive letter ("C:\\tasks\\t.py:make_task") stays in the path.
+    head, sep, tail = spec.rpartition(":")
+    if head and re.fullmatch(r"[A-Za-z_]\w*", tail):
+        return head, tail
+    return spec, DEFAULT_FACTORY
+
+
+def _looks_like_path(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target or Path(target).is_file()
+
+
+def _import_file(spec: str, path: Path) -> tuple[ModuleType, str]:
+    shown = str(path)
+    if not path.is_file():
+        why = "is a directory" if path.is_dir() else "does not exist"
+        raise TaskError(
+            f"task file {shown} {why} (from --task {spec!r}; current directory "
+            f"{Path.cwd()}). Give the path of a .py file defining a function that returns an "
+            f"autoprune.task.Task.\n\n{_EXAMPLE_HINT}"
+        )
+    path = path.resolve()
+    name = "autoprune_user_task_" + re.sub(r"\W", "_", path.stem)
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise TaskError(f"task file {shown} cannot be imported as Python.\n\n{_EXAMPLE_HINT}")
+    module = importlib.util.module_from_spec(module_spec)
+    # Registered while executing: dataclasses and pickling look modules up in sys.modules.
+    previous = sys.modules.get(name)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        if previous is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = previous
+        raise _import_error(shown, path, e) from e
+    return module, shown
+
+
+def _import_module(spec: str, target: str, builtins: list[str]) -> tuple[ModuleType, str]:
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        hint = ""
+        if "." not in target:
+            hint = (
+                f" It is not a built-in task either (built-in: {', '.join(builtins)}); "
+                "a file path needs its .py suffix."
+            )
+        raise TaskError(
+            f"task module {target!r} not found (from --task {spec!r}): is the package "
+            f"installed or on PYTHONPATH?{hint}\n\n{_EXAMPLE_HINT}"
+        )
+    origin = Path(found.origin) if found.origin and found.origin != "built-in" else None
+    try:
+        module = importlib.import_module(target)
+    except Exception as e:
+        raise _import_error(str(origin or target), origin, e) from e
+    return module, str(origin) if origin else target
+
+
+def _import_error(shown: str, path: Path | None, e: BaseException) -> TaskError:
+    if isinstance(e, SyntaxError) and e.filename and path and Path(e.filename) == path:
+        code = (e.text or "").rstrip()
+        return TaskError(
+            f"task file {shown}, line {e.lineno}: syntax error: {e.msg}"
+            + (f"\n    {code}" if code else "")
+            + f"\n\n{_EXAMPLE_HINT}"
+        )
+    line = _line_in(e, path)
+    at = f", line {line}" if line else ""
+    what = "import error" if isinstance(e, ImportError) else "error while importing"
+    return TaskError(f"task file {shown}{at}: {what}: {type(e).__name__}: {e}\n\n{_EXAMPLE_HINT}")
+
+
+def _line_in(e: BaseException, path: Path | None) -> int | None:
+    """Line of the innermost traceback frame inside ``path`` (the user's file)."""
+    if path is None:
+        return None
+    line = None
+    for frame in traceback.extract_tb(e.__traceback__):
+        try:
+            if Path(frame.filename).resolve() == path.resolve():
+                line = frame.lineno
+        except OSError:
+            continue
+    return line
+
+
+_MISSING_ARGS = re.compile(r"Task\.__init__\(\) missing \d+ required positional arguments?: (.*)")
+_UNKNOWN_ARG = re.compile(r"Task\.__init__\(\) got an unexpected keyword argument '(\w+)'")
+
+
+def _call_factory(module: ModuleType, fn_name: str, where: str, overrides: dict) -> Task:
+    path = Path(where) if Path(where).is_file() else None
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        defined = sorted(
+            n
+            for n, v in vars(module).items()
+            if inspect.isfunction(v) and v.__module__ == module.__name__ and not n.startswith("_")
+        )
+        listed = f" Functions it defines: {', '.join(defined)}." if defined else ""
+        raise TaskError(
+            f"task file {where} has no function {fn_name!r}.{listed} Name the function after "
+            f"the colon (file.py:function) or define {DEFAULT_FACTORY}().\n\n{_EXAMPLE_HINT}"
+        )
+    if not callable(fn):
+        raise TaskError(
+            f"task file {where}: {fn_name} is a {type(fn).__name__}, not a function returning "
+            f"a Task.\n\n{_EXAMPLE_HINT}"
+        )
+    if overrides:
+        try:
+            inspect.signature(fn).bind(**overrides)
+        except TypeError:
+            params = ", ".join(inspect.signature(fn).parameters) or "no arguments"
+            raise TaskError(
+                f"task file {where}: {fn_name}() does not accept option(s) "
+                f"{', '.join(sorted(overrides))}; it takes: {params}"
+            ) from None
+        except ValueError:
+            pass  # builtins without a signature: let the call decide
+    try:
+        result = fn(**overrides)
+    except TypeError as e:
+        missing, unknown = _MISSING_ARGS.search(str(e)), _UNKNOWN_ARG.search(str(e))
+        line = _line_in(e, path)
+        at = f", line {line}" if line else ""
+        if missing:
+            raise TaskError(
+                f"task file {where}{at}: {fn_name}() builds a Task without required "
+                f"field(s) {missing.group(1)}. Required: {', '.join(_required_fields())}."
+                f"\n\n{_EXAMPLE_HINT}"
+            ) from e
+        if unknown:
+            raise TaskError(
+                f"task file {where}{at}: Task has no field {unknown.group(1)!r}. Fields: "
+                f"{', '.join(f.name for f in fields(Task))}.\n\n{_EXAMPLE_HINT}"
+            ) from e
+        raise _raised(where, fn_name, path, e) from e
+    except TaskError as e:
+        line = _line_in(e, path)
+        at = f", line {line}" if line else ""
+        raise TaskError(f"task file {where}{at}: {fn_name}(): {e}\n\n{_EXAMPLE_HINT}") from e
+    except Exception as e:
+        raise _raised(where, fn_name, path, e) from e
+    if isinstance(result, dict):
+        result = _task_from_dict(result, where, fn_name)
+    if not isinstance(result, Task):
+        raise TaskError(
+            f"task file {where}: {fn_name}() returned {_describe(result)}, expected an "
+            f"autoprune.task.Task (or a dict of its fields).\n\n{_EXAMPLE_HINT}"
+        )
+    return result
+
+
+def _raised(where: str, fn_name: str, path: Path | None, e: Exception) -> TaskError:
+    line = _line_in(e, path)
+    at = f", line {line}" if line else ""
+    return TaskError(
+        f"task file {where}{at}: {fn_name}() raised {type(e).__name__}: {e}\n\n{_EXAMPLE_HINT}"
+    )
+
+
+def _required_fields() -> list[str]:
+    from dataclasses import MISSING
+
+    return [
+        f.name
+        for f in fields(Task)
+        if f.default is MISSING and f.default_factory is MISSING  # type: ignore[misc]
+    ]
+
+
+def _task_from_dict(d: dict, where: str, fn_name: str) -> Task:
+    known = {f.name for f in fields(Task)}
+    missing = [n for n in _required_fields() if n not in d]
+    unknown = sorted(set(d) - known)
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing required field(s) {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown field(s) {', '.join(unknown)}")
+        raise TaskError(
+            f"task file {where}: {fn_name}() returned a dict with {' and '.join(parts)}. "
+            f"Required: {', '.join(_required_fields())}.\n\n{_EXAMPLE_HINT}"
+        )
+    try:
+        return Task(**d)
+    except TaskError as e:
+        raise TaskError(f"task file {where}: {fn_name}(): {e}\n\n{_EXAMPLE_HINT}") from e
