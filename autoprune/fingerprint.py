@@ -40,7 +40,8 @@ def architecture_signature(model: nn.Module) -> list[str]:
 
 def _int_attrs(module: nn.Module) -> list[tuple[str, int]]:
     # Head counts change the computation without changing any parameter shape.
-    return [(k, getattr(module, k)) for k in ("num_heads", "groups") if isinstance(getattr(module, k, None), int)]
+    return [(k, getattr(module, k)) for k in ("num_heads", "groups")
+            if isinstance(getattr(module, k, None), int)]
 
 
 def signature_digest(model_or_signature: nn.Module | list[str]) -> str:
@@ -62,5 +63,6 @@ def first_difference(expected: list[str], actual: list[str]) -> str | None:
         n = min(len(expected), len(actual))
         extra = (expected if len(expected) > n else actual)[n]
         who = "plan expects" if len(expected) > n else "model has"
-        return f"layer #{n}: {who} an extra layer {extra!r} ({len(expected)} vs {len(actual)} layers)"
+        return (f"layer #{n}: {who} an extra layer {extra!r} ({len(expected)} vs "
+                f"{len(actual)} layers)")
     return None

@@ -77,7 +77,8 @@ class PruningPlan:
     Example:
         >>> plan = PruningPlan(
         ...     default=LayerRule("structured", 0.5),
-        ...     rules={"fc": LayerRule("skip"), "re:stages\\.0\\..*": LayerRule("unstructured", 0.8)},
+        ...     rules={"fc": LayerRule("skip"),
+        ...            "re:stages\\.0\\..*": LayerRule("unstructured", 0.8)},
         ... )
         >>> plan.rule_for("stages.0.conv1").mode
         'unstructured'
@@ -109,7 +110,7 @@ class PruningPlan:
 
     # -- lookup ---------------------------------------------------------------------------
     def rule_for(self, name: str) -> LayerRule:
-        """The rule for module ``name``: exact key, then first matching ``re:`` key, then default."""
+        """The rule for ``name``: exact key, then the first matching ``re:`` key, then default."""
         if name in self.rules:
             return self.rules[name]
         for key, rule in self.rules.items():
@@ -233,7 +234,8 @@ def _rule_from(data: Any, where: str) -> LayerRule:
         raise PlanError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
                         f"{', '.join(sorted(allowed))}")
     rule = object.__new__(LayerRule)  # validate with the field path before constructing
-    for k, default in (("mode", "skip"), ("sparsity", 0.0), ("criterion", "l1"), ("round_to", None)):
+    defaults = (("mode", "skip"), ("sparsity", 0.0), ("criterion", "l1"), ("round_to", None))
+    for k, default in defaults:
         object.__setattr__(rule, k, data.get(k, default))
     _check_rule(rule, where)
     return LayerRule(**{k: data[k] for k in data})

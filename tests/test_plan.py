@@ -33,7 +33,7 @@ def test_rule_resolution_order():
 
 def test_search_result_file_with_metrics_loads_as_plan(tmp_path):
     f = tmp_path / "trial_7.json"
-    f.write_text('{"plan": %s, "metrics": {"accuracy": 0.97}}' % PLAN.to_json())
+    f.write_text(f'{{"plan": {PLAN.to_json()}, "metrics": {{"accuracy": 0.97}}}}')
     assert PruningPlan.load(f) == PLAN
 
 

@@ -91,7 +91,8 @@ def _layer_macs(model: nn.Module, example_inputs: tuple) -> dict[nn.Module, int]
         n_out = out.numel() // out.shape[0]
         macs[module] = macs.get(module, 0) + n_out * per_out
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _ROOT_TYPES)]
+    layers = [m for m in model.modules() if isinstance(m, _ROOT_TYPES)]
+    handles = [m.register_forward_hook(hook) for m in layers]
     try:
         with torch.no_grad():
             model(*example_inputs)

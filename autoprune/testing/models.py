@@ -106,8 +106,8 @@ class ResNetCNN(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
     def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
-        g = torch.Generator().manual_seed(0)
-        return (torch.randn(batch, self.in_channels, self.image_size, self.image_size, generator=g),)
+        shape = (batch, self.in_channels, self.image_size, self.image_size)
+        return (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
 
 
 class SqueezeExcite(nn.Module):
@@ -174,8 +174,8 @@ class MobileNetCNN(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
     def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
-        g = torch.Generator().manual_seed(0)
-        return (torch.randn(batch, self.in_channels, self.image_size, self.image_size, generator=g),)
+        shape = (batch, self.in_channels, self.image_size, self.image_size)
+        return (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
 
 
 class DenseLayer(nn.Module):
@@ -228,8 +228,8 @@ class DenseNetCNN(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
     def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
-        g = torch.Generator().manual_seed(0)
-        return (torch.randn(batch, self.in_channels, self.image_size, self.image_size, generator=g),)
+        shape = (batch, self.in_channels, self.image_size, self.image_size)
+        return (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
 
 
 class SelfAttention(nn.Module):
@@ -298,7 +298,8 @@ class TransformerEncoder(nn.Module):
         self.seq_len = seq_len  # tokens per sequence, for example_inputs()
         self.embed = nn.Linear(in_features, dim)
         self.pos = nn.Parameter(torch.zeros(1, seq_len, dim))
-        self.layers = nn.Sequential(*[EncoderLayer(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.layers = nn.Sequential(
+            *[EncoderLayer(dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 

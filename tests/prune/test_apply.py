@@ -34,7 +34,8 @@ EXPECTED_50 = {
                        "blocks.0.se.fc1": ("out_channels", 8), "fc": ("in_features", 32)},
     "densenet_tiny": {"stem.0": ("out_channels", 8), "features.0.conv.0": ("out_channels", 8),
                       "features.3.0": ("out_channels", 16), "fc": ("in_features", 40)},
-    "transformer_tiny": {"layers.0.attn": ("num_heads", 2), "layers.0.attn.q": ("out_features", 32),
+    "transformer_tiny": {"layers.0.attn": ("num_heads", 2),
+                         "layers.0.attn.q": ("out_features", 32),
                          "layers.0.fc1": ("out_features", 128), "head": ("in_features", 32)},
 }
 
@@ -157,7 +158,8 @@ def test_plan_for_another_model_fails_naming_the_layer():
 
     plan = PruningPlan.uniform(0.5).with_fingerprint(architecture_signature(a))
     apply_plan(a, plan, a.example_inputs())  # fine on its own model
-    with pytest.raises(PlanError, match=r"different model.*stages\.2\.conv1.*32x16x3x3.*48x16x3x3"):
+    match = r"different model.*stages\.2\.conv1.*32x16x3x3.*48x16x3x3"
+    with pytest.raises(PlanError, match=match):
         apply_plan(b, plan, b.example_inputs())
 
 

@@ -1,0 +1,165 @@
+"""Budgets ("latency<10ms", "accuracy>=0.97", "params<1M") and search objectives.
+
+A budget is a hard constraint. Latency, params, FLOPs and size are known before fine-tuning, so
+a plan that breaks one of them is stopped early; task-metric budgets are checked at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from autoprune.errors import BudgetError
+
+__all__ = ["Budget", "Objective", "parse_budget", "parse_budgets", "parse_objectives",
+           "latency_key", "STATISTICS", "COST_METRICS"]
+
+STATISTICS = ("p50", "p90", "mean")
+COST_METRICS = ("latency", "params", "flops", "macs", "size")  # known before fine-tuning
+
+_TIME = {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}  # -> milliseconds
+_COUNT = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}  # params / flops / macs
+_BYTES = {"b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
+        ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+_PATTERN = re.compile(
+    r"^\s*(?P<metric>[A-Za-z_][\w.-]*)\s*(?P<op><=|>=|<|>)\s*"
+    r"(?P<number>[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*(?P<unit>[A-Za-zµ%]*)\s*"
+    r"(?P<at>(@[\w.:/-]+)*)\s*$"
+)
+_EXAMPLES = ('latency<10ms, latency<=2.5ms@p90, latency<5ms@cpu-1t, accuracy>=0.97, '
+             'params<1M, flops<50M, size<4MB')
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One hard constraint on a measured value.
+
+    Example:
+        >>> b = parse_budget("latency<=2.5ms@p90")
+        >>> (b.metric, b.op, b.value, b.statistic, b.satisfied(2.4))
+        ('latency', '<=', 2.5, 'p90', True)
+    """
+
+    metric: str  # latency | params | flops | macs | size | a task metric name (e.g. accuracy)
+    op: str  # <, <=, >, >=
+    value: float  # threshold in base units: ms, count, bytes, or the metric's own scale
+    statistic: str = "p50"  # latency statistic the budget is about
+    target: str | None = None  # target name for latency budgets (None: the first target)
+    text: str = ""  # what the user wrote
+
+    @property
+    def is_cost(self) -> bool:
+        """Known before fine-tuning (so a violated plan is stopped before it)."""
+        return self.metric in COST_METRICS
+
+    def metric_key(self, default_target: str) -> str:
+        """The key of the measured value in a trial's metrics."""
+        if self.metric == "latency":
+            return latency_key(self.target or default_target, self.statistic)
+        return "size_bytes" if self.metric == "size" else self.metric
+
+    def satisfied(self, measured: float | None) -> bool:
+        return measured is not None and not math.isnan(measured) and _OPS[self.op](
+            measured, self.value)
+
+    def violation(self, measured: float | None) -> float:
+        """Optuna-style constraint value: <= 0 when satisfied, relative excess otherwise."""
+        if measured is None or math.isnan(measured):
+            return 1.0
+        scale = abs(self.value) or 1.0
+        excess = measured - self.value if self.op in ("<", "<=") else self.value - measured
+        if self.satisfied(measured):
+            return min(excess / scale, 0.0)
+        return max(excess / scale, 1e-9)
+
+    def __str__(self) -> str:
+        return self.text or f"{self.metric}{self.op}{self.value}"
+
+
+def latency_key(target: str, statistic: str = "p50") -> str:
+    """Metrics key of a latency value, e.g. ``latency_p50_ms@cpu-1t``."""
+    return f"latency_{statistic}_ms@{target}"
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse one budget string; raises :class:`BudgetError` naming the problem."""
+    m = _PATTERN.match(text)
+    if not m:
+        raise BudgetError(f"cannot parse budget {text!r}: expected METRIC OP VALUE[UNIT][@...], "
+                          f"for example {_EXAMPLES}")
+    metric, op, unit = m["metric"].lower(), m["op"], m["unit"]
+    number = float(m["number"])
+    ats = [a for a in m["at"].split("@") if a]
+    statistic, target = "p50", None
+    for a in ats:
+        if a in STATISTICS:
+            statistic = a
+        elif metric == "latency":
+            if target is not None:
+                raise BudgetError(f"budget {text!r} names two targets ({target}, {a})")
+            target = a
+        else:
+            raise BudgetError(f"budget {text!r}: '@{a}' only applies to latency budgets")
+    if metric == "latency":
+        if unit not in _TIME:
+            raise BudgetError(f"budget {text!r}: latency needs a time unit (ms, us or s), "
+                              f"e.g. latency<10ms")
+        value = number * _TIME[unit]
+    elif metric in ("params", "flops", "macs"):
+        if unit.lower() not in _COUNT:
+            raise BudgetError(f"budget {text!r}: unknown unit {unit!r} for {metric}; use K, M "
+                              f"or G, e.g. {metric}<1.5M")
+        value = number * _COUNT[unit.lower()]
+    elif metric == "size":
+        if unit.lower() not in _BYTES:
+            raise BudgetError(f"budget {text!r}: size needs a unit (B, KB, MB, GB, KiB, MiB, "
+                              f"GiB), e.g. size<4MB")
+        value = number * _BYTES[unit.lower()]
+    elif unit == "%":
+        value = number / 100
+    elif unit:
+        raise BudgetError(f"budget {text!r}: unexpected unit {unit!r} for task metric {metric!r}")
+    else:
+        value = number
+    if value < 0 or (metric in COST_METRICS and value == 0 and op in ("<", "<=")):
+        raise BudgetError(f"budget {text!r} can never be met")
+    return Budget(metric, op, value, statistic, target, text.strip())
+
+
+def parse_budgets(texts: list[str] | str | None) -> list[Budget]:
+    """Parse several budgets; each string may hold several separated by commas."""
+    if texts is None:
+        return []
+    if isinstance(texts, str):
+        texts = [texts]
+    return [parse_budget(part) for t in texts for part in t.split(",") if part.strip()]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One search objective, e.g. maximize accuracy or minimize latency on a target."""
+
+    key: str  # metrics key, e.g. "accuracy" or "latency_p50_ms@cpu-1t"
+    direction: str  # "maximize" | "minimize"
+
+
+def parse_objectives(
+    names: list[str] | None, metric: str, metric_direction: str, target: str,
+    statistic: str = "p50",
+) -> list[Objective]:
+    """Default: the task metric and latency on the first target; extras: params/flops/size."""
+    objectives = [Objective(metric, metric_direction), Objective(latency_key(target, statistic),
+                                                                 "minimize")]
+    allowed = {"params": "params", "flops": "flops", "macs": "macs", "size": "size_bytes"}
+    for name in names or []:
+        for part in (p.strip().lower() for p in name.split(",") if p.strip()):
+            if part in (metric, "latency"):
+                continue
+            if part not in allowed:
+                raise BudgetError(f"unknown objective {part!r}; the task metric ({metric}) and "
+                                  f"latency are always objectives, add any of "
+                                  f"{', '.join(allowed)}")
+            objectives.append(Objective(allowed[part], "minimize"))
+    return objectives

@@ -1,0 +1,76 @@
+"""Turn a chosen plan into a shippable model: prune, fine-tune longer, export ONNX, re-measure."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from autoprune.budget import latency_key
+from autoprune.plan import PruningPlan
+
+__all__ = ["finalize_plan"]
+
+
+def finalize_plan(
+    task: Any,
+    plan: PruningPlan,
+    output: str | Path,
+    *,
+    finetune_steps: int | None = None,
+    targets: list[str] | None = None,
+    token_file: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Apply ``plan`` to the task's model, fine-tune, export and measure; write ``output/``.
+
+    Writes ``model.onnx`` (masks baked, INT8 if the plan says so), ``plan.json`` and
+    ``metrics.json`` (task metric, latency per target, params, MACs, size). Returns the metrics.
+    """
+    from autoprune.finetune import finetune_
+    from autoprune.latency import export_onnx, load_target, measure_latency
+    from autoprune.prune import apply_plan, bake_masks_
+    from autoprune.quantize import quantize_dynamic_int8
+    from autoprune.stats import model_stats
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    model = task.build_model()
+    dense_stats = model_stats(model, task.example_inputs)
+    calibration = task.calibration_batches(4)
+    pruned = apply_plan(model, plan, task.example_inputs, calibration=calibration,
+                        loss_fn=task.loss_fn, seed=seed)
+    settings = task.finetune.replace(**plan.finetune, seed=seed)
+    if finetune_steps is not None:
+        settings = settings.replace(steps=finetune_steps)
+    teacher = model if settings.distill_weight > 0 else None
+    (task.finetune_fn or finetune_)(pruned, task, settings, teacher=teacher)
+    bake_masks_(pruned.eval())
+    value = task.evaluate(pruned)
+    exported = export_onnx(pruned, task.example_inputs, dynamic_batch=True)
+    onnx_bytes = exported.onnx_bytes
+    if plan.quantize == "int8":
+        onnx_bytes = quantize_dynamic_int8(onnx_bytes)
+    (output / "model.onnx").write_bytes(onnx_bytes)
+    plan.save(output / "plan.json")
+    stats = model_stats(pruned, task.example_inputs)
+    metrics: dict[str, Any] = {
+        task.metric.name: value, "finetune_steps": settings.steps,
+        "params": stats.params, "nonzero_params": stats.nonzero_params, "macs": stats.macs,
+        "size_bytes": len(onnx_bytes), "dense_params": dense_stats.params,
+        "dense_macs": dense_stats.macs, "onnx_max_abs_diff": exported.max_abs_diff,
+    }
+    for spec in targets or ["cpu-1t"]:
+        target = load_target(spec, token_file=token_file)
+        subject = onnx_bytes if plan.quantize == "int8" else pruned
+        pruned_lat = measure_latency(subject, task.example_inputs, target)
+        dense_lat = measure_latency(model, task.example_inputs, target)
+        for stat in ("p50", "p90"):
+            metrics[latency_key(target.name, stat)] = pruned_lat.value(stat)
+        metrics[f"dense_{latency_key(target.name)}"] = dense_lat.p50_ms
+        metrics[f"speedup@{target.name}"] = dense_lat.p50_ms / pruned_lat.p50_ms
+    metrics["seconds"] = time.time() - started
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,252 @@
+"""Search results: Pareto fronts, the run directory and the summary a search prints.
+
+Run directory layout (the same for every backend)::
+
+    run.json          how the search was configured (for --resume, show, report, plan)
+    study.db          the Optuna study (Optuna backend; optuna-dashboard opens it)
+    trials.jsonl      every finished trial: plan, status, reason, metrics, timings
+    trials.csv        the same as a table
+    pareto/           one plan file per Pareto-optimal trial (plan + metrics + targets)
+    summary.md        the summary printed at the end of the search
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autoprune.budget import Budget, Objective, latency_key, parse_budgets
+from autoprune.trial import TrialResult
+
+__all__ = ["RunConfig", "pareto_front", "write_run", "load_run", "summarize",
+           "recommend", "target_front"]
+
+
+@dataclass
+class RunConfig:
+    """How a search was configured; saved as ``run.json``."""
+
+    task: str  # task spec ("digits", "file.py:make_task", ...)
+    space: dict[str, Any]  # the search space as plain data
+    budgets: list[str]  # budget strings as the user wrote them
+    targets: list[dict[str, Any]]  # target profiles (first = primary)
+    objectives: list[dict[str, str]]  # [{key, direction}]
+    metric: str  # the task metric's name
+    metric_direction: str  # maximize | minimize
+    backend: str = "optuna"  # optuna | ray
+    sampler: str = "nsga2"  # nsga2 | tpe | random
+    trials: int = 40  # trials requested
+    seed: int = 0  # sampler seed
+    finetune_steps: int | None = None  # override of the task's fine-tuning steps
+
+    @property
+    def target_names(self) -> list[str]:
+        return [t["name"] for t in self.targets]
+
+    @property
+    def primary(self) -> str:
+        return self.targets[0]["name"]
+
+    def parsed_budgets(self) -> list[Budget]:
+        return parse_budgets(self.budgets)
+
+    def parsed_objectives(self) -> list[Objective]:
+        return [Objective(o["key"], o["direction"]) for o in self.objectives]
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / "run.json").write_text(json.dumps(self.__dict__, indent=2))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunConfig:
+        return cls(**json.loads((run_dir / "run.json").read_text()))
+
+
+def _dominates(a: list[float], b: list[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def pareto_front(
+    results: list[TrialResult], objectives: list[Objective], budgets: list[Budget], primary: str
+) -> list[TrialResult]:
+    """Non-dominated trials among those that completed and meet every budget, best metric first.
+
+    If no trial meets the budgets, the front of all completed trials is returned instead
+    (``summarize`` says so).
+    """
+    pool = [r for r in results if r.feasible(budgets, primary) and r.values(objectives)]
+    if not pool:
+        pool = [r for r in results if r.status == "complete" and r.values(objectives)]
+    signs = [1.0 if o.direction == "minimize" else -1.0 for o in objectives]
+    keyed = [(r, [s * v for s, v in zip(signs, r.values(objectives))]) for r in pool]
+    front = [r for r, v in keyed if not any(_dominates(w, v) for _, w in keyed)]
+    # One representative per distinct point (duplicated plans measure the same).
+    unique: dict[tuple, TrialResult] = {}
+    for r in front:
+        unique.setdefault(tuple(r.values(objectives)), r)
+    return sorted(unique.values(), key=lambda r: signs[0] * r.values(objectives)[0])
+
+
+def target_front(results: list[TrialResult], config: RunConfig, target: str) -> list[TrialResult]:
+    """The metric-vs-latency front on one target (every target keeps its own front)."""
+    objectives = [Objective(config.metric, config.metric_direction),
+                  Objective(latency_key(target), "minimize")]
+    budgets = [b for b in config.parsed_budgets()
+               if b.metric != "latency" or (b.target or config.primary) == target]
+    return pareto_front(results, objectives, budgets, config.primary)
+
+
+def recommend(results: list[TrialResult], config: RunConfig, target: str | None = None
+              ) -> TrialResult | None:
+    """The best-metric trial meeting every budget (ties: lower latency on ``target``)."""
+    target = target or config.primary
+    ok = [r for r in results if r.feasible(config.parsed_budgets(), config.primary)]
+    if not ok:
+        return None
+    sign = -1.0 if config.metric_direction == "maximize" else 1.0
+    lat = latency_key(target)
+    return min(ok, key=lambda r: (sign * r.metrics[config.metric], r.metrics.get(lat, 0.0)))
+
+
+def _baseline_gain(results: list[TrialResult], config: RunConfig, best: TrialResult) -> str:
+    """Compare a plan with the best uniform baseline at equal (or lower) latency."""
+    lat = latency_key(config.primary)
+    uniform = [r for r in results if r.baseline and r.baseline.startswith("uniform")
+               and r.status == "complete" and lat in r.metrics]
+    if not uniform or lat not in best.metrics:
+        return "no uniform baseline completed"
+    sign = 1.0 if config.metric_direction == "maximize" else -1.0
+    at_latency = [r for r in uniform if r.metrics[lat] <= best.metrics[lat] * 1.02]
+    if not at_latency:
+        fastest = min(uniform, key=lambda r: r.metrics[lat])
+        return (f"faster than every uniform baseline (fastest: {fastest.baseline} at "
+                f"{fastest.metrics[lat]:.3f} ms)")
+    ref = max(at_latency, key=lambda r: sign * r.metrics[config.metric])
+    gain = best.metrics[config.metric] - ref.metrics[config.metric]
+    return (f"{config.metric} {gain:+.4f} vs best uniform baseline at equal latency "
+            f"({ref.baseline}: {ref.metrics[config.metric]:.4f} at {ref.metrics[lat]:.3f} ms)")
+
+
+def _plan_file(result: TrialResult, config: RunConfig) -> dict[str, Any]:
+    return {"trial": result.number, "status": result.status, "baseline": result.baseline,
+            "task": config.task, "targets": config.targets, "metrics": result.metrics,
+            "plan": result.plan.to_dict()}
+
+
+_CSV_FIXED = ["number", "status", "baseline", "params", "nonzero_params", "macs", "size_bytes"]
+
+
+def write_run(run_dir: Path, config: RunConfig, results: list[TrialResult]) -> list[TrialResult]:
+    """Write trials.jsonl, trials.csv, pareto/ and summary.md; return the front."""
+    results = sorted(results, key=lambda r: r.number if r.number is not None else -1)
+    with open(run_dir / "trials.jsonl", "w") as f:
+        for r in results:
+            f.write(json.dumps(r.to_dict()) + "\n")
+    lat_cols = [latency_key(t, s) for t in config.target_names for s in ("p50", "p90")]
+    cols = [*_CSV_FIXED[:3], config.metric, *lat_cols, *_CSV_FIXED[3:], "reason",
+            "t_prune", "t_latency", "t_finetune", "t_evaluate", "plan_params"]
+    with open(run_dir / "trials.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in results:
+            row = {"number": r.number, "status": r.status, "baseline": r.baseline or "",
+                   "reason": r.reason, "plan_params": json.dumps(r.params, sort_keys=True),
+                   **{f"t_{k}": f"{v:.3f}" for k, v in r.timings.items()},
+                   **{k: (f"{v:.6g}" if isinstance(v, float) else v)
+                      for k, v in r.metrics.items()}}
+            w.writerow([row.get(c, "") for c in cols])
+    pareto_dir = run_dir / "pareto"
+    pareto_dir.mkdir(exist_ok=True)
+    for old in pareto_dir.glob("*.json"):
+        old.unlink()
+    front = pareto_front(results, config.parsed_objectives(), config.parsed_budgets(),
+                         config.primary)
+    keep = {r.number: r for r in front}
+    for target in config.target_names[1:]:  # every target's front ships its plans too
+        keep.update({r.number: r for r in target_front(results, config, target)})
+    for r in keep.values():
+        (pareto_dir / f"trial_{r.number}.json").write_text(
+            json.dumps(_plan_file(r, config), indent=2))
+    (run_dir / "summary.md").write_text(summarize(results, config))
+    return front
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, list[TrialResult]]:
+    """Read a run directory written by any backend."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        from autoprune.errors import UsageError
+
+        raise UsageError(f"{run_dir} is not a run directory (no run.json); pass the --output "
+                         f"directory of a search")
+    config = RunConfig.load(run_dir)
+    results = []
+    if (run_dir / "trials.jsonl").is_file():
+        for line in (run_dir / "trials.jsonl").read_text().splitlines():
+            if line.strip():
+                results.append(TrialResult.from_dict(json.loads(line)))
+    return config, results
+
+
+def _fmt_row(r: TrialResult, config: RunConfig) -> list[str]:
+    m = r.metrics
+    cells = [str(r.number), r.baseline or "", f"{m.get(config.metric, float('nan')):.4f}"]
+    cells += [f"{m[latency_key(t)]:.3f}" if latency_key(t) in m else "-"
+              for t in config.target_names]
+    cells += [f"{m.get('params', 0) / 1e3:.1f}K", f"{m.get('macs', 0) / 1e6:.2f}M",
+              f"{m.get('size_bytes', 0) / 1e6:.2f}MB"]
+    return cells
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *(line(r) for r in rows)])
+
+
+def summarize(results: list[TrialResult], config: RunConfig) -> str:
+    """Markdown summary: counts, the front, the recommended plan, the gain over baselines."""
+    budgets = config.parsed_budgets()
+    counts = {s: sum(r.status == s for r in results) for s in
+              ("complete", "infeasible", "pruned", "failed")}
+    lines = [f"# autoprune run: task {config.task}, space {config.space.get('name')}", "",
+             f"{len(results)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())}); "
+             f"budgets: {', '.join(config.budgets) or 'none'}; targets: "
+             f"{', '.join(config.target_names)}", ""]
+    header = ["trial", "baseline", config.metric,
+              *[f"p50 ms @{t}" for t in config.target_names], "params", "MACs", "size"]
+    dense = next((r for r in results if r.baseline == "dense" and r.status == "complete"), None)
+    if dense:
+        lines += ["Dense model: " + ", ".join(
+            f"{c} {v}" for c, v in zip(header[2:], _fmt_row(dense, config)[2:])), ""]
+    for target in config.target_names:
+        front = target_front(results, config, target)
+        feasible = any(r.feasible(budgets, config.primary) for r in front)
+        lines += [f"## Pareto front on {target} ({config.metric} vs p50 latency)"
+                  + ("" if feasible or not front else " - no trial meets the budgets; "
+                                                       "front of all trials"), ""]
+        lines += [_table([_fmt_row(r, config) for r in front], header) if front
+                  else "no trial completed", ""]
+    lines += ["## Recommended plan", ""]
+    for target in config.target_names:
+        best = recommend(results, config, target)
+        if best is None:
+            lines.append(f"- {target}: no trial meets every budget ({', '.join(config.budgets)})")
+            continue
+        lat = best.metrics.get(latency_key(target), float("nan"))
+        speed = ""
+        if dense and latency_key(target) in dense.metrics:
+            speed = f", {dense.metrics[latency_key(target)] / lat:.2f}x faster than dense"
+        lines.append(f"- {target}: pareto/trial_{best.number}.json - {config.metric} "
+                     f"{best.metrics[config.metric]:.4f}, {lat:.3f} ms{speed}; "
+                     f"{_baseline_gain(results, config, best)}")
+    failed = [r for r in results if r.status in ("failed", "infeasible")]
+    if failed:
+        lines += ["", f"## Failed and infeasible trials ({len(failed)})", ""]
+        lines += [f"- trial {r.number} ({r.status}): {r.reason}" for r in failed[:20]]
+        if len(failed) > 20:
+            lines.append(f"- ... {len(failed) - 20} more in trials.csv")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,191 @@
+"""Search backends and the search driver shared by the CLI and the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from autoprune.budget import latency_key, parse_budgets, parse_objectives
+from autoprune.errors import BudgetError, UsageError
+from autoprune.results import RunConfig, pareto_front, summarize, write_run
+from autoprune.search._base import (
+    Backend,
+    EarlyStopper,
+    SearchContext,
+    eta,
+    get_backend,
+    register_backend,
+)
+from autoprune.space import GroupInfo, SearchSpace, load_space
+from autoprune.trial import TrialResult, TrialSettings
+
+__all__ = ["Backend", "EarlyStopper", "SearchContext", "SearchResult", "get_backend",
+           "register_backend", "run_search", "search"]
+
+# Backends register themselves on import; ray is imported lazily by its module.
+from autoprune.search import _optuna  # noqa: E402,F401
+
+
+@dataclass
+class SearchResult:
+    """What a search returns: the front, every trial and where the outputs are."""
+
+    front: list[TrialResult]  # Pareto-optimal trials on the primary target, best metric first
+    results: list[TrialResult]  # every finished trial
+    run_dir: Path  # the run directory
+    summary: str  # the Markdown summary (also in run_dir/summary.md)
+
+
+def _progress_printer(total: int, config: RunConfig, stream=sys.stdout):
+    started = time.time()
+    lat = latency_key(config.primary)
+    done_before: list[int] = []
+
+    def show(result: TrialResult, results: list[TrialResult]) -> None:
+        if not done_before:
+            done_before.append(len(results) - 1)
+        new = len(results) - done_before[0]
+        m = result.metrics
+        value = f"{config.metric}={m[config.metric]:.4f} " if config.metric in m else ""
+        latency = f"p50={m[lat]:.3f}ms " if lat in m else ""
+        front = pareto_front(results, config.parsed_objectives(), config.parsed_budgets(),
+                             config.primary)
+        best = ", ".join(f"{r.metrics[config.metric]:.3f}@{r.metrics[lat]:.2f}ms"
+                         for r in front[:4])
+        tag = f" [{result.baseline}]" if result.baseline else ""
+        reason = f" ({result.reason[:70]})" if result.status != "complete" else ""
+        print(f"[{len(results)}/{total}] trial {result.number}{tag}: {result.status}{reason} "
+              f"{value}{latency}| front: {len(front)} plans {best} | "
+              f"ETA {eta(started, new, total - done_before[0])}", file=stream, flush=True)
+
+    return show
+
+
+def run_search(
+    task: str | Any,
+    space: str | Path | SearchSpace = "per_layer_structured",
+    budgets: list[str] | str | None = None,
+    *,
+    targets: list[str] | None = None,
+    trials: int = 40,
+    output: str | Path | None = None,
+    backend: str = "optuna",
+    sampler: str = "nsga2",
+    objectives: list[str] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    finetune_steps: int | None = None,
+    workers: int = 1,
+    backend_options: dict[str, Any] | None = None,
+    progress: bool = True,
+    token_file: str | None = None,
+) -> SearchResult:
+    """Run a pruning-plan search and write its run directory; see ``autoprune search --help``."""
+    from autoprune.latency import LatencyCache, load_target
+    from autoprune.prune import inspect_model
+    from autoprune.task import load_task
+
+    run_dir = Path(output) if output else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if resume:
+        if not (run_dir / "run.json").is_file():
+            raise UsageError(f"--resume: {run_dir} holds no run to resume (no run.json)")
+        saved = RunConfig.load(run_dir)
+        task, space = saved.task, SearchSpace.from_dict(saved.space)
+        budgets, backend, sampler, seed = saved.budgets, saved.backend, saved.sampler, saved.seed
+        targets = [t["spec"] for t in saved.targets]
+        finetune_steps = saved.finetune_steps
+        objectives = None
+    elif (run_dir / "run.json").exists():
+        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it or "
+                         f"--output NEW_DIR for a new one")
+    task_spec = task if isinstance(task, str) else getattr(task, "name", "custom")
+    task_obj = load_task(task) if isinstance(task, str) else task
+    space_obj = load_space(space)
+    budget_objs = parse_budgets(budgets)
+    target_specs = list(targets or ["cpu-1t"])
+    target_objs = [load_target(t, token_file=token_file) for t in target_specs]
+    names = [t.name for t in target_objs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"targets must have distinct names, got {', '.join(names)}")
+    for b in budget_objs:
+        if b.target and b.target not in names:
+            raise BudgetError(f"budget {b.text!r} names target {b.target!r}, which is not "
+                              f"searched; targets: {', '.join(names)} (add --target {b.target})")
+        if not b.is_cost and b.metric != task_obj.metric.name:
+            raise BudgetError(f"budget {b.text!r}: the task's metric is "
+                              f"{task_obj.metric.name!r}; cost budgets are latency, params, "
+                              f"flops, macs, size")
+    statistic = next((b.statistic for b in budget_objs if b.metric == "latency"
+                      and (b.target or names[0]) == names[0]), "p50")
+    objective_objs = parse_objectives(objectives, task_obj.metric.name,
+                                      task_obj.metric.direction, names[0], statistic)
+    model = task_obj.build_model()
+    inspection = inspect_model(model, task_obj.example_inputs)
+    bound = space_obj.bind([GroupInfo(g.name, tuple(g.producers)) for g in inspection.groups])
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ft = task_obj.finetune
+    if finetune_steps is not None:
+        ft = ft.replace(steps=finetune_steps)
+    if not ft.eval_every and ft.steps >= 3:
+        ft = ft.replace(eval_every=max(1, ft.steps // 3))  # feeds early stopping
+    config = RunConfig(
+        task=task_spec, space=_space_dict(space_obj), budgets=[b.text for b in budget_objs],
+        targets=[{"name": t.name, "spec": s, **t.to_dict()}
+                 for t, s in zip(target_objs, target_specs)],
+        objectives=[asdict(o) for o in objective_objs], metric=task_obj.metric.name,
+        metric_direction=task_obj.metric.direction, backend=backend, sampler=sampler,
+        trials=trials, seed=seed, finetune_steps=finetune_steps)
+    config.save(run_dir)
+    settings = TrialSettings(
+        targets=target_objs, budgets=budget_objs, finetune=ft,
+        latency_cache=LatencyCache(run_dir / "latency_cache.json"), seed=seed)
+    ctx = SearchContext(
+        task_spec=task_spec, task=task_obj, space=bound, settings=settings,
+        objectives=objective_objs, config=config, run_dir=run_dir, trials=trials,
+        resume=resume, workers=workers, backend_options=backend_options or {},
+        progress=_progress_printer(trials, config) if progress else None)
+    results = get_backend(backend).run(ctx)
+    front = write_run(run_dir, config, results)
+    return SearchResult(front, results, run_dir, summarize(results, config))
+
+
+def _space_dict(space: SearchSpace) -> dict[str, Any]:
+    d = asdict(space)
+    d["groups"] = {"include": list(d.pop("include")), "exclude": list(d.pop("exclude"))}
+    d["finetune"] = {k: {kk: vv for kk, vv in v.items() if vv is not None}
+                     for k, v in d["finetune"].items()}
+    d["sparsity"] = {k: v for k, v in d["sparsity"].items() if v is not None}
+    return json.loads(json.dumps(d))
+
+
+def search(
+    task: str | Any,
+    space: str | Path | SearchSpace = "per_layer_structured",
+    budgets: list[str] | str | None = None,
+    **kwargs: Any,
+) -> SearchResult:
+    """Search pruning plans for ``task`` and return the Pareto front.
+
+    Example:
+        >>> result = autoprune.search("digits", "per_layer_structured", ["latency<1.5ms"],
+        ...                           trials=20, output="runs/demo")  # doctest: +SKIP
+        >>> result.front[0].plan.save("best.json")  # doctest: +SKIP
+    """
+    return run_search(task, space, budgets, **kwargs)
+
+
+class _CallableModule(types.ModuleType):
+    """``autoprune.search`` is both this package and the search function: importing the
+    package replaces the attribute on ``autoprune``, so the package itself is made callable."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SearchResult:
+        return search(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

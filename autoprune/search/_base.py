@@ -1,0 +1,113 @@
+"""What every search backend gets and must do."""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoprune.budget import Objective
+from autoprune.fingerprint import architecture_signature
+from autoprune.results import RunConfig
+from autoprune.space import BoundSpace
+from autoprune.trial import TrialResult, TrialSettings
+
+__all__ = ["SearchContext", "Backend", "register_backend", "get_backend", "EarlyStopper"]
+
+
+@dataclass
+class SearchContext:
+    """Everything a backend needs to run a search; built once by ``run_search``."""
+
+    task_spec: str  # how to load the task again (Ray workers load it themselves)
+    task: Any  # the loaded Task
+    space: BoundSpace  # sample(trial) / build(params)
+    settings: TrialSettings  # targets, budgets, fine-tuning, latency cache
+    objectives: list[Objective]  # first: the task metric; second: latency on the primary target
+    config: RunConfig  # saved as run.json
+    run_dir: Path  # where outputs go
+    trials: int  # total trials wanted (finished ones count on --resume)
+    resume: bool = False  # continue the study in run_dir
+    workers: int = 1  # concurrent trials (Ray)
+    progress: Callable[[TrialResult, list[TrialResult]], None] | None = None  # after each trial
+    backend_options: dict[str, Any] = field(default_factory=dict)  # e.g. Ray address
+
+    def plan_for(self, params: dict[str, Any]):
+        """The plan for sampled parameters, stamped with the model's architecture signature."""
+        return self.space.build(params).with_fingerprint(self._signature)
+
+    @property
+    def _signature(self) -> list[str]:
+        if not hasattr(self, "_sig"):
+            self._sig = architecture_signature(self.task.build_model())
+        return self._sig
+
+    def baselines(self) -> dict[str, dict[str, Any]]:
+        return self.space.baselines()
+
+
+class Backend(abc.ABC):
+    """A search backend: samples plans, calls ``run_trial``, reports results."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def run(self, ctx: SearchContext) -> list[TrialResult]:
+        """Run (or resume) the search; return every finished trial, earlier ones included."""
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(name: str) -> Callable:
+    def deco(factory: Callable[[], Backend]) -> Callable[[], Backend]:
+        _BACKENDS[name] = factory
+        return factory
+
+    return deco
+
+
+def get_backend(name: str) -> Backend:
+    from autoprune.errors import UsageError
+
+    if name not in _BACKENDS:
+        raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]()
+
+
+class EarlyStopper:
+    """Median rule on the task metric during fine-tuning, like Optuna's MedianPruner.
+
+    Optuna cannot prune multi-objective trials itself (``Trial.report`` is single-objective),
+    so the rule lives here and works for every backend: stop a trial whose intermediate metric
+    is worse than the median of earlier trials at the same step.
+    """
+
+    def __init__(self, direction: str, startup_trials: int = 5, min_step: int = 1):
+        self.direction = direction  # maximize | minimize
+        self.startup_trials = startup_trials  # never stop before this many trials finished
+        self.min_step = min_step  # never stop at steps before this
+        self.history: list[dict[int, float]] = []  # per finished trial: step -> value
+
+    def record(self, curve: list[tuple[int, float]]) -> None:
+        if curve:
+            self.history.append(dict(curve))
+
+    def should_stop(self, step: int, value: float) -> bool:
+        if step < self.min_step:
+            return False
+        seen = sorted(h[step] for h in self.history if step in h)
+        if len(seen) < self.startup_trials:
+            return False
+        median = seen[len(seen) // 2]
+        return value < median if self.direction == "maximize" else value > median
+
+
+def eta(started: float, done: int, total: int) -> str:
+    if done == 0:
+        return "?"
+    left = (time.time() - started) / done * (total - done)
+    return f"{int(left // 60)}m{int(left % 60):02d}s"

@@ -1,0 +1,116 @@
+"""Embedded backend: an Optuna multi-objective study in a SQLite file of the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from autoprune.search._base import Backend, EarlyStopper, SearchContext, register_backend
+from autoprune.trial import TrialResult, run_trial
+
+__all__ = ["OptunaBackend", "make_sampler"]
+
+STUDY_NAME = "autoprune"
+
+
+def make_sampler(name: str, seed: int):
+    """NSGA-II (default), TPE or random. Budgets reach them as ``Trial.set_constraint``."""
+    import optuna
+
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    from autoprune.errors import UsageError
+
+    raise UsageError(f"unknown sampler {name!r}; choose nsga2, tpe or random")
+
+
+def _result_of(trial) -> TrialResult | None:
+    data = trial.user_attrs.get("result")
+    return TrialResult.from_dict(json.loads(data)) if data else None
+
+
+@register_backend("optuna")
+class OptunaBackend(Backend):
+    """Runs trials one after another in this process; the study survives crashes."""
+
+    name = "optuna"
+
+    def run(self, ctx: SearchContext) -> list[TrialResult]:
+        import optuna
+        from optuna.trial import TrialState
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = f"sqlite:///{ctx.run_dir / 'study.db'}"
+        sampler = make_sampler(ctx.config.sampler, ctx.config.seed)
+        study = optuna.create_study(
+            study_name=STUDY_NAME, storage=storage, sampler=sampler, load_if_exists=ctx.resume,
+            directions=[o.direction for o in ctx.objectives])
+        # A crash leaves the trial that was running in RUNNING: it did not finish, rerun it.
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(t.number, state=TrialState.FAIL)
+        results = [r for t in study.get_trials(deepcopy=False) if (r := _result_of(t))]
+        if not ctx.resume:
+            for name, params in ctx.baselines().items():
+                study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+        stopper = EarlyStopper(ctx.task.metric.direction,
+                               min_step=max(1, (ctx.settings.finetune or ctx.task.finetune).steps
+                                            // 3))
+        for t in study.get_trials(deepcopy=False):
+            stopper.record([tuple(x) for x in t.user_attrs.get("curve", [])])
+
+        while len(results) < ctx.trials:
+            trial = study.ask()
+            result = self._run_one(ctx, trial, stopper)
+            results.append(result)
+            self._tell(study, trial, result, ctx)
+            if ctx.progress:
+                ctx.progress(result, results)
+        return results
+
+    def _run_one(self, ctx: SearchContext, trial, stopper: EarlyStopper) -> TrialResult:
+        params = ctx.space.sample(trial)
+        plan = ctx.plan_for(params)
+        curve: list[tuple[int, float]] = []
+
+        def on_intermediate(step: int, value: float) -> bool:
+            curve.append((step, value))
+            return stopper.should_stop(step, value)
+
+        try:
+            result = run_trial(ctx.task, plan, ctx.settings, on_intermediate=on_intermediate)
+        except KeyboardInterrupt:
+            from optuna.trial import TrialState
+
+            trial.study.tell(trial, state=TrialState.FAIL)
+            raise
+        if result.status == "complete":
+            stopper.record(curve)
+        trial.set_user_attr("curve", curve)
+        result.number, result.params = trial.number, params
+        result.baseline = trial.user_attrs.get("baseline")
+        return result
+
+    def _tell(self, study, trial, result: TrialResult, ctx: SearchContext) -> None:
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("status", result.status)
+        trial.set_user_attr("reason", result.reason)
+        for budget, value in zip(ctx.settings.budgets,
+                                 result.constraints(ctx.settings.budgets, ctx.settings.primary)):
+            trial.set_constraint(budget.text, value)
+        for key, value in result.metrics.items():
+            if isinstance(value, float) and math.isfinite(value):
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("result", json.dumps(result.to_dict()))
+        values: Any = result.values(ctx.objectives)
+        if result.status in ("complete", "infeasible") and values:
+            study.tell(trial, values)
+        elif result.status == "pruned" or (result.status == "infeasible" and not values):
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, state=TrialState.FAIL)

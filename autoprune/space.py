@@ -1,0 +1,309 @@
+"""Search spaces: which groups take part, sparsity ranges, criteria, modes, fine-tuning knobs.
+
+A :class:`SearchSpace` is plain data loaded from YAML (see ``search_spaces/``). Bound to a
+model's prunable groups it becomes a :class:`BoundSpace`, whose ``sample(trial)`` is a pure
+define-by-run function (usable by Optuna and by Ray Tune's ``OptunaSearch``) and whose
+``build(params)`` turns sampled parameters into a :class:`PruningPlan`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoprune.errors import SearchSpaceError
+from autoprune.plan import CRITERIA, MODES, QUANTIZE, LayerRule, PruningPlan
+
+__all__ = ["SearchSpace", "BoundSpace", "GroupInfo", "load_space", "builtin_spaces",
+           "SPACES_DIR"]
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+_SHARES = ("per_layer", "per_stage", "global")
+_UNSTRUCTURED_CRITERIA = ("l1", "l2", "taylor", "lamp", "random")
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """What a space needs to know about one prunable group (no torch objects)."""
+
+    name: str  # leading layer (structured rules are keyed by it)
+    producers: tuple[str, ...]  # layers whose outputs the group's channels are
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float  # smallest value
+    high: float  # largest value
+    step: float | None = None  # grid step (None: continuous)
+    log: bool = False  # sample on a log scale
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A search space as written in YAML.
+
+    Example:
+        >>> space = SearchSpace(name="demo", sparsity=FloatRange(0.0, 0.6, 0.1))
+        >>> space.share
+        'per_layer'
+    """
+
+    name: str  # shown in reports
+    description: str = ""  # one line for humans
+    include: tuple[str, ...] = ("re:.*",)  # groups taking part: exact names or re: patterns
+    exclude: tuple[str, ...] = ()  # groups left alone (skip)
+    sparsity: FloatRange = FloatRange(0.0, 0.7, 0.05)  # sampled sparsity per unit
+    share: str = "per_layer"  # per_layer | per_stage | global: how many sparsities are sampled
+    stage_pattern: str = r"^(.*?\d+)\."  # per_stage: first capture group names a group's stage
+    modes: tuple[str, ...] = ("structured",)  # modes to choose from (per unit if several)
+    criteria: tuple[str, ...] = ("l1",)  # criteria to choose from (once per plan)
+    round_to: tuple[int | None, ...] = (None,)  # structured round_to choices
+    quantize: tuple[str, ...] = ("none",)  # none | int8 (ONNX Runtime dynamic quantization)
+    finetune: dict[str, FloatRange] = field(default_factory=dict)  # e.g. lr: {low, high, log}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "space") -> SearchSpace:
+        if not isinstance(data, dict):
+            raise SearchSpaceError(f"{source}: expected a mapping, got {type(data).__name__}")
+        known = {"name", "description", "groups", "sparsity", "share", "stage_pattern", "modes",
+                 "criteria", "round_to", "quantize", "finetune"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SearchSpaceError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: "
+                                   f"{', '.join(sorted(known))}")
+        groups = data.get("groups") or {}
+        if not isinstance(groups, dict):
+            raise SearchSpaceError(f"{source}.groups: expected {{include: [...], exclude: [...]}}")
+        space = cls(
+            name=str(data.get("name", source)),
+            description=str(data.get("description", "")),
+            include=tuple(_str_list(groups.get("include", ["re:.*"]), f"{source}.groups.include")),
+            exclude=tuple(_str_list(groups.get("exclude", []), f"{source}.groups.exclude")),
+            sparsity=_range(data.get("sparsity", {"low": 0.0, "high": 0.7, "step": 0.05}),
+                            f"{source}.sparsity"),
+            share=data.get("share", "per_layer"),
+            stage_pattern=data.get("stage_pattern", r"^(.*?\d+)\."),
+            modes=tuple(_choices(data.get("modes", ["structured"]), MODES, f"{source}.modes")),
+            criteria=tuple(_choices(data.get("criteria", ["l1"]), CRITERIA,
+                                    f"{source}.criteria")),
+            round_to=tuple(data.get("round_to", [None]) or [None]),
+            quantize=tuple(_choices(data.get("quantize", ["none"]), QUANTIZE,
+                                    f"{source}.quantize")),
+            finetune={k: _range(v, f"{source}.finetune.{k}")
+                      for k, v in (data.get("finetune") or {}).items()},
+        )
+        space._validate(source)
+        return space
+
+    def _validate(self, source: str) -> None:
+        s = self.sparsity
+        if not 0 <= s.low <= s.high < 1:
+            raise SearchSpaceError(f"{source}.sparsity: need 0 <= low <= high < 1, got "
+                                   f"low={s.low}, high={s.high}")
+        if self.share not in _SHARES:
+            raise SearchSpaceError(f"{source}.share: {self.share!r} is not one of "
+                                   f"{', '.join(_SHARES)}")
+        try:
+            re.compile(self.stage_pattern)
+        except re.error as e:
+            raise SearchSpaceError(f"{source}.stage_pattern: invalid regular expression: {e}"
+                                   ) from None
+        for r in self.round_to:
+            if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
+                raise SearchSpaceError(f"{source}.round_to: {r!r} must be a positive integer "
+                                       f"or null")
+        if "unstructured" in self.modes and not set(self.criteria) & set(_UNSTRUCTURED_CRITERIA):
+            raise SearchSpaceError(f"{source}.criteria: unstructured mode needs one of "
+                                   f"{', '.join(_UNSTRUCTURED_CRITERIA)}")
+
+    def bind(self, groups: list[GroupInfo]) -> BoundSpace:
+        """Fix the units this space samples for a model's prunable groups."""
+        chosen = [g for g in groups if _matches(g.name, self.include)
+                  and not _matches(g.name, self.exclude)]
+        if not chosen and self.share != "global":
+            raise SearchSpaceError(
+                f"space {self.name!r}: groups.include/exclude leave no prunable group; the "
+                f"model's groups are: {', '.join(g.name for g in groups)}")
+        units: dict[str, list[GroupInfo]] = {}
+        for g in chosen:
+            if self.share == "per_layer":
+                key = g.name
+            elif self.share == "global":
+                key = "all"
+            else:
+                m = re.search(self.stage_pattern, g.name)
+                key = m.group(1) if m and m.groups() else (m.group(0) if m else g.name)
+            units.setdefault(key, []).append(g)
+        skipped = [g for g in groups if g not in chosen]
+        return BoundSpace(self, units, skipped)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else p == name for p in patterns)
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SearchSpaceError(f"{where}: expected a list of names or re: patterns")
+    return value
+
+
+def _choices(value: Any, allowed: tuple[str, ...], where: str) -> list[str]:
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not value:
+        raise SearchSpaceError(f"{where}: expected a non-empty list from {', '.join(allowed)}")
+    for v in value:
+        if v not in allowed:
+            raise SearchSpaceError(f"{where}: {v!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _range(value: Any, where: str) -> FloatRange:
+    if not isinstance(value, dict) or "low" not in value or "high" not in value:
+        raise SearchSpaceError(f"{where}: expected {{low: ..., high: ..., step: ...}} "
+                               f"(step and log optional), got {value!r}")
+    extra = set(value) - {"low", "high", "step", "log"}
+    if extra:
+        raise SearchSpaceError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
+    try:
+        r = FloatRange(float(value["low"]), float(value["high"]),
+                       float(value["step"]) if value.get("step") else None,
+                       bool(value.get("log", False)))
+    except (TypeError, ValueError):
+        raise SearchSpaceError(f"{where}: low/high/step must be numbers, got {value!r}") from None
+    if r.low > r.high or (r.log and r.low <= 0):
+        raise SearchSpaceError(f"{where}: need low <= high (and low > 0 with log), got {value!r}")
+    return r
+
+
+@dataclass
+class BoundSpace:
+    """A space bound to one model's groups: ``sample(trial)`` and ``build(params)``."""
+
+    space: SearchSpace  # the YAML-level description
+    units: dict[str, list[GroupInfo]]  # sampled unit -> the groups it sets
+    skipped: list[GroupInfo]  # groups outside include/exclude
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        """Define-by-run sampling with an Optuna trial; returns the parameters."""
+        sp, s = self.space, self.space.sparsity
+        crit_all = list(sp.criteria)
+        if len(crit_all) > 1:
+            trial.suggest_categorical("criterion", crit_all)
+        if len(sp.round_to) > 1:
+            trial.suggest_categorical("round_to", list(sp.round_to))
+        if len(sp.quantize) > 1:
+            trial.suggest_categorical("quantize", list(sp.quantize))
+        for knob, r in sp.finetune.items():
+            trial.suggest_float(f"ft.{knob}", r.low, r.high, step=r.step, log=r.log)
+        for unit in self.units:
+            mode = sp.modes[0]
+            if len(sp.modes) > 1:
+                mode = trial.suggest_categorical(f"mode.{unit}", list(sp.modes))
+            if mode != "skip":
+                trial.suggest_float(f"s.{unit}", s.low, s.high, step=s.step)
+        return dict(trial.params)
+
+    def build(self, params: dict[str, Any]) -> PruningPlan:
+        """Turn sampled parameters into a plan (pure and deterministic)."""
+        sp = self.space
+        criterion = params.get("criterion", sp.criteria[0])
+        round_to = params.get("round_to", sp.round_to[0])
+        rules: dict[str, LayerRule] = {g.name: LayerRule("skip") for g in self.skipped}
+        default = LayerRule("skip")
+        for unit, groups in self.units.items():
+            mode = params.get(f"mode.{unit}", sp.modes[0])
+            sparsity = float(params.get(f"s.{unit}", 0.0)) if mode != "skip" else 0.0
+            crit = criterion
+            if mode == "unstructured" and crit not in _UNSTRUCTURED_CRITERIA:
+                crit = "l1"  # fpgm / bn_scale score channels only
+            rule = LayerRule(mode, round(sparsity, 6), crit,
+                             round_to if mode == "structured" else None)
+            if sp.share == "global" and mode == "unstructured" and not self.skipped:
+                default = rule  # global unstructured: every Conv/Linear, output layer included
+                continue
+            for g in groups:
+                if mode == "unstructured":  # masks go on the layers producing the channels
+                    rules.update({p: rule for p in g.producers})
+                else:
+                    rules[g.name] = rule
+        finetune = {k[3:]: v for k, v in params.items() if k.startswith("ft.")}
+        return PruningPlan(default=default, rules=rules,
+                           quantize=params.get("quantize", sp.quantize[0]), finetune=finetune)
+
+    def uniform_params(self, sparsity: float, mode: str | None = None) -> dict[str, Any]:
+        """Parameters of a uniform plan in this space (baselines enqueued before searching)."""
+        sp = self.space
+        mode = mode or next((m for m in sp.modes if m != "skip"), "structured")
+        s = self._snap(sparsity)
+        params: dict[str, Any] = {}
+        if len(sp.criteria) > 1:
+            params["criterion"] = sp.criteria[0]
+        if len(sp.round_to) > 1:
+            params["round_to"] = sp.round_to[0]
+        if len(sp.quantize) > 1:
+            params["quantize"] = "none"
+        for knob, r in sp.finetune.items():
+            mid = math.sqrt(r.low * r.high) if r.log else (r.low + r.high) / 2
+            params[f"ft.{knob}"] = self._snap_to(mid, r)
+        for unit in self.units:
+            if len(sp.modes) > 1:
+                params[f"mode.{unit}"] = mode
+            params[f"s.{unit}"] = s
+        return params
+
+    def baselines(self, sparsities: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[str, dict]:
+        """The dense model and uniform plans, by name, as parameters of this space."""
+        out = {}
+        if self.space.sparsity.low == 0:
+            out["dense"] = self.uniform_params(0.0)
+        elif "skip" in self.space.modes:
+            out["dense"] = {k: ("skip" if k.startswith("mode.") else v)
+                            for k, v in self.uniform_params(0.0).items() if not k.startswith("s.")}
+        mode = next((m for m in self.space.modes if m != "skip"), "structured")
+        for s in sparsities:
+            snapped = self._snap(s)
+            if snapped > 0:
+                out.setdefault(f"uniform-{mode}-{snapped:g}", self.uniform_params(snapped, mode))
+        return out
+
+    def _snap(self, value: float) -> float:
+        return self._snap_to(value, self.space.sparsity)
+
+    @staticmethod
+    def _snap_to(value: float, r: FloatRange) -> float:
+        value = min(max(value, r.low), r.high)
+        if r.step:
+            value = r.low + round((value - r.low) / r.step) * r.step
+            value = min(value, r.high)
+        return round(value, 10)
+
+
+def builtin_spaces() -> dict[str, Path]:
+    """Ready spaces shipped in ``search_spaces/``, by name (file stem)."""
+    return {p.stem: p for p in sorted(SPACES_DIR.glob("*.yaml"))}
+
+
+def load_space(spec: str | Path | SearchSpace) -> SearchSpace:
+    """A space from a YAML file path or the name of a shipped space (e.g. ``per_layer``)."""
+    if isinstance(spec, SearchSpace):
+        return spec
+    import yaml
+
+    path = Path(spec)
+    if not path.is_file():
+        shipped = builtin_spaces()
+        if str(spec) not in shipped:
+            raise SearchSpaceError(f"search space {spec!r} is neither a file nor a shipped "
+                                   f"space; shipped: {', '.join(shipped)}")
+        path = shipped[str(spec)]
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SearchSpaceError(f"{path}: not valid YAML ({e})") from None
+    return SearchSpace.from_dict(data, source=str(path))

@@ -1,0 +1,217 @@
+"""run_trial: THE trial function. Every backend calls it; nothing else prunes or measures.
+
+Order of work (cheap first): prune -> params/FLOPs/size -> latency on every target -> stop if a
+cost budget is broken -> fine-tune (intermediate reports for early stopping) -> evaluate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoprune.budget import Budget, Objective, latency_key
+from autoprune.criteria import get_criterion
+from autoprune.errors import AutopruneError, TrialFailure
+from autoprune.plan import PruningPlan
+
+__all__ = ["TrialSettings", "TrialResult", "run_trial", "STATUSES"]
+
+# complete: fine-tuned and evaluated; infeasible: broke a cost budget, stopped before
+# fine-tuning; pruned: stopped early by the search's pruner; failed: an error, see reason.
+STATUSES = ("complete", "infeasible", "pruned", "failed")
+
+
+@dataclass
+class TrialSettings:
+    """Everything a trial needs besides the task and the plan."""
+
+    targets: list  # latency Targets; the first one is the primary (objective) target
+    budgets: list[Budget] = field(default_factory=list)  # hard constraints
+    finetune: Any = None  # FinetuneSettings; None = the task's own
+    calibration_batches: int = 4  # batches for gradient-based criteria (taylor)
+    latency_cache: Any = None  # LatencyCache shared by trials (same shapes measured once)
+    measure_lock: str | None = None  # lock file serializing measurements on one machine
+    evaluate_infeasible: bool = True  # evaluate (without fine-tuning) plans that broke budgets
+    seed: int = 0  # seeds pruning (random criterion) and fine-tuning
+
+    @property
+    def primary(self) -> str:
+        return self.targets[0].name
+
+
+@dataclass
+class TrialResult:
+    """What one trial measured. Plain data: backends store it, reports read it."""
+
+    plan: PruningPlan  # the plan that was tried
+    status: str  # one of STATUSES
+    metrics: dict[str, float] = field(default_factory=dict)  # measured values by key
+    reason: str = ""  # why the trial is infeasible / pruned / failed
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    number: int | None = None  # trial number in the search
+    params: dict[str, Any] = field(default_factory=dict)  # sampled search parameters
+    baseline: str | None = None  # "dense" / "uniform-structured-0.5" for reference trials
+
+    def feasible(self, budgets: list[Budget], primary: str) -> bool:
+        return self.status == "complete" and all(
+            b.satisfied(self.metrics.get(b.metric_key(primary))) for b in budgets)
+
+    def values(self, objectives: list[Objective]) -> list[float] | None:
+        vals = [self.metrics.get(o.key) for o in objectives]
+        if any(v is None or not math.isfinite(v) for v in vals):
+            return None
+        return vals
+
+    def constraints(self, budgets: list[Budget], primary: str) -> list[float]:
+        return [b.violation(self.metrics.get(b.metric_key(primary))) for b in budgets]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "number": self.number, "status": self.status, "reason": self.reason,
+            "baseline": self.baseline, "metrics": self.metrics, "timings": self.timings,
+            "params": self.params, "plan": self.plan.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialResult:
+        return cls(plan=PruningPlan.from_dict(d["plan"]), status=d["status"],
+                   metrics=d.get("metrics", {}), reason=d.get("reason", ""),
+                   timings=d.get("timings", {}), number=d.get("number"),
+                   params=d.get("params", {}), baseline=d.get("baseline"))
+
+
+@contextlib.contextmanager
+def measurement_lock(path: str | None) -> Iterator[None]:
+    """Only one process on this machine times a model at a time (timings would interfere)."""
+    if path is None:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _measure(task, model, plan: PruningPlan, settings: TrialSettings) -> dict[str, float]:
+    from autoprune.latency import export_onnx, measure_latency
+    from autoprune.quantize import quantize_dynamic_int8
+
+    metrics: dict[str, float] = {}
+    subject: Any = model
+    if plan.quantize == "int8":
+        subject = quantize_dynamic_int8(export_onnx(model, task.example_inputs).onnx_bytes)
+        metrics["size_bytes"] = float(len(subject))
+    with measurement_lock(settings.measure_lock):
+        for target in settings.targets:
+            stats = measure_latency(subject, task.example_inputs, target,
+                                    cache=settings.latency_cache)
+            for stat in ("p50", "p90"):
+                metrics[latency_key(target.name, stat)] = stats.value(stat)
+            metrics[f"latency_cv@{target.name}"] = stats.cv
+    return metrics
+
+
+def run_trial(
+    task: Any,
+    plan: PruningPlan,
+    settings: TrialSettings,
+    *,
+    on_intermediate: Callable[[int, float], bool] | None = None,
+) -> TrialResult:
+    """Prune, measure, fine-tune and evaluate one plan. Never raises for a bad trial.
+
+    Args:
+        task: the :class:`~autoprune.task.Task`.
+        plan: the plan to try.
+        settings: targets, budgets, fine-tuning and caching.
+        on_intermediate: called with (step, metric) during fine-tuning; returning True stops
+            the trial as ``pruned`` (the backend's early-stopping rule).
+    """
+    from autoprune.finetune import finetune_
+    from autoprune.prune import apply_plan
+    from autoprune.stats import model_stats
+
+    clock = _Clock()
+    metrics: dict[str, float] = {}
+
+    def result(status: str, reason: str = "") -> TrialResult:
+        gc.collect()
+        return TrialResult(plan, status, metrics, reason, clock.timings)
+
+    try:
+        with clock("prune"):
+            model = task.build_model()
+            needs_grad = any(get_criterion(r.criterion).needs_gradients
+                             for r in [plan.default, *plan.rules.values()] if r.active)
+            calibration = (task.calibration_batches(settings.calibration_batches)
+                           if needs_grad else None)
+            pruned = apply_plan(model, plan, task.example_inputs, calibration=calibration,
+                                loss_fn=task.loss_fn, seed=settings.seed)
+            stats = model_stats(pruned, task.example_inputs)
+            metrics.update(params=float(stats.params), nonzero_params=float(stats.nonzero_params),
+                           macs=float(stats.macs), flops=float(stats.flops),
+                           size_bytes=float(stats.size_bytes))
+        with clock("latency"):
+            metrics.update(_measure(task, pruned, plan, settings))
+        broken = [b for b in settings.budgets
+                  if b.is_cost and not b.satisfied(metrics.get(b.metric_key(settings.primary)))]
+        if broken:
+            if settings.evaluate_infeasible:
+                with clock("evaluate"):
+                    metrics[task.metric.name] = float(task.evaluate(pruned))
+            shown = ", ".join(
+                f"{b} (measured {metrics.get(b.metric_key(settings.primary)):.4g})"
+                for b in broken)
+            return result("infeasible", f"breaks {shown}; not fine-tuned")
+
+        ft = settings.finetune or task.finetune
+        if plan.finetune:
+            ft = ft.replace(**plan.finetune)
+        ft = ft.replace(seed=settings.seed)
+        with clock("finetune"):
+            teacher = model if ft.distill_weight > 0 else None
+            run = task.finetune_fn or finetune_
+            outcome = run(pruned, task, ft, teacher=teacher, on_eval=on_intermediate)
+            del teacher, model
+        metrics["finetune_steps"] = float(getattr(outcome, "steps_done", ft.steps))
+        if getattr(outcome, "stopped_early", False):
+            last = outcome.history[-1] if outcome.history else (0, float("nan"))
+            metrics[task.metric.name] = float(last[1])
+            return result("pruned", f"stopped early at step {last[0]} ({task.metric.name} "
+                                    f"{last[1]:.4g})")
+        with clock("evaluate"):
+            value = float(task.evaluate(pruned))
+        if not math.isfinite(value):
+            return result("failed", f"{task.metric.name} is {value} after fine-tuning")
+        metrics[task.metric.name] = value
+        return result("complete")
+    except TrialFailure as e:
+        return result("failed", e.reason)
+    except AutopruneError as e:
+        return result("failed", f"{type(e).__name__}: {e}")
+    except Exception as e:  # user code, torch, ORT: record it, the search goes on
+        first = (str(e).splitlines() or [""])[0][:300]
+        return result("failed", f"{type(e).__name__} in trial: {first}")

@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import autoprune.latency._measure as measure_module
+from autoprune.errors import TargetError
+from autoprune.latency import (
+    LatencyCache,
+    LatencyStats,
+    compare_latency,
+    export_onnx,
+    format_latency_table,
+    measure_interleaved,
+    measure_latency,
+    median_ci_rel,
+    prepare_inputs,
+    summarize,
+)
+from autoprune.plan import PruningPlan
+from autoprune.prune import apply_plan
+from autoprune.testing import create_test_model
+
+
+@pytest.fixture
+def count_measurements(monkeypatch):
+    """Count the ONNX Runtime measurements measure_latency really runs."""
+    calls = []
+    real = measure_module.measure_onnx
+
+    def counting(onnx_model, arrays, target):
+        calls.append([a.shape for a in arrays])
+        return real(onnx_model, arrays, target)
+
+    monkeypatch.setattr(measure_module, "measure_onnx", counting)
+    return calls
+
+
+def test_summarize_and_median_ci():
+    stats = summarize([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert stats.p50_ms == 3.0 and stats.runs == 5 and stats.min_ms == 1.0
+    assert stats.mean_ms == 4.0
+    assert stats.std_ms == pytest.approx(math.sqrt(12.5))
+    assert stats.cv == pytest.approx(math.sqrt(12.5) / 4.0)
+    assert stats.p90_ms == pytest.approx(7.6)
+    assert stats.value("p50") == 3.0 and stats.value("p90") == stats.p90_ms
+    with pytest.raises(TargetError, match="p50 or p90"):
+        stats.value("p99")
+    assert median_ci_rel([5.0] * 100) == 0.0
+    assert median_ci_rel([1.0, 2.0]) == math.inf
+    # 400 runs evenly spread over +-10 %: order statistics 180 and 221 (1-based) bound the
+    # median, so the CI half-width is 41 steps of 0.2 / 399, halved: ~1 %
+    xs = [1.0 + 0.2 * (i / 399 - 0.5) for i in range(400)]
+    assert median_ci_rel(xs) == pytest.approx(41 * 0.2 / 399 / 2)
+    assert LatencyStats.from_dict(json.loads(json.dumps(stats.to_dict()))) == stats
+
+
+def test_measure_latency_stats(fast_target):
+    model = create_test_model("resnet_tiny")
+    stats = measure_latency(model, model.example_inputs(), fast_target)
+    assert fast_target.min_runs <= stats.runs <= fast_target.max_runs
+    assert 0 < stats.min_ms <= stats.p50_ms <= stats.p90_ms
+    assert stats.p50_ms < 50  # a 20k-parameter CNN on 32x32 takes well under a millisecond
+    assert stats.std_ms >= 0 and stats.cv == pytest.approx(stats.std_ms / stats.mean_ms)
+    assert not stats.cached
+
+
+def test_stopping_rule_caps_runs(fast_target):
+    model = create_test_model("resnet_tiny")
+    capped = dataclasses.replace(fast_target, min_runs=7, max_runs=7, target_ci=0.001)
+    assert measure_latency(model, model.example_inputs(), capped).runs == 7
+    # a generous CI target stops right after min_runs (checked every 5 runs)
+    loose = dataclasses.replace(fast_target, min_runs=10, max_runs=1000, target_ci=0.9)
+    assert measure_latency(model, model.example_inputs(), loose).runs == 10
+
+
+def test_measure_onnx_bytes_and_path(fast_target, tmp_path):
+    model = create_test_model("resnet_tiny")
+    inputs = model.example_inputs()
+    result = export_onnx(model, inputs, tmp_path / "m.onnx")
+    assert measure_latency(result.onnx_bytes, inputs, fast_target).runs >= 5
+    assert measure_latency(tmp_path / "m.onnx", inputs, fast_target).runs >= 5
+    with pytest.raises(TargetError, match="does not exist"):
+        measure_latency(tmp_path / "nope.onnx", inputs, fast_target)
+
+
+def test_same_shapes_measured_once(fast_target, count_measurements):
+    model = create_test_model("resnet_tiny")
+    inputs = model.example_inputs()
+    cache = LatencyCache()
+    by_l1 = apply_plan(model, PruningPlan.uniform(0.5, "structured", "l1"), inputs)
+    by_l2 = apply_plan(model, PruningPlan.uniform(0.5, "structured", "l2"), inputs)
+    by_l1_other_weights = apply_plan(
+        create_test_model("resnet_tiny"), PruningPlan.uniform(0.5, "structured"), inputs
+    )
+    assert not torch.equal(by_l1.stem[0].weight, by_l1_other_weights.stem[0].weight)
+
+    first = measure_latency(by_l1, inputs, fast_target, cache=cache)
+    second = measure_latency(by_l2, inputs, fast_target, cache=cache)
+    third = measure_latency(by_l1_other_weights, inputs, fast_target, cache=cache)
+
+    assert len(count_measurements) == 1
+    assert (cache.hits, cache.misses, len(cache)) == (2, 1, 1)
+    assert not first.cached and second.cached and third.cached
+    assert second.p50_ms == first.p50_ms == third.p50_ms
+
+    # other shapes, another target or another batch size: measured again
+    measure_latency(model, inputs, fast_target, cache=cache)
+    measure_latency(by_l1, inputs, dataclasses.replace(fast_target, batch_size=2), cache=cache)
+    measure_latency(
+        by_l1, inputs, dataclasses.replace(fast_target, graph_optimization_level="basic"),
+        cache=cache,
+    )
+    assert len(count_measurements) == 4
+    assert count_measurements[2] == [(2, 1, 32, 32)]
+
+
+def test_unstructured_masks_share_the_dense_measurement(fast_target, count_measurements):
+    # Zeroed weights do not change the exported graph: ORT runs the same dense kernels.
+    model = create_test_model("resnet_tiny")
+    inputs = model.example_inputs()
+    cache = LatencyCache()
+    measure_latency(model, inputs, fast_target, cache=cache)
+    for sparsity in (0.3, 0.8):
+        masked = apply_plan(model, PruningPlan.uniform(sparsity, "unstructured"), inputs)
+        assert measure_latency(masked, inputs, fast_target, cache=cache).cached
+    assert len(count_measurements) == 1
+
+
+def test_cache_file_is_reused_by_a_resumed_search(fast_target, tmp_path, count_measurements):
+    model = create_test_model("resnet_tiny")
+    inputs = model.example_inputs()
+    path = tmp_path / "run" / "latency_cache.json"
+    stats = measure_latency(model, inputs, fast_target, cache=LatencyCache(path))
+    data = json.loads(path.read_text())
+    assert data["version"] == 1 and len(data["entries"]) == 1
+
+    resumed = LatencyCache(path)
+    again = measure_latency(create_test_model("resnet_tiny"), inputs, fast_target, cache=resumed)
+    assert again.cached and again.p50_ms == stats.p50_ms
+    assert len(count_measurements) == 1
+
+    # two caches on one file merge their entries instead of overwriting each other
+    other = LatencyCache(path)
+    narrow = create_test_model("resnet_tiny", widths=(4, 8, 16))
+    measure_latency(narrow, inputs, fast_target, cache=other)
+    resumed.put("extra-key", stats)
+    assert len(json.loads(path.read_text())["entries"]) == 3
+
+
+def test_corrupt_cache_file_is_ignored(fast_target, tmp_path):
+    path = tmp_path / "latency_cache.json"
+    path.write_text("{not json")
+    cache = LatencyCache(path)
+    assert len(cache) == 0
+    model = create_test_model("resnet_tiny")
+    measure_latency(model, model.example_inputs(), fast_target, cache=cache)
+    assert len(json.loads(path.read_text())["entries"]) == 1
+
+
+def test_prepare_inputs(fast_target):
+    x = torch.randn(1, 3, 8, 8)
+    (same,) = prepare_inputs((x,), fast_target)
+    assert same is x or torch.equal(same, x)
+    (batched,) = prepare_inputs((x,), dataclasses.replace(fast_target, batch_size=4))
+    assert batched.shape == (4, 3, 8, 8) and batched.dtype == x.dtype
+    ids = torch.ones(1, 5, dtype=torch.long)
+    shaped = prepare_inputs(
+        (x, ids), dataclasses.replace(fast_target, input_shapes=((2, 3, 4, 4), (2, 7)))
+    )
+    assert [tuple(t.shape) for t in shaped] == [(2, 3, 4, 4), (2, 7)]
+    assert shaped[1].dtype == torch.long and int(shaped[1].abs().sum()) == 0
+    with pytest.raises(TargetError, match="gives 1 input shape"):
+        prepare_inputs((x, ids), dataclasses.replace(fast_target, input_shapes=((1, 3),)))
+
+
+def test_measure_interleaved_repeats(fast_target):
+    model = create_test_model("resnet_tiny")
+    inputs = model.example_inputs()
+    onnx_models = {
+        "dense": export_onnx(model, inputs).onnx_bytes,
+        "narrow": export_onnx(create_test_model("resnet_tiny", widths=(4, 8, 16)), inputs)
+        .onnx_bytes,
+    }
+    result = measure_interleaved(onnx_models, [inputs[0].numpy()], fast_target, repeats=3)
+    assert list(result) == ["dense", "narrow"]
+    assert all(len(v) == 3 and all(s.runs >= 5 for s in v) for v in result.values())
+
+
+def test_compare_latency_rows_and_table(fast_target):
+    model = create_test_model("resnet_tiny")
+    inputs = model.example_inputs()
+    models = {
+        "dense": model,
+        "unstructured-80%": apply_plan(model, PruningPlan.uniform(0.8, "unstructured"), inputs),
+        "structured-50%": apply_plan(model, PruningPlan.uniform(0.5, "structured"), inputs),
+    }
+    target = dataclasses.replace(fast_target, min_runs=20, max_runs=200, max_seconds=1.0)
+    rows = compare_latency(models, inputs, target)
+
+    assert [r.name for r in rows] == list(models)
+    dense, masked, structured = rows
+    assert dense.speedup == 1.0
+    assert dense.params == masked.params == 19810
+    assert 0.15 < masked.nonzero_fraction < 0.3 and dense.nonzero_fraction > 0.95
+    assert masked.macs == dense.macs  # zeros are still multiplied
+    assert structured.params < 0.35 * dense.params and structured.macs < 0.35 * dense.macs
+    assert structured.speedup == pytest.approx(dense.stats.p50_ms / structured.stats.p50_ms)
+
+    table = format_latency_table(rows)
+    lines = table.splitlines()
+    assert lines[0].split()[:5] == ["model", "params", "nonzero", "MACs", "p50"]
+    assert len(lines) == 5 and lines[2].startswith("dense") and "1.00x" in lines[2]
+    assert "19.81k" in lines[3]
