@@ -65,12 +65,38 @@ def baked_copy(model: nn.Module) -> nn.Module:
     if not (has_masks(model) or torch_prune.is_pruned(model)):
         return model
     model = copy.deepcopy(model)
+    masked = _unshare_parametrized_classes(model)
     bake_masks_(model)
+    for module in masked:
+        # Baking re-registers ``weight`` after ``bias``; restore the usual order so the baked
+        # model has the same architecture signature (and state_dict order) as a dense one.
+        if "weight" in module._parameters:
+            params = module._parameters
+            module._parameters = {"weight": params["weight"]} | {
+                k: v for k, v in params.items() if k != "weight"
+            }
     for module in model.modules():  # torch.nn.utils.prune's forward pre-hooks
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, torch_prune.BasePruningMethod):
                 torch_prune.remove(module, hook._tensor_name)
     return model
+
+
+def _unshare_parametrized_classes(model: nn.Module) -> list[nn.Module]:
+    """Give each parametrized module of a deep copy its own class.
+
+    ``copy.deepcopy`` keeps the dynamically created ``Parametrized*`` class shared with the
+    original, and ``remove_parametrizations`` deletes the weight property from that class,
+    which would break the original model. A fresh class per module keeps the original intact.
+    """
+    from torch.nn.utils import parametrize
+
+    modules = [m for m in model.modules() if parametrize.is_parametrized(m)]
+    for module in modules:
+        cls = type(module)
+        namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+    return modules
 
 
 def export_onnx(

@@ -204,6 +204,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _drain_body(self) -> None:
         """Read and drop an unread request body, so the client can read our answer."""
+        if getattr(self, "_body_read", False):
+            return
+        self._body_read = True
         try:
             remaining = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -226,6 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
 
     def _handle(self, fn: Any) -> None:
+        self._body_read = self.command != "POST"
         try:
             fn()
         except _RequestError as exc:
@@ -284,6 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _RequestError(HTTPStatus.BAD_REQUEST, "empty body: send the ONNX model bytes")
         meta = self._parse_request_header()
         body = self.rfile.read(length)
+        self._body_read = True
         if len(body) != length:
             self.close_connection = True
             raise _RequestError(HTTPStatus.BAD_REQUEST, "body shorter than Content-Length")

@@ -40,6 +40,11 @@ def onnx_model() -> bytes:
     return export_onnx(model, model.example_inputs()).onnx_bytes  # ~80 kB
 
 
+def _address(server) -> str:
+    host, port = server.address
+    return f"{host}:{port}"
+
+
 def _settings(target) -> dict:
     keep = ("warmup_runs", "warmup_seconds", "min_runs", "min_seconds", "max_runs", "max_seconds")
     return {k: getattr(target, k) for k in keep}
@@ -75,12 +80,12 @@ def _meta(fast_target) -> dict:
 
 
 def test_health_and_info(server):
-    remote = RemoteTarget("%s:%d" % server.address, TOKEN)
+    remote = RemoteTarget(_address(server), TOKEN)
     assert remote.health()["status"] == "ok"
     info = remote.info()
     assert info["max_model_bytes"] == 200_000 and "CPUExecutionProvider" in info["providers"]
     with pytest.raises(TargetError, match="rejected the token"):
-        RemoteTarget("%s:%d" % server.address, "wrong").info()
+        RemoteTarget(_address(server), "wrong").info()
 
 
 def test_remote_measurement_through_measure_latency(server, fast_target, monkeypatch):
@@ -130,7 +135,7 @@ def test_oversized_model_is_413(server, fast_target):
     status, answer = _post(server, b"\0" * 300_000, meta=_meta(fast_target))
     assert status == 413
     assert "at most 200000 bytes" in answer["error"]
-    remote = RemoteTarget("%s:%d" % server.address, TOKEN)
+    remote = RemoteTarget(_address(server), TOKEN)
     with pytest.raises(TargetError, match="413.*--max-model-mb"):
         remote.measure(b"\0" * 300_000, [], fast_target)
 
@@ -183,7 +188,7 @@ def test_truncated_request_and_unknown_path(server):
     conn.request("GET", "/nope")
     assert conn.getresponse().status == 404
     conn.close()
-    assert RemoteTarget("%s:%d" % server.address, TOKEN).health()["status"] == "ok"
+    assert RemoteTarget(_address(server), TOKEN).health()["status"] == "ok"
 
 
 def test_one_measurement_at_a_time(server, fast_target, onnx_model, monkeypatch):
