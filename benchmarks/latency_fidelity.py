@@ -1,0 +1,136 @@
+"""Does measured ONNX Runtime latency follow pruning, and is it repeatable?
+
+On ``resnet_1m`` (the ~1.05 M-parameter residual CNN, 1x1x32x32 input) this prints, for dense,
+unstructured 50 % / 80 % and structured 25 % / 50 % / 75 % (uniform L1 plans):
+
+- measured p50 and CV, FLOPs ratio (dense MACs / model MACs, Torch-Pruning's counter),
+  measured speed-up over dense and speed-up / FLOPs ratio;
+- repeatability: every model measured ``--repeats`` times, each in a fresh ONNX Runtime session,
+  all sessions interleaved in short blocks, and the spread of the medians, +-(max-min)/2 as a
+  percentage of their median.
+
+``--sequential`` also measures each model ``--repeats`` times back to back (no interleaving), to
+show what interleaving buys on a busy machine.
+
+Run: ``.venv/bin/python benchmarks/latency_fidelity.py [--target cpu-1t] [--repeats 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+import torch_pruning as tp
+
+from autoprune.latency import (
+    baked_copy,
+    export_onnx,
+    load_target,
+    measure_interleaved,
+    measure_onnx,
+    prepare_inputs,
+)
+from autoprune.plan import PruningPlan
+from autoprune.prune import apply_plan
+from autoprune.testing import create_test_model
+
+CONFIGS = [
+    ("dense", None),
+    ("unstructured 50%", PruningPlan.uniform(0.5, "unstructured")),
+    ("unstructured 80%", PruningPlan.uniform(0.8, "unstructured")),
+    ("structured 25%", PruningPlan.uniform(0.25, "structured")),
+    ("structured 50%", PruningPlan.uniform(0.5, "structured")),
+    ("structured 75%", PruningPlan.uniform(0.75, "structured")),
+]
+
+
+def spread(values: list[float]) -> float:
+    """+-(max - min) / 2 relative to the median, in percent."""
+    return 100 * (max(values) - min(values)) / 2 / float(np.median(values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet_1m")
+    parser.add_argument("--target", default="cpu-1t")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--sequential", action="store_true", help="also measure back to back, not interleaved"
+    )
+    args = parser.parse_args()
+
+    target = load_target(args.target)
+    dense = create_test_model(args.model).eval()
+    inputs = prepare_inputs(dense.example_inputs(), target)
+    arrays = [t.numpy() for t in inputs]
+
+    models, onnx_models, info = {}, {}, {}
+    for name, plan in CONFIGS:
+        model = dense if plan is None else apply_plan(dense, plan, inputs)
+        model = baked_copy(model).eval()
+        macs, params = tp.utils.count_ops_and_params(model, inputs)
+        nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+        exported = export_onnx(model, inputs)
+        models[name], onnx_models[name] = model, exported.onnx_bytes
+        info[name] = {"macs": macs, "params": params, "nonzero": nonzero,
+                      "diff": exported.max_abs_diff}
+
+    print(f"model {args.model}: {info['dense']['params'] / 1e6:.2f} M params, "
+          f"{info['dense']['macs'] / 1e6:.1f} M MACs, input {tuple(inputs[0].shape)}")
+    print(f"machine: {platform.processor() or platform.machine()}, "
+          f"{len(os.sched_getaffinity(0))} cores, load average "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"target {target.name}: intra_op_threads={target.intra_op_threads} "
+          f"opt={target.graph_optimization_level} pin_threads={target.pin_threads} "
+          f"warm-up {target.warmup_runs} runs + {target.warmup_seconds}s, "
+          f">= {target.min_runs} runs and >= {target.min_seconds}s per session, "
+          f"stop at CI(median) < {100 * target.target_ci:.0f}% or {target.max_runs} runs; "
+          f"statistic {target.statistic}")
+    print(f"{args.repeats} fresh sessions per model, interleaved in ~20 ms blocks\n")
+
+    start = time.perf_counter()
+    results = measure_interleaved(onnx_models, arrays, target, repeats=args.repeats)
+    elapsed = time.perf_counter() - start
+
+    p50 = {name: float(np.median([s.p50_ms for s in runs])) for name, runs in results.items()}
+    base = p50["dense"]
+    header = (f"{'model':<17} {'params':>7} {'nonzero':>7} {'MACs':>7} {'p50 ms':>7} "
+              f"{'CV':>6} {'FLOPs ratio':>11} {'speed-up':>8} {'speed-up/FLOPs':>14} "
+              f"{'max|ORT-PT|':>11}")
+    print(header)
+    print("-" * len(header))
+    for name, runs in results.items():
+        row = info[name]
+        flops_ratio = info["dense"]["macs"] / row["macs"]
+        speedup = base / p50[name]
+        cv = float(np.median([s.cv for s in runs]))
+        print(f"{name:<17} {row['params'] / 1e6:>6.2f}M {row['nonzero'] / row['params']:>7.0%} "
+              f"{row['macs'] / 1e6:>6.1f}M {p50[name]:>7.3f} {cv:>6.1%} {flops_ratio:>10.2f}x "
+              f"{speedup:>7.2f}x {speedup / flops_ratio:>14.2f} {row['diff']:>11.1e}")
+
+    print(f"\nrepeatability: medians of {args.repeats} fresh sessions each, interleaved "
+          f"({elapsed:.0f} s)")
+    for name, runs in results.items():
+        medians = [s.p50_ms for s in runs]
+        speedups = [a.p50_ms / b.p50_ms for a, b in zip(results["dense"], runs)]
+        print(f"  {name:<17} p50 ms {' '.join(f'{m:.4f}' for m in medians)}   "
+              f"spread +-{spread(medians):.1f}%   runs {min(s.runs for s in runs)}-"
+              f"{max(s.runs for s in runs)}   speed-up spread +-{spread(speedups):.1f}%")
+    worst = max(spread([s.p50_ms for s in runs]) for runs in results.values())
+    print(f"  worst spread of medians: +-{worst:.1f}% (goal +-3%)")
+
+    if args.sequential:
+        print(f"\nfor contrast, {args.repeats} fresh sessions per model back to back "
+              "(not interleaved):")
+        for name, onnx_model in onnx_models.items():
+            medians = [measure_onnx(onnx_model, arrays, target)[0].p50_ms
+                       for _ in range(args.repeats)]
+            print(f"  {name:<17} p50 ms {' '.join(f'{m:.4f}' for m in medians)}   "
+                  f"spread +-{spread(medians):.1f}%")
+
+
+if __name__ == "__main__":
+    main()
