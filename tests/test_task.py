@@ -53,6 +53,16 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads
+    # per process make each step many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
