@@ -413,3 +413,11 @@ def test_builtin_tasks_reach_their_accuracy(name, tmp_path):
     params = sum(p.numel() for p in model.parameters())
     assert params == {"digits": 1_048_682, "sequences": 402_314}[name]
     assert task.evaluate(model) >= 0.97
+
+
+def test_examples_custom_task_loads_as_a_task():
+    path = Path(__file__).resolve().parents[1] / "examples" / "custom_task.py"
+    task = load_task(f"{path}:make_task", hidden=32)
+    model = task.build_model()
+    assert model.net[0].out_features == 32
+    assert task.evaluate(model) >= 0.9
