@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,36 +51,39 @@ class FinetuneSettings:
     seed: int = 0  # seeds torch and the training data order
 
     def __post_init__(self) -> None:
-        problems = []
-        if not isinstance(self.steps, int) or self.steps < 0:
-            problems.append(f"steps must be an int >= 0, got {self.steps!r}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
-            problems.append(f"lr must be > 0, got {self.lr!r}")
+        def number(name: str, ok: Callable[[float], bool], wanted: str, integer: bool = False):
+            value = getattr(self, name)
+            kinds = (int,) if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+                problems.append(f"{name} must be {wanted}, got {value!r}")
+
+        problems: list[str] = []
+        number("steps", lambda v: v >= 0, "an int >= 0", integer=True)
+        number("lr", lambda v: 0 < v < math.inf, "a number > 0")
         if self.optimizer not in _OPTIMIZERS:
             problems.append(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in _SCHEDULES:
             problems.append(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
-        if not 0 <= self.momentum < 1:
-            problems.append(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            problems.append(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if self.batch_size is not None and (
-            not isinstance(self.batch_size, int) or self.batch_size < 1
-        ):
-            problems.append(f"batch_size must be None or an int >= 1, got {self.batch_size!r}")
-        if not 0 <= self.distill_weight <= 1:
-            problems.append(f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
-        if self.temperature <= 0:
-            problems.append(f"temperature must be > 0, got {self.temperature!r}")
-        if not isinstance(self.eval_every, int) or self.eval_every < 0:
-            problems.append(f"eval_every must be an int >= 0, got {self.eval_every!r}")
+        number("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+        number("weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0")
+        number("warmup_steps", lambda v: v >= 0, "an int >= 0", integer=True)
+        if self.batch_size is not None:
+            number("batch_size", lambda v: v >= 1, "None or an int >= 1", integer=True)
+        number("distill_weight", lambda v: 0 <= v <= 1, "in [0, 1]")
+        number("temperature", lambda v: 0 < v < math.inf, "a number > 0")
+        number("eval_every", lambda v: v >= 0, "an int >= 0", integer=True)
+        number("seed", lambda v: True, "an int", integer=True)
         if problems:
             raise UsageError("invalid FinetuneSettings: " + "; ".join(problems))
 
     def replace(self, **changes: Any) -> FinetuneSettings:
         """A copy with some fields changed (validated)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise UsageError(
+                f"unknown fine-tuning setting(s) {', '.join(unknown)}; known: "
+                f"{', '.join(f.name for f in fields(self))}"
+            )
         return replace(self, **changes)
 
 
@@ -141,7 +144,7 @@ def finetune_(
         >>> result = finetune_(model, task, task.finetune.replace(steps=50))  # doctest: +SKIP
         >>> task.evaluate(model)  # doctest: +SKIP
     """
-    from autoprune.task import Task, _to_device, call_model, iterate_seeded
+    from autoprune.task import Task
 
     if not isinstance(task, Task):
         raise TypeError(f"finetune_ expects an autoprune.task.Task, got {type(task).__name__}")
@@ -159,7 +162,22 @@ def finetune_(
         result.seconds = result.seconds or time.perf_counter() - start
         return result
 
-    torch.manual_seed(settings.seed)
+    # Seeded, without disturbing the caller's global random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        return _finetune_loop(model, task, settings, teacher, on_eval, start)
+
+
+def _finetune_loop(
+    model: nn.Module,
+    task: Task,
+    settings: FinetuneSettings,
+    teacher: nn.Module | None,
+    on_eval: Callable[[int, float], bool | None] | None,
+    start: float,
+) -> FinetuneResult:
+    from autoprune.task import _to_device, call_model, iterate_seeded
+
     result = FinetuneResult(steps_done=0, final_loss=math.nan)
     if settings.steps == 0:
         model.eval()

@@ -265,10 +265,17 @@ def test_loss_must_be_a_scalar():
 def test_settings_are_validated():
     with pytest.raises(UsageError, match="optimizer must be one of"):
         FinetuneSettings(optimizer="lion")
-    with pytest.raises(UsageError, match=r"lr must be > 0.*distill_weight must be in \[0, 1\]"):
+    with pytest.raises(
+        UsageError,
+        match=r"lr must be a number > 0, got 0;.*distill_weight must be in \[0, 1\], got 2",
+    ):
         FinetuneSettings(lr=0, distill_weight=2)
     with pytest.raises(UsageError, match="schedule must be one of"):
         FinetuneSettings().replace(schedule="step")
+    with pytest.raises(UsageError, match="steps must be an int >= 0, got '10'"):
+        FinetuneSettings(steps="10")
+    with pytest.raises(UsageError, match="unknown fine-tuning setting.s. epochs; known: steps"):
+        FinetuneSettings().replace(epochs=3)
     assert FinetuneSettings().replace(steps=5).steps == 5
 
 
