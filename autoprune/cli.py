@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                         '"latency<5ms@cpu-1t", "accuracy>=0.97", "params<1M", "flops<50M", '
                         '"size<4MB"')
     _add_targets(p)
-    p.add_argument("--trials", type=int, default=40, help="number of trials (default: 40)")
+    p.add_argument("--trials", type=int,
+                   help="number of trials (default: 40; on --resume: the run's own)")
     p.add_argument("--output", help="run directory (default: runs/<date-time>)")
     p.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
                    help="optuna: embedded, one machine (default); ray: Ray Tune cluster")

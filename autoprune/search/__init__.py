@@ -29,6 +29,7 @@ __all__ = ["Backend", "EarlyStopper", "SearchContext", "SearchResult", "get_back
 
 # Backends register themselves on import; ray is imported lazily by its module.
 from autoprune.search import _optuna  # noqa: E402,F401
+from autoprune.search import _ray  # noqa: E402,F401
 
 
 @dataclass
@@ -72,7 +73,7 @@ def run_search(
     budgets: list[str] | str | None = None,
     *,
     targets: list[str] | None = None,
-    trials: int = 40,
+    trials: int | None = None,
     output: str | Path | None = None,
     backend: str = "optuna",
     sampler: str = "nsga2",
@@ -99,10 +100,12 @@ def run_search(
         budgets, backend, sampler, seed = saved.budgets, saved.backend, saved.sampler, saved.seed
         targets = [t["spec"] for t in saved.targets]
         finetune_steps = saved.finetune_steps
-        objectives = None
+        objectives = [o["key"].replace("size_bytes", "size") for o in saved.objectives[2:]]
+        trials = trials or saved.trials
     elif (run_dir / "run.json").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it or "
                          f"--output NEW_DIR for a new one")
+    trials = trials or 40
     task_spec = task if isinstance(task, str) else getattr(task, "name", "custom")
     task_obj = load_task(task) if isinstance(task, str) else task
     space_obj = load_space(space)
