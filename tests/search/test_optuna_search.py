@@ -124,8 +124,9 @@ def test_killed_search_resumes_without_losing_trials(tmp_path, fast_target):
     assert proc.poll() is None, proc.stderr.read().decode()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    from autoprune.search._optuna import STUDY_NAME
     import optuna
+
+    from autoprune.search._optuna import STUDY_NAME
 
     before = {t.number: t.user_attrs["result"] for t in optuna.load_study(
         study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}").get_trials()
