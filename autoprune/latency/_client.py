@@ -97,16 +97,24 @@ class RemoteTarget:
         if auth:
             headers["Authorization"] = f"Bearer {self.token}"
         conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        upload_cut = False
         try:
             try:
                 conn.request(method, path, body=body, headers=headers)
             except (BrokenPipeError, ConnectionResetError):
-                # The server refused the body early (oversized model) and closed the socket.
-                pass
+                # The server refused the body early (oversized model) and closed the socket;
+                # its answer may still be readable.
+                upload_cut = True
             response = conn.getresponse()
             status = response.status
             raw = response.read()
         except (ConnectionError, TimeoutError, OSError, http.client.HTTPException) as exc:
+            if upload_cut:
+                raise TargetError(
+                    f"the latency server at {self.address} closed the connection while the "
+                    f"{len(body or b'')}-byte model was uploading: most likely the model is "
+                    "larger than the server accepts (start it with a larger --max-model-mb)"
+                ) from None
             raise TargetError(
                 f"cannot reach the latency server at {self.address} ({exc}); start it on the "
                 f"device with `autoprune serve-latency --host 0.0.0.0 --port {port} "

@@ -72,9 +72,12 @@ def measure_interleaved(
         for _, session, binding, _ in sessions:  # warm-up; estimates each block's size
             start = time.perf_counter()
             done = 0
+            cap = max(target.warmup_seconds, target.max_seconds)
             while done < target.warmup_runs or time.perf_counter() - start < target.warmup_seconds:
                 session.run_with_iobinding(binding)
                 done += 1
+                if time.perf_counter() - start > cap:
+                    break
             per_run = (time.perf_counter() - start) / done
             block_runs.append(max(2, math.ceil(block_seconds / per_run)))
 

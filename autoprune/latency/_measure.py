@@ -255,11 +255,15 @@ def time_session(
     gc.disable()
     try:
         with _pinned(target):
-            warm_end = time.perf_counter() + target.warmup_seconds
+            warm_start = time.perf_counter()
+            warm_end = warm_start + target.warmup_seconds
+            warm_cap = warm_start + max(target.warmup_seconds, target.max_seconds)
             done = 0
             while done < target.warmup_runs or time.perf_counter() < warm_end:
                 run(binding)
                 done += 1
+                if time.perf_counter() > warm_cap:  # very slow model: warm-up is capped too
+                    break
             start = time.perf_counter()
             deadline = start + target.max_seconds
             min_end = start + target.min_seconds

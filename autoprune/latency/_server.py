@@ -342,8 +342,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise _RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         import dataclasses
 
+        cap = self.server_state.max_seconds  # the client cannot hold the device longer
         target = dataclasses.replace(
-            target, max_seconds=min(target.max_seconds, self.server_state.max_seconds)
+            target,
+            max_seconds=min(target.max_seconds, cap),
+            min_seconds=min(target.min_seconds, cap),
+            warmup_seconds=min(target.warmup_seconds, cap),
         )
         return target, self._parse_inputs(meta.get("inputs"))
 

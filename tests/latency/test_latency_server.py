@@ -10,6 +10,7 @@ import time
 import pytest
 
 import autoprune.latency._measure as measure_module
+import autoprune.latency._server as server_module
 from autoprune.errors import TargetError, UsageError
 from autoprune.latency import (
     TOKEN_ENV_VAR,
@@ -138,6 +139,15 @@ def test_oversized_model_is_413(server, fast_target):
     remote = RemoteTarget(_address(server), TOKEN)
     with pytest.raises(TargetError, match="413.*--max-model-mb"):
         remote.measure(b"\0" * 300_000, [], fast_target)
+
+
+def test_huge_upload_is_cut_off_with_a_clear_message(server, fast_target, monkeypatch):
+    # Bodies above the drain limit are not read at all: the server answers 413 and closes.
+    monkeypatch.setattr(server_module, "_DRAIN_LIMIT", 1000)
+    remote = RemoteTarget(_address(server), TOKEN)
+    with pytest.raises(TargetError, match="--max-model-mb"):
+        remote.measure(b"\0" * 8_000_000, [], fast_target)
+    assert remote.health()["status"] == "ok"
 
 
 @pytest.mark.parametrize(
