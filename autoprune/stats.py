@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -51,11 +50,10 @@ def model_stats(model: nn.Module, example_inputs: tuple) -> ModelStats:
     """Count parameters, nonzeros, MACs (Torch-Pruning's counter) and storage size."""
     import torch_pruning as tp
 
-    from autoprune.prune import bake_masks_, has_masks
+    from autoprune.prune import baked_copy
 
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if has_masks(model):  # count the effective (masked) weights
-        model = bake_masks_(copy.deepcopy(model))
+    model = baked_copy(model)  # count the effective (masked) weights
     tensors = list(model.parameters())
     was_training = model.training
     model.eval()

@@ -27,7 +27,7 @@ from autoprune.latency._compare import (
     format_latency_table,
     measure_interleaved,
 )
-from autoprune.latency._export import ExportResult, baked_copy, export_onnx, onnx_digest
+from autoprune.latency._export import ExportResult, export_onnx, onnx_digest
 from autoprune.latency._measure import (
     LatencyStats,
     create_session,
@@ -52,7 +52,6 @@ __all__ = [
     # export
     "ExportResult",
     "export_onnx",
-    "baked_copy",
     "onnx_digest",
     # targets
     "Target",

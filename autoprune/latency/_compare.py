@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.latency._export import DEFAULT_OPSET, baked_copy, export_onnx
+from autoprune.latency._export import DEFAULT_OPSET, export_onnx
 from autoprune.latency._measure import (
     LatencyStats,
     _feeds,
@@ -22,6 +22,7 @@ from autoprune.latency._measure import (
     summarize,
 )
 from autoprune.latency._target import Target, load_target
+from autoprune.prune import baked_copy
 
 __all__ = ["LatencyRow", "compare_latency", "format_latency_table", "measure_interleaved"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import re
 import warnings
@@ -13,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import prune as torch_prune
 
 from autoprune.errors import ExportError
 
-__all__ = ["ExportResult", "export_onnx", "baked_copy", "onnx_digest"]
+__all__ = ["ExportResult", "export_onnx", "onnx_digest"]
 
 DEFAULT_OPSET = 17
 
@@ -51,52 +49,6 @@ class ExportResult:
     @property
     def size_bytes(self) -> int:
         return len(self.onnx_bytes)
-
-
-def baked_copy(model: nn.Module) -> nn.Module:
-    """The model itself, or a deep copy with unstructured pruning masks baked in.
-
-    Unstructured pruning keeps masks attached during fine-tuning (autoprune's ``WeightMask``
-    parametrizations, or ``torch.nn.utils.prune`` hooks); exported graphs and architecture
-    signatures must see plain weights.
-    """
-    from autoprune.prune import bake_masks_, has_masks
-
-    if not (has_masks(model) or torch_prune.is_pruned(model)):
-        return model
-    model = copy.deepcopy(model)
-    masked = _unshare_parametrized_classes(model)
-    bake_masks_(model)
-    for module in masked:
-        # Baking re-registers ``weight`` after ``bias``; restore the usual order so the baked
-        # model has the same architecture signature (and state_dict order) as a dense one.
-        if "weight" in module._parameters:
-            params = module._parameters
-            module._parameters = {"weight": params["weight"]} | {
-                k: v for k, v in params.items() if k != "weight"
-            }
-    for module in model.modules():  # torch.nn.utils.prune's forward pre-hooks
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, torch_prune.BasePruningMethod):
-                torch_prune.remove(module, hook._tensor_name)
-    return model
-
-
-def _unshare_parametrized_classes(model: nn.Module) -> list[nn.Module]:
-    """Give each parametrized module of a deep copy its own class.
-
-    ``copy.deepcopy`` keeps the dynamically created ``Parametrized*`` class shared with the
-    original, and ``remove_parametrizations`` deletes the weight property from that class,
-    which would break the original model. A fresh class per module keeps the original intact.
-    """
-    from torch.nn.utils import parametrize
-
-    modules = [m for m in model.modules() if parametrize.is_parametrized(m)]
-    for module in modules:
-        cls = type(module)
-        namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-        module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-    return modules
 
 
 def export_onnx(
@@ -135,6 +87,8 @@ def export_onnx(
             output does not match PyTorch's.
     """
     inputs = _as_tuple(example_inputs)
+    from autoprune.prune import baked_copy
+
     source = baked_copy(model)
     input_names = tuple(f"input_{i}" for i in range(len(inputs)))
     was_training = source.training

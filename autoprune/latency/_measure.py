@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from autoprune.errors import TargetError
-from autoprune.latency._export import DEFAULT_OPSET, baked_copy, export_onnx, onnx_digest
+from autoprune.latency._export import DEFAULT_OPSET, export_onnx, onnx_digest
 from autoprune.latency._target import Target, load_target
+from autoprune.prune import baked_copy
 
 if TYPE_CHECKING:
     import onnxruntime as ort

@@ -19,7 +19,8 @@ from autoprune.plan import LayerRule, PruningPlan
 from autoprune.prune._groups import PrunableGroup, build_groups
 
 __all__ = [
-    "PruneReport", "WeightMask", "apply_plan", "prune_model_", "bake_masks_", "has_masks",
+    "PruneReport", "WeightMask", "apply_plan", "prune_model_", "bake_masks_", "baked_copy",
+    "has_masks",
     "count_kept",
 ]
 
@@ -271,5 +272,20 @@ def has_masks(model: nn.Module) -> bool:
 def bake_masks_(model: nn.Module) -> nn.Module:
     """Make unstructured masks permanent: zeros written into ``weight``, masks removed."""
     for module in _masked(model):
+        # A deep copy shares torch's generated Parametrized* class with the original, and
+        # removing the parametrization edits that class: give this module its own first.
+        cls = type(module)
+        namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, namespace)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        # Removal re-registers `weight` after `bias`: restore the order, so a baked model has
+        # the same architecture signature and state_dict order as a dense one.
+        params = module._parameters
+        module._parameters = {"weight": params["weight"]} | {
+            k: v for k, v in params.items() if k != "weight"}
     return model
+
+
+def baked_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself if it has no masks, else a deep copy with masks baked."""
+    return bake_masks_(copy.deepcopy(model)) if has_masks(model) else model

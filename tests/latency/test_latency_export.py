@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from autoprune.errors import ExportError
-from autoprune.latency import baked_copy, export_onnx, onnx_digest
+from autoprune.latency import export_onnx, onnx_digest
 from autoprune.plan import PruningPlan
-from autoprune.prune import apply_plan, has_masks
+from autoprune.prune import apply_plan, baked_copy, has_masks
 from autoprune.testing import create_test_model
 
 

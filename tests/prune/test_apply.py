@@ -186,3 +186,17 @@ def test_inspect_model_lists_groups_and_unprunable_layers():
     heads = inspect_model(t := _model("transformer_tiny"), t.example_inputs()).group(
         "layers.0.attn.v")
     assert heads.num_heads == 4 and heads.channels == 64
+
+
+def test_baking_a_copy_keeps_the_original_and_the_signature():
+    from autoprune.fingerprint import architecture_signature
+    from autoprune.prune import baked_copy
+
+    model = _model("resnet_tiny")
+    x = model.example_inputs()
+    pruned = apply_plan(model, PruningPlan.uniform(0.5, "unstructured"), x)
+    pruned(*x)  # a forward pass before copying, as during fine-tuning
+    baked = baked_copy(pruned)
+    assert has_masks(pruned) and not has_masks(baked)
+    assert torch.equal(pruned(*x), baked(*x))  # the original still runs, same function
+    assert architecture_signature(baked) == architecture_signature(model)
