@@ -126,7 +126,7 @@ def _report(args: argparse.Namespace) -> int:
 def _serve_latency(args: argparse.Namespace) -> int:
     from autoprune.latency import serve_latency
 
-    serve_latency(args.host, args.port, args.token_file)
+    serve_latency(args.host, args.port, args.token_file, max_model_mb=args.max_model_mb)
     return 0
 
 
@@ -224,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "serve latency measurements on this device for remote:// targets")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
-    p.add_argument("--token-file", required=True, help="file holding the shared token")
+    p.add_argument("--token-file", help="file holding the shared token (default: "
+                                        "$AUTOPRUNE_LATENCY_TOKEN)")
+    p.add_argument("--max-model-mb", type=float, default=256,
+                   help="largest ONNX model accepted, in MiB (default: 256)")
     return parser
 
 
