@@ -51,6 +51,7 @@ class TargetPlan:
     dense: TrialResult | None  # the dense model's trial (for speed-ups)
     checks: list[dict[str, Any]] = field(default_factory=list)  # budget, measured, ok
     note: str = ""  # why the plan was chosen / what is missing
+    remote: bool = False  # measured on an `autoprune serve-latency` server (needs a token)
 
     def latency(self, statistic: str = "p50", trial: TrialResult | None = None) -> float | None:
         trial = trial or self.trial
@@ -65,7 +66,8 @@ class TargetPlan:
     def to_dict(self, metric: str) -> dict[str, Any]:
         t, dense = self.trial, self.dense
         out: dict[str, Any] = {
-            "target": self.target, "spec": self.spec, "budgets": self.budgets,
+            "target": self.target, "spec": self.spec, "remote": self.remote,
+            "budgets": self.budgets,
             "meets_budgets": self.met, "note": self.note, "checks": self.checks,
             "plan_file": self.plan_file, "trial": t.number if t else None,
         }
@@ -155,8 +157,9 @@ def _plan_for_target(config: RunConfig, results: list[TrialResult], target: dict
     budgets = target_budgets(config, name)
     lat = latency_key(name)
     measured = [r for r in results if lat in r.metrics]
-    plan = TargetPlan(name, target.get("spec", name), [b.text for b in budgets], False, None,
-                      None, dense)
+    spec = str(target.get("spec", name))
+    plan = TargetPlan(name, spec, [b.text for b in budgets], False, None, None, dense,
+                      remote=bool(target.get("remote")) or spec.startswith("remote://"))
     # Every plan measured on this target with a metric value. Infeasible trials broke a budget
     # (maybe on another target) and were evaluated without fine-tuning: their metric is real
     # but pessimistic, so they compete only when they are truly better (e.g. the dense model).
@@ -296,7 +299,7 @@ def _markdown(plan: DeploymentPlan, run_dir: str | Path | None) -> str:
     if shipped:
         lines += ["", "## Apply", "", "```"]
         for t in shipped:
-            token = " --token-file TOKEN_FILE" if t.spec.startswith("remote://") else ""
+            token = " --token-file TOKEN_FILE" if t.remote else ""
             out = "ship/" + "".join(ch if ch.isalnum() or ch in "-_." else "_"
                                     for ch in t.target)
             run = f"{run_dir}/" if run_dir is not None else ""
