@@ -158,14 +158,17 @@ def front_figure(config: RunConfig, results: list[TrialResult], target: str,
     fig = optuna.visualization.plot_pareto_front(
         study, target_names=[f"p50 latency on {target} (ms)", metric],
         targets=lambda t: [t.values[1], t.values[0]])
-    for trace in fig.data:  # name Optuna's traces for the legend
+    styles = {  # Optuna's traces, by the label of their hover box: legend name, colour
+        "Best Trial": ("Pareto front", "#d62728"), "Feasible Trial": ("meets budgets", "#1f77b4"),
+        "Trial": ("dominated", "#1f77b4"),
+        "Infeasible Trial": ("breaks a budget / not fine-tuned", "#bbbbbb")}
+    for trace in fig.data:
         label = str(trace.hovertemplate or "").split("<extra>")[-1].replace("</extra>", "")
-        trace.name = {"Best Trial": "Pareto front", "Feasible Trial": "meets budgets",
-                      "Infeasible Trial": "breaks a budget / not fine-tuned",
-                      "Trial": "dominated"}.get(label, label or trace.name)
-        trace.showlegend = True
-        if hasattr(trace.marker, "showscale"):
-            trace.marker.showscale = False
+        name, color = styles.get(label, (label or trace.name, None))
+        trace.name, trace.showlegend = name, True
+        if color is not None:  # one colour per kind (Optuna colours by trial number)
+            trace.marker.color, trace.marker.showscale = color, False
+            trace.marker.size = 9
     points = [r for r in front if _finite(r.metrics.get(lat), r.metrics.get(metric))]
     if points:
         pts = sorted(points, key=lambda r: r.metrics[lat])
@@ -264,6 +267,7 @@ def latency_history_figure(config: RunConfig, results: list[TrialResult]):
         lat = latency_key(target)
         for status, color in _STATUS_COLORS.items():
             rs = [r for r in results if r.status == status and _finite(r.metrics.get(lat))]
+            rs.sort(key=lambda r: r.baseline is not None)  # the legend shows the first symbol
             if not rs:
                 continue
             fig.add_trace(go.Scatter(
@@ -349,7 +353,8 @@ def _front_table(config: RunConfig, front: list[TrialResult], target: str,
         m = r.metrics
         speed = f"{dense_lat / m[lat]:.2f}x" if dense_lat and m.get(lat) else "-"
         plan_file = f"pareto/trial_{r.number}.json"
-        rows.append([str(r.number), r.baseline or "", f"{m.get(config.metric, float('nan')):.4f}",
+        rows.append([str(r.number), r.baseline or "",
+                     f"{m.get(config.metric, float('nan')):.4f}",
                      f"{m[lat]:.4g}" if lat in m else "-",
                      f"{m[lat90]:.4g}" if lat90 in m else "-", speed,
                      f"{m.get('params', 0) / 1e3:.1f}K", f"{m.get('size_bytes', 0) / 1e3:.1f} KB",
@@ -386,6 +391,8 @@ def render_html(run_dir: Path, config: RunConfig, results: list[TrialResult]) ->
                 if (run_dir / rel).is_file():
                     t.plan_file = rel
                     break
+            else:
+                t.plan_file = f"not saved (autoprune plan {run_dir} writes it)"
     dense = next((t.dense for t in plan.targets if t.dense), None)
     counts = ", ".join(f"{n} {s}" for s, n in plan.counts.items())
     body = [
