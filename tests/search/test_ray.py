@@ -1,0 +1,235 @@
+"""The Ray Tune backend on a local 2-CPU Ray: same run directory as the Optuna backend, retried
+and failed workers, resume after a killed driver, and the message when Ray is missing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from autoprune.cli import main
+from autoprune.errors import UsageError
+from autoprune.plan import PruningPlan
+from autoprune.results import load_run
+from autoprune.search import run_search
+
+pytestmark = pytest.mark.ray
+
+SYNTHETIC = "autoprune.testing.tasks:synthetic_task"
+BUDGETS = ["latency<1s", "params<15k"]  # the dense model (19,810 params) is not fine-tuned
+
+
+@pytest.fixture(scope="module")
+def ray_run(tmp_path_factory, fast_target):
+    """One Ray search (2 workers, 2 CPUs); records how the local Ray was started."""
+    pytest.importorskip("ray")
+    import ray
+
+    out = tmp_path_factory.mktemp("ray") / "r"
+    lock = out.parent / "measure.lock"
+    seen = {}
+    real_init = ray.init
+
+    def init(*args, **kwargs):
+        info = real_init(*args, **kwargs)
+        seen.update(kwargs=kwargs, node_ip=ray.util.get_node_ip_address(),
+                    cpus=ray.cluster_resources().get("CPU"), webui=info.get("webui_url"))
+        return info
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "init", init)
+        result = run_search(SYNTHETIC, "per_layer_structured", BUDGETS, targets=[fast_target],
+                            trials=6, finetune_steps=3, output=out, backend="ray", workers=2,
+                            backend_options={"cpus_per_trial": 1, "measure_lock": str(lock)},
+                            progress=False)
+    seen["initialized_after"] = ray.is_initialized()
+    return result, seen, lock
+
+
+@pytest.fixture(scope="module")
+def optuna_run(tmp_path_factory, fast_target):
+    out = tmp_path_factory.mktemp("optuna") / "r"
+    return run_search(SYNTHETIC, "per_layer_structured", BUDGETS, targets=[fast_target],
+                      trials=6, finetune_steps=3, output=out, progress=False)
+
+
+def test_ray_search_writes_the_optuna_run_directory(ray_run, optuna_run):
+    result, _, _ = ray_run
+    out, ref = result.run_dir, optuna_run.run_dir
+    common = {"run.json", "trials.jsonl", "trials.csv", "summary.md", "pareto",
+              "latency_cache.json"}
+    assert common <= {p.name for p in out.iterdir()} and common <= {p.name for p in ref.iterdir()}
+    assert (out / "ray" / "tune" / "tuner.pkl").is_file()  # Ray's experiment, under the run
+    config, results = load_run(out)
+    ref_config, ref_results = load_run(ref)
+    assert config.backend == "ray" and config.trials == 6
+    assert [r.number for r in results] == list(range(6))
+    assert [r.baseline for r in results[:4]] == [
+        "dense", "uniform-structured-0.25", "uniform-structured-0.5", "uniform-structured-0.75"]
+    # Same seeded sampler, same space: the same parameters and plans, trial by trial.
+    assert [r.params for r in results] == [r.params for r in ref_results]
+    assert [r.plan for r in results] == [r.plan for r in ref_results]
+    dense = results[0]
+    assert dense.status == "infeasible" and "params<15k (measured 1.981e+04)" in dense.reason
+    assert "finetune" not in dense.timings and dense.metrics["accuracy"] > 0.9
+    assert all(r.status == "complete" for r in results[1:])
+    assert [r.metrics["params"] for r in results] == [r.metrics["params"] for r in ref_results]
+    assert all(r.metrics["finetune_steps"] == 3 for r in results[1:])
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert rows[0] == (ref / "trials.csv").read_text().splitlines()[0] and len(rows) == 7
+    front = sorted(p.stem for p in (out / "pareto").glob("trial_*.json"))
+    assert front and front == sorted(f"trial_{r.number}" for r in result.front)
+    for f in (out / "pareto").glob("trial_*.json"):
+        data = json.loads(f.read_text())
+        assert data["metrics"]["params"] < 15000 and data["targets"][0]["name"] == "fast"
+        assert PruningPlan.load(f).fingerprint == results[0].plan.fingerprint
+    assert "## Pareto front on fast" in result.summary
+
+
+def test_local_ray_is_loopback_only_and_shut_down(ray_run):
+    result, seen, lock = ray_run
+    assert seen["kwargs"]["include_dashboard"] is False and seen["webui"] in (None, "")
+    assert seen["node_ip"] == "127.0.0.1" and seen["cpus"] == 2
+    assert seen["initialized_after"] is False
+    # Every worker measured latency under the node's measurement lock file.
+    assert lock.is_file()
+    assert all("latency_p50_ms@fast" in r.metrics for r in result.results)
+
+
+def _killer_task(tmp_path):
+    """A task file whose fine-tuning SIGKILLs its Ray worker: once for the uniform-0.25 plan
+    (11,284 params), every time for the uniform-0.5 plan (5,142 params)."""
+    path = tmp_path / "killer_task.py"
+    path.write_text(textwrap.dedent(f"""
+        import dataclasses
+        import os
+        import signal
+
+        from autoprune.finetune import finetune_
+        from autoprune.testing.tasks import synthetic_task
+
+        MARKERS = {str(tmp_path)!r}
+
+
+        def make_task():
+            task = synthetic_task(finetune_steps=2)
+
+            def finetune_fn(model, task_, settings, teacher=None, on_eval=None):
+                n = sum(p.numel() for p in model.parameters())
+                kills = len([f for f in os.listdir(MARKERS) if f.startswith(f"kill-{{n}}-")])
+                if (n == 11284 and kills < 1) or n == 5142:
+                    open(os.path.join(MARKERS, f"kill-{{n}}-{{kills}}"), "w").close()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                plain = dataclasses.replace(task_, finetune_fn=None)
+                return finetune_(model, plain, settings, teacher=teacher, on_eval=on_eval)
+
+            task.finetune_fn = finetune_fn
+            return task
+    """))
+    return f"{path}:make_task"
+
+
+def test_killed_workers_are_retried_or_failed_not_the_search(tmp_path, fast_target):
+    pytest.importorskip("ray")
+    task = _killer_task(tmp_path)
+    result = run_search(task, "uniform_structured", BUDGETS, targets=[fast_target], trials=4,
+                        output=tmp_path / "r", backend="ray", workers=2, progress=False,
+                        backend_options={"max_failures": 1})
+    by_baseline = {r.baseline: r for r in result.results}
+    assert len(result.results) == 4 and [r.number for r in result.results] == [0, 1, 2, 3]
+    # Killed once, retried on a fresh worker, completed.
+    assert sorted(p.name for p in tmp_path.glob("kill-11284-*")) == ["kill-11284-0"]
+    assert by_baseline["uniform-structured-0.25"].status == "complete"
+    # Killed on every attempt (1 + max_failures=1 retry): a failed trial with the reason.
+    assert len(list(tmp_path.glob("kill-5142-*"))) == 2
+    failed = by_baseline["uniform-structured-0.5"]
+    assert failed.status == "failed" and "failed 2 time(s), retries exhausted" in failed.reason
+    assert failed.params == {"s.all": 0.5} and failed.plan.fingerprint
+    assert {r.sparsity for r in failed.plan.rules.values() if r.mode == "structured"} == {0.5}
+    # ... and the search went on.
+    assert by_baseline["uniform-structured-0.75"].status == "complete"
+    assert by_baseline["dense"].status == "infeasible"
+    assert "trial 2 (failed)" in result.summary
+
+
+def _terminated_in_state(exp_dir):
+    """Trials Ray's latest experiment snapshot holds as finished."""
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not states:
+        return 0
+    try:
+        data = json.loads(states[-1].read_text())
+    except ValueError:  # being written
+        return 0
+    return sum(json.loads(t[0])["status"] == "TERMINATED" for t in data["trial_data"])
+
+
+def test_killed_driver_resumes_from_ray_state_without_losing_trials(tmp_path, fast_target):
+    pytest.importorskip("ray")
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "autoprune.cli", "search", "--task", SYNTHETIC, "--space",
+           "uniform_structured", "--target", fast_target, "--budget", "params<15k",
+           "--trials", "6", "--finetune-steps", "3", "--output", str(out), "--backend", "ray",
+           "--workers", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None:
+            if _terminated_in_state(out / "ray" / "tune") >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    finally:  # the driver and the local Ray it started (same process group)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    journal = [json.loads(line) for line in (out / "ray" / "journal.jsonl").read_text()
+               .splitlines()]
+    before = {r["number"]: json.loads(r["payload"]["autoprune_result"]) for r in journal
+              if r["event"] == "finish"}
+    assert len(before) >= 2 and not (out / "trials.jsonl").exists()
+
+    assert main(["search", "--resume", "--output", str(out), "--quiet"]) == 0
+    config, results = load_run(out)
+    assert config.backend == "ray" and len(results) == 6
+    assert [r.number for r in results] == list(range(6))
+    assert [r.baseline for r in results[:4]] == [
+        "dense", "uniform-structured-0.25", "uniform-structured-0.5", "uniform-structured-0.75"]
+    by_number = {r.number: r for r in results}
+    for number, saved in before.items():  # every finished trial kept, not run again
+        assert by_number[number].metrics == saved["metrics"]
+        assert by_number[number].timings == saved["timings"]
+    assert all(r.status in ("complete", "infeasible") for r in results)
+    assert len(list((out / "ray" / "tune").glob("experiment_state-*.json"))) >= 1
+
+
+def test_missing_ray_gives_the_install_hint(tmp_path, monkeypatch, capsys, fast_target):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray.tune", None)
+    from autoprune.search import get_backend
+
+    with pytest.raises(UsageError, match=r"pip install 'autoprune\[ray\]'"):
+        get_backend("ray").run(None)
+    code = main(["search", "--task", SYNTHETIC, "--backend", "ray", "--target", fast_target,
+                 "--trials", "1", "--output", str(tmp_path / "r"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--backend ray needs Ray Tune" in err and "pip install 'autoprune[ray]'" in err
+
+
+def test_autoprune_imports_without_ray():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["ray"] = None  # as if Ray were not installed
+        import autoprune
+        from autoprune.search import get_backend
+        assert get_backend("optuna").name == "optuna" and get_backend("ray").name == "ray"
+        assert [m for m in sys.modules if m.startswith("ray.")] == []
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    check = "import sys, autoprune.search; assert 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True)
