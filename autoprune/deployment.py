@@ -169,9 +169,10 @@ def _plan_for_target(config: RunConfig, results: list[TrialResult], target: dict
     best = _best(meets, config, name)
     if best is not None:
         plan.met, plan.trial = True, best
+        tuned = sum(r.status == "complete" for r in meets)
         plan.note = (f"no budget applies to this target: best {config.metric} of all plans"
                      if not budgets else f"best {config.metric} among the {len(meets)} plans "
-                     f"meeting every budget on {name}")
+                     f"meeting every budget on {name} ({tuned} fine-tuned)")
         if best.baseline == "dense":
             plan.note += "; the dense model: pruning is not needed here"
         elif best.status != "complete":
@@ -300,8 +301,8 @@ def _markdown(plan: DeploymentPlan, run_dir: str | Path | None) -> str:
         lines += ["", "## Apply", "", "```"]
         for t in shipped:
             token = " --token-file TOKEN_FILE" if t.remote else ""
-            out = "ship/" + "".join(ch if ch.isalnum() or ch in "-_." else "_"
-                                    for ch in t.target)
+            out = "ship/" + "".join(ch if ch.isalnum() or ch in "-_." else "-"
+                                    for ch in t.target.replace("://", "-"))
             run = f"{run_dir}/" if run_dir is not None else ""
             lines.append(f"autoprune apply {run}{t.plan_file} --task {c.task} --target "
                          f"{t.spec}{token} --output {out}")

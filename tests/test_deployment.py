@@ -176,6 +176,28 @@ def test_int8_trial_is_measured_on_every_target():
     assert 0.0 <= int8.metrics["accuracy"] <= 1.0
 
 
+def test_int8_search_space_is_measured_and_shipped(tmp_path):
+    """quantize: [int8] in a space: every trial is quantized, measured, and shown as such."""
+    from autoprune.search import run_search
+
+    space = tmp_path / "int8.yaml"
+    space.write_text("name: int8_structured\nsparsity: {low: 0.0, high: 0.5, step: 0.25}\n"
+                     "share: global\nmodes: [structured]\ncriteria: [l1]\nquantize: [int8]\n")
+    target = tmp_path / "cpu-1t.json"
+    target.write_text(json.dumps({"base": "cpu-1t", **FAST}))
+    run = run_search(TASK, space, ["size<60KB"], targets=[str(target)], trials=4,
+                     finetune_steps=2, output=tmp_path / "run", progress=False)
+    assert {r.plan.quantize for r in run.results} == {"int8"}
+    complete = [r for r in run.results if r.status == "complete"]
+    assert complete and all(r.metrics[latency_key("cpu-1t")] > 0 for r in complete)
+    dense = next(r for r in run.results if r.baseline == "dense")
+    # The dense model in INT8 (~30 KB of ONNX) meets size<60KB; in fp32 it is 80 KB.
+    assert dense.status == "complete" and dense.metrics["size_bytes"] < 60_000
+    write_deployment_plan(run.run_dir)
+    entry = json.loads((run.run_dir / "deployment.json").read_text())["targets"][0]
+    assert entry["quantize"] == "int8" and entry["size_bytes"] < 60_000
+
+
 # -- the choice per target, on a hand-made run ---------------------------------------------
 
 def _result(number, status, acc, lat_a, lat_b, *, baseline=None, params=1000.0, reason="",
