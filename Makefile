@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,ray]"
 	touch $@
 
+# A new run directory each time (runs/digits-DATE-TIME); `autoprune show` it afterwards.
 search: setup
-	$(BIN)/autoprune search --task digits --budget "latency<1.5ms" --trials 40 --output runs/digits
+	$(BIN)/autoprune search --task digits --budget "latency<0.3ms" --trials 40 \
+		--finetune-steps 40 --output runs/digits-$(shell date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(BIN)/python -m pytest -q
