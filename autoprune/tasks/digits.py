@@ -168,7 +168,7 @@ def make_task(
         val_data=DataLoader(TensorDataset(x_val, y_val), batch_size=512),
         metric=accuracy(),
         loss_fn=nn.functional.cross_entropy,
-        finetune=finetune or FinetuneSettings(steps=150, lr=0.01, eval_every=50),
+        finetune=finetune or FinetuneSettings(steps=100, lr=0.01, eval_every=25),
         description=(
             "scikit-learn handwritten digits at 32x32 (1437 train / 360 val), "
             f"residual CNN widths {'-'.join(map(str, widths))}"
