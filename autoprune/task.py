@@ -9,6 +9,7 @@ module (``package.module:make_task``) or the built-in registry (``digits``), see
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -345,7 +346,10 @@ def _import_file(spec: str, path: Path) -> tuple[ModuleType, str]:
             f"autoprune.task.Task.\n\n{_EXAMPLE_HINT}"
         )
     path = path.resolve()
-    name = "autoprune_user_task_" + re.sub(r"\W", "_", path.stem)
+    # Unique per file (two task.py in different folders), stable across processes.
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"autoprune_user_task_{stem}_{digest}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise TaskError(f"task file {shown} cannot be imported as Python.\n\n{_EXAMPLE_HINT}")

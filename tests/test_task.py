@@ -49,6 +49,7 @@ def other_task() -> Task:
 
 
 def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text))
     return path
 
@@ -88,6 +89,13 @@ def test_load_passes_overrides_to_the_factory(tmp_path):
     assert load_task(f"{path}:make_task", width=5).build_model()[0].out_features == 5
     with pytest.raises(TaskError, match=r"does not accept option\(s\) depth; it takes: width"):
         load_task(f"{path}:make_task", depth=3)
+
+
+def test_two_files_with_the_same_name_do_not_clash(tmp_path):
+    a = write(tmp_path / "a" / "task.py", GOOD_TASK)
+    b = write(tmp_path / "b" / "task.py", GOOD_TASK.replace("WIDTH = 16", "WIDTH = 7"))
+    ta, tb = load_task(str(a)), load_task(str(b))
+    assert ta.build_model()[0].out_features == 16 and tb.build_model()[0].out_features == 7
 
 
 def test_load_from_relative_path(tmp_path, monkeypatch):
@@ -220,7 +228,7 @@ def test_failed_import_is_not_left_in_sys_modules(tmp_path):
     path = write(tmp_path / "half.py", "X = 1\nraise ValueError('boom')\n")
     with pytest.raises(TaskError, match="line 2"):
         load_task(str(path))
-    assert not [m for m in sys.modules if m.endswith("_half")]
+    assert not [m for m in sys.modules if m.startswith("autoprune_user_task_half_")]
 
 
 def test_task_example_in_errors_is_itself_a_valid_task(tmp_path):
