@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         args.target = ["cpu-1t"]
     try:
         return args.fn(args)
+    except BrokenPipeError:  # e.g. `autoprune show RUN | head`
+        sys.stderr.close()
+        return 0
     except UsageError as e:
         print(f"autoprune {args.command}: error: {e}", file=sys.stderr)
         return 2

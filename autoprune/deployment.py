@@ -20,22 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.budget import Budget, latency_key
-from autoprune.results import RunConfig, load_run
+from autoprune.results import RunConfig, load_run, target_budgets
 from autoprune.trial import TrialResult
 
-__all__ = ["TargetPlan", "DeploymentPlan", "deployment_plan", "target_budgets",
+__all__ = ["TargetPlan", "DeploymentPlan", "deployment_plan",
            "write_deployment_plan"]
 
 DEPLOYMENT_FORMAT_VERSION = 1
-
-
-def target_budgets(config: RunConfig, target: str) -> list[Budget]:
-    """Budgets a plan shipped to ``target`` must meet: its latency budgets and the others.
-
-    A latency budget without ``@target`` applies to the first (primary) target.
-    """
-    return [b for b in config.parsed_budgets()
-            if b.metric != "latency" or (b.target or config.primary) == target]
 
 
 @dataclass

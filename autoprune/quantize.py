@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -15,8 +16,14 @@ def quantize_dynamic_int8(onnx_model: bytes) -> bytes:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    root = logging.getLogger()
+    level = root.level
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         src.write_bytes(onnx_model)
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        root.setLevel(logging.ERROR)  # ORT warns on root: "consider pre-processing" each call
+        try:
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
         return dst.read_bytes()

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.budget import Budget, latency_key
-from autoprune.deployment import deployment_plan, table_rows, target_budgets
+from autoprune.deployment import deployment_plan, table_rows
 from autoprune.errors import UsageError
-from autoprune.results import RunConfig, load_run, target_front
+from autoprune.results import RunConfig, load_run, target_budgets, target_front
 from autoprune.trial import TrialResult
 
 __all__ = ["write_report", "build_figures"]

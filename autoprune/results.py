@@ -22,7 +22,7 @@ from autoprune.budget import Budget, Objective, latency_key, parse_budgets
 from autoprune.trial import TrialResult
 
 __all__ = ["RunConfig", "pareto_front", "write_run", "load_run", "summarize",
-           "recommend", "target_front"]
+           "recommend", "target_budgets", "target_front"]
 
 
 @dataclass
@@ -89,20 +89,28 @@ def pareto_front(
     return sorted(unique.values(), key=lambda r: signs[0] * r.values(objectives)[0])
 
 
+def target_budgets(config: RunConfig, target: str) -> list[Budget]:
+    """Budgets a plan shipped to ``target`` must meet: its latency budgets and the others.
+
+    A latency budget without ``@target`` applies to the first (primary) target.
+    """
+    return [b for b in config.parsed_budgets()
+            if b.metric != "latency" or (b.target or config.primary) == target]
+
+
 def target_front(results: list[TrialResult], config: RunConfig, target: str) -> list[TrialResult]:
     """The metric-vs-latency front on one target (every target keeps its own front)."""
     objectives = [Objective(config.metric, config.metric_direction),
                   Objective(latency_key(target), "minimize")]
-    budgets = [b for b in config.parsed_budgets()
-               if b.metric != "latency" or (b.target or config.primary) == target]
-    return pareto_front(results, objectives, budgets, config.primary)
+    return pareto_front(results, objectives, target_budgets(config, target), config.primary)
 
 
 def recommend(results: list[TrialResult], config: RunConfig, target: str | None = None
               ) -> TrialResult | None:
-    """The best-metric trial meeting every budget (ties: lower latency on ``target``)."""
+    """The best-metric trial meeting ``target``'s budgets (ties: lower latency on it)."""
     target = target or config.primary
-    ok = [r for r in results if r.feasible(config.parsed_budgets(), config.primary)]
+    budgets = target_budgets(config, target)
+    ok = [r for r in results if r.feasible(budgets, config.primary)]
     if not ok:
         return None
     sign = -1.0 if config.metric_direction == "maximize" else 1.0
@@ -234,7 +242,8 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
     for target in config.target_names:
         best = recommend(results, config, target)
         if best is None:
-            lines.append(f"- {target}: no trial meets every budget ({', '.join(config.budgets)})")
+            shown = ", ".join(b.text for b in target_budgets(config, target))
+            lines.append(f"- {target}: no trial meets its budgets ({shown})")
             continue
         lat = best.metrics.get(latency_key(target), float("nan"))
         speed = ""

@@ -134,6 +134,23 @@ def _measure(task, model, plan: PruningPlan, settings: TrialSettings) -> dict[st
     return metrics
 
 
+def _hopeless(settings: TrialSettings, metrics: dict[str, float]) -> list[Budget]:
+    """Cost budgets that rule a plan out before fine-tuning, or [] if it may still ship.
+
+    Every target keeps its own front, so a plan is stopped only if it breaks a budget that
+    holds everywhere (params, FLOPs, size) or breaks a latency budget on every target.
+    """
+    broken = [b for b in settings.budgets
+              if b.is_cost and not b.satisfied(metrics.get(b.metric_key(settings.primary)))]
+    everywhere = [b for b in broken if b.metric != "latency"]
+    if everywhere:
+        return everywhere
+    latency_broken_on = {b.target or settings.primary for b in broken}
+    if all(t.name in latency_broken_on for t in settings.targets):
+        return broken
+    return []
+
+
 def run_trial(
     task: Any,
     plan: PruningPlan,
@@ -176,8 +193,7 @@ def run_trial(
                            size_bytes=float(stats.size_bytes))
         with clock("latency"):
             metrics.update(_measure(task, pruned, plan, settings))
-        broken = [b for b in settings.budgets
-                  if b.is_cost and not b.satisfied(metrics.get(b.metric_key(settings.primary)))]
+        broken = _hopeless(settings, metrics)
         if broken:
             if settings.evaluate_infeasible:
                 with clock("evaluate"):

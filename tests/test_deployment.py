@@ -17,10 +17,10 @@ import pytest
 
 from autoprune.budget import latency_key
 from autoprune.cli import main
-from autoprune.deployment import deployment_plan, target_budgets, write_deployment_plan
+from autoprune.deployment import deployment_plan, write_deployment_plan
 from autoprune.errors import BudgetError
 from autoprune.plan import LayerRule, PruningPlan
-from autoprune.results import RunConfig, load_run, target_front, write_run
+from autoprune.results import RunConfig, load_run, target_budgets, target_front, write_run
 from autoprune.trial import TrialResult
 
 TASK = "autoprune.testing.tasks:synthetic_task"
