@@ -28,8 +28,10 @@ __all__ = ["Backend", "EarlyStopper", "SearchContext", "SearchResult", "get_back
            "register_backend", "run_search", "search"]
 
 # Backends register themselves on import; ray is imported lazily by its module.
-from autoprune.search import _optuna  # noqa: E402,F401
-from autoprune.search import _ray  # noqa: E402,F401
+from autoprune.search import (
+    _optuna,  # noqa: E402,F401
+    _ray,  # noqa: E402,F401
+)
 
 
 @dataclass
