@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import logging
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.errors import UsageError
+from autoprune.fingerprint import architecture_signature
 from autoprune.search._base import Backend, EarlyStopper, SearchContext, register_backend
 from autoprune.trial import TrialResult, run_trial
 
@@ -49,6 +51,7 @@ CONFIG_KEY = "autoprune"  # the trial config entry holding number, baseline and 
 RESULT_KEY = "autoprune_result"  # the reported result entry holding the TrialResult (JSON)
 EXPERIMENT = "tune"  # Ray's experiment directory: RUN/ray/tune
 DEFAULT_MAX_FAILURES = 2  # retries of a trial whose worker died
+ISOLATION = ("node", "measurements")  # latency isolation modes (backend option "isolation")
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +68,17 @@ def _import_ray():
 
 
 def _check_ray() -> None:
-    """Raise the install hint if Ray Tune is missing, without importing it (a local Ray reads
-    environment variables when it is first imported)."""
+    """The install hint if Ray is missing, found without importing it (a local Ray is set up
+    through environment variables that Ray reads when it is first imported)."""
     import importlib.util
 
-    for name in ("ray", "ray.tune"):
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):  # ValueError: sys.modules[name] is None
-            found = False
-        if not found:
-            _import_ray()  # raises the UsageError with the hint
-            raise UsageError(f"--backend ray needs Ray Tune, which is not installed; "
-                             f"install it with: {INSTALL_HINT}")
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["ray"] is None
+        found = False
+    if not found:
+        raise UsageError(f"--backend ray needs Ray Tune, which is not installed; install it "
+                         f"with: {INSTALL_HINT}  (or use --backend optuna)")
 
 
 # -- what workers get ---------------------------------------------------------------------------
@@ -94,6 +95,7 @@ class _Job:
     settings: Any  # TrialSettings without the latency cache (workers open their own)
     cache_path: str  # latency cache file shared by the workers of one machine
     measure_lock: str | None  # lock file path; None = <node temp dir>/autoprune-measure.lock
+    isolation: str  # "node": neighbours' compute pauses while a trial measures; "measurements"
     objectives: list[Any]  # Objective list: keys reported to Tune
     stopper: str | None  # name of the EarlyStopper actor (None: no early stopping)
     threads: int  # torch threads per trial (= CPUs per trial)
@@ -115,11 +117,68 @@ def _worker_state(job: _Job) -> tuple[Any, Any]:
         torch.set_num_threads(max(1, job.threads))
         task = job.task if job.task is not None else load_task(job.task_spec)
         lock = job.measure_lock or str(Path(tempfile.gettempdir()) / "autoprune-measure.lock")
+        if job.isolation == "node":
+            task = isolate_compute(task, lock)
         settings = dataclasses.replace(job.settings, measure_lock=lock,
                                        latency_cache=LatencyCache(job.cache_path))
         _WORKER_STATE.clear()  # one search at a time per worker process
         _WORKER_STATE[key] = (task, settings)
     return _WORKER_STATE[key]
+
+
+class _SharedLock:
+    """The measurement lock file held *shared* while this process computes (re-entrant).
+
+    ``run_trial`` holds the same file *exclusively* while it measures latency, so a measuring
+    trial waits until its neighbours on the node leave their fine-tuning / evaluation, and they
+    wait while it measures: a measurement has the node to itself. Trials queueing for their
+    own measurement hold nothing, so waiting measurements cannot starve.
+    """
+
+    def __init__(self, path: str):
+        self.path = path  # the node's measurement lock file
+        self._depth = 0
+        self._file: Any = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self._depth == 0:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")
+            fcntl.flock(self._file, fcntl.LOCK_SH)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                fcntl.flock(self._file, fcntl.LOCK_UN)
+                self._file.close()
+                self._file = None
+
+
+def isolate_compute(task: Any, lock: str) -> Any:
+    """A copy of ``task`` whose fine-tuning and evaluation hold ``lock`` shared (see
+    ``_SharedLock``); pass the same path as ``TrialSettings.measure_lock``."""
+    from autoprune.finetune import finetune_
+
+    shared = _SharedLock(lock)
+    user_finetune, user_evaluate = task.finetune_fn, task.evaluate_fn
+
+    def finetune_fn(model, task_, settings, *, teacher=None, on_eval=None):
+        with shared():
+            if user_finetune is not None:
+                return user_finetune(model, task_, settings, teacher=teacher, on_eval=on_eval)
+            plain = dataclasses.replace(task_, finetune_fn=None)
+            return finetune_(model, plain, settings, teacher=teacher, on_eval=on_eval)
+
+    def evaluate_fn(model):
+        with shared():
+            if user_evaluate is not None:
+                return user_evaluate(model)
+            return task.metric.fn(model, task.val_data)
+
+    return dataclasses.replace(task, finetune_fn=finetune_fn, evaluate_fn=evaluate_fn)
 
 
 def _payload(result: TrialResult, curve: list, objectives: list) -> dict[str, Any]:
@@ -206,12 +265,21 @@ class _Session:
         self.order: list[TrialResult] = []  # the same, in the order they finished
         self.suggested: dict[int, dict[str, Any]] = {}  # number -> {params, baseline}
         self.finished: dict[int, dict[str, Any]] = {}  # number -> {params, payload, curve}
-        for rec in journal.read():
-            if rec.get("event") == "suggest":
+        self.trials = ctx.trials  # trials Ray runs (a restored experiment keeps its own)
+        records = journal.read()
+        for rec in records:
+            if rec.get("event") == "start":
+                self.trials = rec["trials"]
+            elif rec.get("event") == "suggest":
                 self.suggested[rec["number"]] = {"params": rec["params"],
                                                  "baseline": rec.get("baseline")}
             elif rec.get("event") == "finish":
                 self.finished[rec["number"]] = rec
+        if not records:
+            journal.append({"event": "start", "trials": ctx.trials})
+        elif self.trials != ctx.trials:
+            print(f"note: a Ray search resumes with the trial count it started with "
+                  f"({self.trials}), not {ctx.trials}", file=sys.stderr)
         for _, rec in sorted(self.finished.items()):
             self._add(_parse(rec["payload"]), rec.get("curve", []), show=False)
 
@@ -426,7 +494,10 @@ def __getattr__(name: str) -> Any:
 
 @contextlib.contextmanager
 def _connected(ctx: SearchContext) -> Iterator[Any]:
-    """Connect to ``address`` or start a local Ray on loopback only; shut down what we start."""
+    """Connect to ``address``, or start a local Ray bound to loopback and shut it down after.
+
+    A Ray already initialized in this process is used as it is (and left running).
+    """
     opts = ctx.backend_options
     address = opts.get("address")
     workers = max(1, int(ctx.workers or 1))
@@ -435,43 +506,50 @@ def _connected(ctx: SearchContext) -> Iterator[Any]:
     if cpus <= 0 or gpus < 0:
         raise UsageError(f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got "
                          f"{cpus:g} and {gpus:g}")
-    local = not address
-    if local:
-        # Read when Ray is imported: node IP = loopback, so every Ray server binds 127.0.0.1;
-        # no usage reporting.
-        for key, value in (("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
-                           ("RAY_USAGE_STATS_ENABLED", "0")):
-            os.environ.setdefault(key, value)
-    ray = _import_ray()
-    started = False
-    if not ray.is_initialized():
-        common = dict(include_dashboard=False, log_to_driver=False,
-                      logging_level=logging.ERROR, namespace="autoprune",
-                      runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})
-        if local:
-            from ray._private import ray_constants
+    # A local Ray: node IP = loopback, so every Ray server binds 127.0.0.1 (Ray reads this
+    # variable on import; the constant is patched below in case Ray was imported earlier);
+    # no usage reporting. Restored when the search ends.
+    local_env = {} if address else {k: v for k, v in (
+        ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("RAY_USAGE_STATS_ENABLED", "0"))
+        if k not in os.environ}
+    with _env(**local_env):
+        ray = _import_ray()
+        from ray._private import ray_constants
 
-            # The environment variable above is read when Ray is first imported.
-            ray_constants.ENABLE_RAY_CLUSTER = False
-            ray.init(num_cpus=math.ceil(workers * cpus),
-                     num_gpus=math.ceil(workers * gpus) if gpus else None, **common)
-        else:
-            ray.init(address=address, **common)
-        started = True
-    try:
-        total = ray.cluster_resources()
-        if total.get("CPU", 0) < cpus or total.get("GPU", 0) < gpus:
-            raise UsageError(
-                f"each trial asks for {cpus:g} CPU(s) and {gpus:g} GPU(s), but the Ray cluster "
-                f"has {total.get('CPU', 0):g} CPU(s) and {total.get('GPU', 0):g} GPU(s); "
-                f"lower --cpus-per-trial / --gpus-per-trial or add nodes")
-        yield ray
-    finally:
-        if started:
-            ray.shutdown()
+        cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+        started = False
+        try:
+            if not ray.is_initialized():
+                common = dict(include_dashboard=False, log_to_driver=False,
+                              logging_level=logging.ERROR, namespace="autoprune",
+                              runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})
+                if address:
+                    ray.init(address=address, **common)
+                else:
+                    ray_constants.ENABLE_RAY_CLUSTER = False
+                    ray.init(num_cpus=math.ceil(workers * cpus), **common)  # GPUs: detected
+                started = True
+            total = ray.cluster_resources()
+            if total.get("CPU", 0) < cpus or total.get("GPU", 0) < gpus:
+                raise UsageError(
+                    f"each trial asks for {cpus:g} CPU(s) and {gpus:g} GPU(s), but the Ray "
+                    f"cluster has {total.get('CPU', 0):g} CPU(s) and {total.get('GPU', 0):g} "
+                    f"GPU(s); lower --cpus-per-trial / --gpus-per-trial or add nodes")
+            yield ray
+        finally:
+            if started:
+                ray.shutdown()
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
 # -- the backend --------------------------------------------------------------------------------
+
+
+def _isolation(ctx: SearchContext) -> str:
+    mode = ctx.backend_options.get("isolation") or ISOLATION[0]
+    if mode not in ISOLATION:
+        raise UsageError(f"isolation must be one of {', '.join(ISOLATION)}, got {mode!r}")
+    return mode
 
 
 def _portable_spec(spec: str) -> str:
@@ -504,28 +582,33 @@ class RayBackend(Backend):
     def run(self, ctx: SearchContext) -> list[TrialResult]:
         global _ACTIVE
 
-        _check_ray()  # a clear install hint before anything starts
+        _check_ray()  # the install hint before anything starts
+        _isolation(ctx)
         if _ACTIVE is not None:
             raise UsageError("a Ray search is already running in this process")
         ray_dir = (ctx.run_dir / "ray").resolve()
-        journal = _Journal(ray_dir / "journal.jsonl")
         if not ctx.resume and ray_dir.exists() and any(ray_dir.iterdir()):
             raise UsageError(f"{ray_dir} already holds a Ray experiment: pass --resume")
+        journal = _Journal(ray_dir / "journal.jsonl")
         with _connected(ctx) as ray:
             steps = (ctx.settings.finetune or ctx.task.finetune).steps
             stopper = f"autoprune-stopper-{uuid.uuid4().hex[:12]}"
             actor = ray.remote(num_cpus=0)(EarlyStopper).options(name=stopper).remote(
                 ctx.task.metric.direction, min_step=max(1, steps // 3))
-            _ACTIVE = _Session(ctx, journal, actor)
+            _ACTIVE = session = _Session(ctx, journal, actor)
             try:
                 grid = self._fit(ctx, ray_dir, stopper)
                 self._collect(grid)
-                results = [_ACTIVE.results[n] for n in sorted(_ACTIVE.results)]
             finally:
                 _ACTIVE = None
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
-        return results
+        unfinished = [r for r in grid if (r.config or {}).get(CONFIG_KEY, {}).get("number")
+                      not in session.results]
+        if unfinished or len(session.results) < session.trials:
+            # Tune stops on Ctrl-C (SIGINT) and returns; its state is saved for --resume.
+            raise KeyboardInterrupt
+        return [session.results[n] for n in sorted(session.results)]
 
     def _fit(self, ctx: SearchContext, ray_dir: Path, stopper: str) -> Any:
         import optuna
@@ -538,10 +621,11 @@ class RayBackend(Backend):
         spec = _portable_spec(ctx.task_spec)
         job = _Job(
             task_spec=spec, task=None if _loadable(spec) else ctx.task, space=ctx.space,
-            fingerprint=list(ctx._signature),
+            fingerprint=architecture_signature(ctx.task.build_model()),
             settings=dataclasses.replace(ctx.settings, latency_cache=None),
             cache_path=str((ctx.run_dir / "latency_cache.json").resolve()),
-            measure_lock=opts.get("measure_lock"), objectives=list(ctx.objectives),
+            measure_lock=opts.get("measure_lock"), isolation=_isolation(ctx),
+            objectives=list(ctx.objectives),
             stopper=stopper, threads=max(1, int(cpus)),
             finished={n: {"params": r["params"], "payload": r["payload"]}
                       for n, r in _ACTIVE.finished.items()})
@@ -559,7 +643,7 @@ class RayBackend(Backend):
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=_make_searcher(ctx), num_samples=ctx.trials,
+                    search_alg=_make_searcher(ctx), num_samples=_ACTIVE.trials,
                     max_concurrent_trials=max(1, int(ctx.workers or 1)), reuse_actors=True,
                     trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(

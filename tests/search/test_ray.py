@@ -1,6 +1,8 @@
 """The Ray Tune backend on a local 2-CPU Ray: same run directory as the Optuna backend, retried
 and failed workers, resume after a killed driver, and the message when Ray is missing."""
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -13,14 +15,30 @@ import pytest
 
 from autoprune.cli import main
 from autoprune.errors import UsageError
+from autoprune.latency import load_target
 from autoprune.plan import PruningPlan
 from autoprune.results import load_run
 from autoprune.search import run_search
+from autoprune.search._ray import isolate_compute
+from autoprune.task import load_task
+from autoprune.trial import TrialSettings, run_trial
 
 pytestmark = pytest.mark.ray
 
 SYNTHETIC = "autoprune.testing.tasks:synthetic_task"
 BUDGETS = ["latency<1s", "params<15k"]  # the dense model (19,810 params) is not fine-tuned
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread in this process too, like the Ray workers (1 CPU each): 2 threads on
+    a busy 2-core machine make the in-process trials many times slower."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +55,8 @@ def ray_run(tmp_path_factory, fast_target):
     def init(*args, **kwargs):
         info = real_init(*args, **kwargs)
         seen.update(kwargs=kwargs, node_ip=ray.util.get_node_ip_address(),
-                    cpus=ray.cluster_resources().get("CPU"), webui=info.get("webui_url"))
+                    cpus=ray.cluster_resources().get("CPU"),
+                    webui=info.address_info.get("webui_url"))
         return info
 
     with pytest.MonkeyPatch.context() as mp:
@@ -98,6 +117,41 @@ def test_local_ray_is_loopback_only_and_shut_down(ray_run):
     # Every worker measured latency under the node's measurement lock file.
     assert lock.is_file()
     assert all("latency_p50_ms@fast" in r.metrics for r in result.results)
+
+
+def test_node_isolation_holds_the_lock_while_a_trial_computes(tmp_path, fast_target):
+    """isolation=node: fine-tuning and evaluation hold the measurement lock shared, so another
+    trial's measurement (exclusive) waits for them, and they wait for it."""
+    lock = tmp_path / "measure.lock"
+
+    def measurement_would_wait() -> bool:
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    seen = []
+    task = load_task(SYNTHETIC, finetune_steps=2)
+
+    def finetune_fn(model, task_, settings, teacher=None, on_eval=None):
+        seen.append(("finetune", measurement_would_wait()))
+
+    def evaluate_fn(model):
+        seen.append(("evaluate", measurement_would_wait()))
+        return 0.5
+
+    task.finetune_fn, task.evaluate_fn = finetune_fn, evaluate_fn
+    settings = TrialSettings(targets=[load_target(fast_target)], measure_lock=str(lock))
+    result = run_trial(isolate_compute(task, str(lock)), PruningPlan.uniform(0.25), settings)
+    assert result.status == "complete" and result.metrics["accuracy"] == 0.5
+    assert seen == [("finetune", True), ("evaluate", True)]
+    assert not measurement_would_wait()  # released after the trial
+    seen.clear()  # the task itself is unchanged
+    assert run_trial(task, PruningPlan.uniform(0.25), settings).status == "complete"
+    assert seen == [("finetune", False), ("evaluate", False)]
 
 
 def _killer_task(tmp_path):
@@ -176,7 +230,7 @@ def test_killed_driver_resumes_from_ray_state_without_losing_trials(tmp_path, fa
            "--trials", "6", "--finetune-steps", "3", "--output", str(out), "--backend", "ray",
            "--workers", "2", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 150
         while time.time() < deadline and proc.poll() is None:
@@ -185,7 +239,8 @@ def test_killed_driver_resumes_from_ray_state_without_losing_trials(tmp_path, fa
             time.sleep(0.2)
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     finally:  # the driver and the local Ray it started (same process group)
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     journal = [json.loads(line) for line in (out / "ray" / "journal.jsonl").read_text()
                .splitlines()]
