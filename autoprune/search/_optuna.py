@@ -103,7 +103,11 @@ class OptunaBackend(Backend):
         for budget, value in zip(ctx.settings.budgets,
                                  result.constraints(ctx.settings.budgets, ctx.settings.primary)):
             trial.set_constraint(budget.text, value)
-        for key, value in result.metrics.items():
+        # A few headline values for optuna-dashboard; everything is in "result" (each attribute
+        # is one SQLite transaction, so not every metric gets its own).
+        shown = (ctx.task.metric.name, ctx.objectives[1].key, "params", "macs")
+        for key in shown:
+            value = result.metrics.get(key)
             if isinstance(value, float) and math.isfinite(value):
                 trial.set_user_attr(key, value)
         trial.set_user_attr("result", json.dumps(result.to_dict()))
