@@ -226,10 +226,13 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
              f"{', '.join(config.target_names)}", ""]
     header = ["trial", "baseline", config.metric,
               *[f"p50 ms @{t}" for t in config.target_names], "params", "MACs", "size"]
-    dense = next((r for r in results if r.baseline == "dense" and r.status == "complete"), None)
+    # The dense model is a reference even when it breaks a budget (then not fine-tuned).
+    dense = next((r for r in results if r.baseline == "dense"
+                  and latency_key(config.primary) in r.metrics), None)
     if dense:
+        note = "" if dense.status == "complete" else f" ({dense.status}: {dense.reason})"
         lines += ["Dense model: " + ", ".join(
-            f"{c} {v}" for c, v in zip(header[2:], _fmt_row(dense, config)[2:])), ""]
+            f"{c} {v}" for c, v in zip(header[2:], _fmt_row(dense, config)[2:])) + note, ""]
     for target in config.target_names:
         front = target_front(results, config, target)
         feasible = any(r.feasible(budgets, config.primary) for r in front)
