@@ -45,7 +45,7 @@ STEPS = 150  # fine-tuning steps of the neighbour trials in part 2
 
 
 def _timed_search(backend: str, workers: int, trials: int, steps: int, root: Path,
-                  target: str) -> dict[str, float]:
+                  target: str, isolation: str) -> dict[str, float]:
     import autoprune.search as search_mod
 
     timing: dict[str, float] = {"ray_init": 0.0, "ray_shutdown": 0.0}
@@ -87,7 +87,8 @@ def _timed_search(backend: str, workers: int, trials: int, steps: int, root: Pat
         result = search_mod.run_search(
             SYNTHETIC, "per_layer_structured", None, targets=[target], trials=trials,
             finetune_steps=steps, output=root / f"{backend}-{workers}", backend=backend,
-            workers=workers, backend_options={"cpus_per_trial": 1}, progress=False)
+            workers=workers, backend_options={"cpus_per_trial": 1, "isolation": isolation},
+            progress=False)
     finally:
         for obj, name, value in saved:
             setattr(obj, name, value)
@@ -101,7 +102,7 @@ def _timed_search(backend: str, workers: int, trials: int, steps: int, root: Pat
     }
 
 
-def overhead(trials: int, steps: int, target: str) -> None:
+def overhead(trials: int, steps: int, target: str, isolation: str) -> None:
     import torch
 
     torch.set_num_threads(1)  # as in a Ray worker with 1 CPU: the same trials for every backend
@@ -110,9 +111,10 @@ def overhead(trials: int, steps: int, target: str) -> None:
         for backend, workers in (("optuna", 1), ("ray", 1), ("ray", 2)):
             print(f"running {backend} x{workers} ...", flush=True)
             rows.append((f"{backend} ({workers} worker{'s' if workers > 1 else ''})",
-                         _timed_search(backend, workers, trials, steps, Path(tmp), target)))
+                         _timed_search(backend, workers, trials, steps, Path(tmp), target,
+                                       isolation)))
     print(f"\n{trials} trials, fine-tuning {steps} steps, synthetic task (resnet_tiny 16x16), "
-          f"target cpu-1t (short protocol)\n")
+          f"target cpu-1t (short protocol), Ray isolation={isolation}\n")
     head = ("backend", "wall s", "trials/hour", "in-trial s", "overhead/trial s",
             "steady overhead/trial s", "ray start+stop s")
     print("| " + " | ".join(head) + " |")
@@ -137,7 +139,7 @@ def _isolation_actor(ray):
 
             from autoprune.latency import LatencyCache, load_target
             from autoprune.plan import PruningPlan
-            from autoprune.search._ray import isolate_compute
+            from autoprune.search._ray import NodeIsolation
             from autoprune.task import load_task
             from autoprune.testing.models import create_test_model
             from autoprune.trial import TrialSettings
@@ -146,8 +148,9 @@ def _isolation_actor(ray):
             self.lock = lock
             task = load_task(SYNTHETIC, finetune_steps=steps)
             # As the Ray backend sets up a worker: isolation "measurements" runs the task as
-            # it is; isolation "node" holds the lock shared while fine-tuning / evaluating.
-            self.tasks = {"measurements": task, "node": isolate_compute(task, lock)}
+            # it is; isolation "node" steps aside while a neighbour prunes and measures.
+            self.node = NodeIsolation(lock)
+            self.tasks = {"measurements": task, "node": self.node.wrap(task)}
             # Trials measure under the lock too; repeated shapes come from the cache, so a
             # neighbour trial mostly fine-tunes (the load it puts on the node).
             self.settings = TrialSettings(targets=[load_target("cpu-1t")], measure_lock=lock,
@@ -161,11 +164,13 @@ def _isolation_actor(ray):
             return os.getpid()
 
         def probe(self, locked: bool) -> tuple[float, float]:
-            """A trial's latency measurement: the probe model, timed under the lock."""
+            """A trial's latency measurement: the probe model, timed under the lock (and,
+            as a trial of isolation=node does, marked pending first)."""
             from autoprune.latency import measure_latency
             from autoprune.trial import measurement_lock
 
-            with measurement_lock(self.lock if locked else None):
+            pending = self.node.trial() if locked else contextlib.nullcontext()
+            with pending, measurement_lock(self.lock if locked else None):
                 stats = measure_latency(self.probe_model, self.inputs, self.target)
             return stats.p50_ms, stats.ci_rel
 
@@ -175,8 +180,10 @@ def _isolation_actor(ray):
 
             end, done = time.perf_counter() + seconds, 0
             while time.perf_counter() < end:
-                run_trial(self.tasks[isolation], self.plans[done % len(self.plans)],
-                          self.settings)
+                node = self.node.trial() if isolation == "node" else contextlib.nullcontext()
+                with node:
+                    run_trial(self.tasks[isolation], self.plans[done % len(self.plans)],
+                              self.settings)
                 done += 1
             return done
 
@@ -190,11 +197,15 @@ def isolation(rounds: int) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level=logging.ERROR)
-    names = {"alone": "alone (control: again at the end of the round)",
+    names = {"alone": "alone (control: an alone measurement vs its neighbours)",
              "node": "next to a trial, isolation=node (default)",
              "measurements": "next to a trial, isolation=measurements (lock only)",
              "unlocked": "at the same time as B's measurement (no lock)"}
-    rows: list[dict[str, tuple[float, float]]] = []
+    # Per round: alone, node, alone, measurements, alone, unlocked, alone -- every phase is
+    # compared with the mean of the alone measurements just before and just after it.
+    dev: dict[str, list[float]] = {k: [] for k in names}
+    cis: dict[str, list[float]] = {k: [] for k in names}
+    p50s: dict[str, list[float]] = {k: [] for k in names}
     trials_run = 0
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -205,31 +216,57 @@ def isolation(rounds: int) -> None:
             ray.get([a.probe.remote(True), b.trials.remote(1.0, "node")])  # warm up both
             for i in range(rounds):
                 print(f"round {i + 1}/{rounds}", flush=True)
-                row = {"first": ray.get(a.probe.remote(True))}
-                for mode in ("node", "measurements"):
-                    busy = b.trials.remote(4.0, mode)
-                    time.sleep(0.5)  # B is inside a trial when A starts timing
-                    row[mode] = ray.get(a.probe.remote(True))
-                    trials_run += ray.get(busy)
-                row["unlocked"] = ray.get([a.probe.remote(False), b.probe.remote(False)])[0]
-                row["alone"] = ray.get(a.probe.remote(True))
-                rows.append(row)
+                alone = [ray.get(a.probe.remote(True))]
+                for mode in ("node", "measurements", "unlocked"):
+                    if mode == "unlocked":
+                        got = ray.get([a.probe.remote(False), b.probe.remote(False)])[0]
+                    else:
+                        busy = b.trials.remote(4.0, mode)
+                        time.sleep(0.5)  # B is inside a trial when A starts timing
+                        got = ray.get(a.probe.remote(True))
+                        trials_run += ray.get(busy)
+                    alone.append(ray.get(a.probe.remote(True)))
+                    ref = (alone[-2][0] + alone[-1][0]) / 2
+                    dev[mode].append(got[0] / ref - 1)
+                    cis[mode].append(got[1])
+                    p50s[mode].append(got[0])
+                for j in range(1, len(alone) - 1):  # the control, with the same statistic
+                    ref = (alone[j - 1][0] + alone[j + 1][0]) / 2
+                    dev["alone"].append(alone[j][0] / ref - 1)
+                cis["alone"] += [c for _, c in alone]
+                p50s["alone"] += [p for p, _ in alone]
     finally:
         ray.shutdown()
-    print(f"\nprobe: resnet_1m 32x32 on cpu-1t, timed by worker A; {rounds} rounds, phases "
-          f"interleaved; worker B ran {trials_run} trials (fine-tuning {STEPS} steps) next to "
-          f"it. 'vs alone': median over rounds of p50 / the round's first (alone) p50.\n")
+    from autoprune.latency import load_target
+
+    target_ci = load_target("cpu-1t").target_ci
+    print(f"\nprobe: resnet_1m 32x32 on cpu-1t, timed by worker A; {rounds} rounds; worker B "
+          f"ran {trials_run} trials (fine-tuning {STEPS} steps) next to it.\n'vs alone': median "
+          f"over rounds of p50 / mean of the alone p50s just before and after (IQR in "
+          f"brackets); the control row is an alone measurement vs its neighbours. 'net': vs "
+          f"alone minus the control (the bias of the design). 'within measured CI': |net| <= "
+          f"sqrt(CI_phase^2 + CI_alone^2), the 95 % CI of a difference of two medians; "
+          f"'within target CI': |net| <= the target's CI goal ({target_ci:.0%}, where its "
+          f"stopping rule ends a measurement).\n")
     head = ("worker A measures", "median p50 ms", "median CI of one measurement",
-            "vs alone", "within the CI")
+            "vs alone", "net", "within measured CI", "within target CI")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
+    ci_alone = statistics.median(cis["alone"])
+    control = statistics.median(dev["alone"])
     for key, name in names.items():
-        p50 = statistics.median(r[key][0] for r in rows)
-        ci = statistics.median(r[key][1] for r in rows)
-        diff = statistics.median(r[key][0] / r["first"][0] for r in rows) - 1
-        ci_first = statistics.median(r["first"][1] for r in rows)
-        within = "yes" if abs(diff) <= max(ci, ci_first) else "no"
-        print(f"| {name} | {p50:.4f} | ±{ci * 100:.2f} % | {diff * 100:+.2f} % | {within} |")
+        d = sorted(dev[key])
+        diff, ci = statistics.median(d), statistics.median(cis[key])
+        q1, q3 = d[len(d) // 4], d[(3 * len(d)) // 4]
+        net, within, within_target = "-", "-", "-"
+        if key != "alone":
+            net = f"{(diff - control) * 100:+.2f} %"
+            ok = abs(diff - control) <= (ci ** 2 + ci_alone ** 2) ** 0.5
+            within = "yes" if ok else "no"
+            within_target = "yes" if abs(diff - control) <= target_ci else "no"
+        print(f"| {name} | {statistics.median(p50s[key]):.4f} | ±{ci * 100:.2f} % | "
+              f"{diff * 100:+.2f} % [{q1 * 100:+.1f}, {q3 * 100:+.1f}] | {net} | {within} | "
+              f"{within_target} |")
 
 
 def main() -> None:
@@ -237,6 +274,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--finetune-steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=8, help="isolation rounds")
+    parser.add_argument("--isolation", default="node", choices=["node", "measurements"],
+                        help="Ray backend isolation mode in the overhead runs")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-isolation", action="store_true")
     args = parser.parse_args()
@@ -244,7 +283,7 @@ def main() -> None:
         target = Path(tmp) / "fast.yaml"
         target.write_text(FAST_TARGET)
         if not args.skip_overhead:
-            overhead(args.trials, args.finetune_steps, str(target))
+            overhead(args.trials, args.finetune_steps, str(target), args.isolation)
     if not args.skip_isolation:
         with contextlib.suppress(KeyboardInterrupt):
             isolation(args.rounds)

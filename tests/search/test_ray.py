@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -19,9 +20,9 @@ from autoprune.latency import load_target
 from autoprune.plan import PruningPlan
 from autoprune.results import load_run
 from autoprune.search import run_search
-from autoprune.search._ray import isolate_compute
+from autoprune.search._ray import NodeIsolation
 from autoprune.task import load_task
-from autoprune.trial import TrialSettings, run_trial
+from autoprune.trial import TrialSettings, measurement_lock, run_trial
 
 pytestmark = pytest.mark.ray
 
@@ -119,39 +120,76 @@ def test_local_ray_is_loopback_only_and_shut_down(ray_run):
     assert all("latency_p50_ms@fast" in r.metrics for r in result.results)
 
 
+def _measurement_would_wait(lock) -> bool:
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def test_node_isolation_holds_the_lock_while_a_trial_computes(tmp_path, fast_target):
     """isolation=node: fine-tuning and evaluation hold the measurement lock shared, so another
     trial's measurement (exclusive) waits for them, and they wait for it."""
-    lock = tmp_path / "measure.lock"
-
-    def measurement_would_wait() -> bool:
-        with open(lock, "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return False
-
+    lock = str(tmp_path / "measure.lock")
     seen = []
     task = load_task(SYNTHETIC, finetune_steps=2)
 
     def finetune_fn(model, task_, settings, teacher=None, on_eval=None):
-        seen.append(("finetune", measurement_would_wait()))
+        seen.append(("finetune", _measurement_would_wait(lock)))
 
     def evaluate_fn(model):
-        seen.append(("evaluate", measurement_would_wait()))
+        seen.append(("evaluate", _measurement_would_wait(lock)))
         return 0.5
 
     task.finetune_fn, task.evaluate_fn = finetune_fn, evaluate_fn
-    settings = TrialSettings(targets=[load_target(fast_target)], measure_lock=str(lock))
-    result = run_trial(isolate_compute(task, str(lock)), PruningPlan.uniform(0.25), settings)
+    settings = TrialSettings(targets=[load_target(fast_target)], measure_lock=lock)
+    node = NodeIsolation(lock)
+    with node.trial():
+        result = run_trial(node.wrap(task), PruningPlan.uniform(0.25), settings)
     assert result.status == "complete" and result.metrics["accuracy"] == 0.5
     assert seen == [("finetune", True), ("evaluate", True)]
-    assert not measurement_would_wait()  # released after the trial
+    assert not _measurement_would_wait(lock)  # released after the trial
     seen.clear()  # the task itself is unchanged
     assert run_trial(task, PruningPlan.uniform(0.25), settings).status == "complete"
     assert seen == [("finetune", False), ("evaluate", False)]
+
+
+def test_node_isolation_hands_the_node_to_a_measurement_mid_finetuning(tmp_path, fast_target):
+    """A neighbour waiting to measure gets the node at the next fine-tuning step, not at the
+    end of the fine-tuning; no step of the neighbour runs while it measures."""
+    lock = str(tmp_path / "measure.lock")
+    task = load_task(SYNTHETIC, finetune_steps=150)
+    steps, started = [], threading.Event()
+    real_loss = task.loss_fn
+
+    def loss_fn(outputs, targets):
+        steps.append(time.perf_counter())
+        started.set()
+        time.sleep(0.002)
+        return real_loss(outputs, targets)
+
+    task.loss_fn = loss_fn
+    settings = TrialSettings(targets=[load_target(fast_target)], measure_lock=lock)
+    neighbour = NodeIsolation(lock)
+
+    def run_neighbour():
+        with neighbour.trial():
+            run_trial(neighbour.wrap(task), PruningPlan.uniform(0.25), settings)
+
+    thread = threading.Thread(target=run_neighbour)
+    thread.start()
+    assert started.wait(60)
+    with NodeIsolation(lock).trial(), measurement_lock(lock):  # a trial measuring
+        start = time.perf_counter()
+        time.sleep(0.3)
+        end = time.perf_counter()
+    thread.join()
+    assert len(steps) == 150
+    assert not [t for t in steps if start < t < end]  # the neighbour stepped aside ...
+    assert [t for t in steps if t < start] and [t for t in steps if t > end]  # mid-way
 
 
 def _killer_task(tmp_path):
