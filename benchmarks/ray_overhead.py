@@ -1,9 +1,9 @@
 """Ray backend vs the embedded Optuna backend: trials/hour and per-trial overhead, 1 and 2
 workers, on the same short trials; then latency isolation of concurrent Ray trials.
 
-    python benchmarks/ray_overhead.py                 # both parts (~5 min on 2 cores)
-    python benchmarks/ray_overhead.py --trials 20 --finetune-steps 8
-    python benchmarks/ray_overhead.py --skip-isolation
+    python benchmarks/ray_overhead.py                 # both parts (~6 min on 2 cores)
+    python benchmarks/ray_overhead.py --skip-isolation --finetune-steps 300
+    python benchmarks/ray_overhead.py --skip-overhead --rounds 10
 
 Part 1 runs the same seeded search (synthetic task, per_layer_structured space, so every
 backend tries the same plans) with the Optuna backend, then Ray with 1 and 2 workers. Only the
@@ -11,17 +11,19 @@ backend's ``run`` is timed (task loading and the run directory are the same for 
 runs one thread per trial everywhere (the Ray workers get 1 CPU each).
 
 * trials/hour: trials / backend wall time.
-* in-trial: mean seconds inside ``run_trial`` per trial (prune + latency + fine-tune + eval).
-* overhead/trial: (wall time x workers - time inside run_trial) / trials -- worker-seconds
-  per trial spent outside the trial function (Ray start-up, worker start-up and task loading,
-  scheduling, result reporting, idle workers). "steady" leaves out ray.init/shutdown.
+* in-trial: mean seconds in the timed phases of ``run_trial`` (prune, latency, fine-tune,
+  evaluate).
+* overhead/trial: (wall time x workers - in-trial time) / trials -- worker-seconds per trial
+  spent elsewhere (the trial function's untimed work, the sampler, and for Ray: start-up,
+  worker start-up and task loading, scheduling, reporting, idle workers). "steady" leaves out
+  ray.init/shutdown.
 
-Part 2 shows that a trial's latency measurement is not disturbed by a concurrent trial on the
-same node. Two Ray workers (1 CPU each): worker A measures a probe model (resnet_1m, 32x32,
-target cpu-1t) under the node's measurement lock, either alone, or while worker B runs real
-trials (``run_trial``: pruning, fine-tuning, its own locked measurements) -- the situation of
-``--workers 2``. Phases are interleaved so machine drift hits both alike. For contrast, a third
-phase times A and B at the same moment without the lock.
+Part 2 shows whether a trial's latency measurement is disturbed by a concurrent trial on the
+same node. Two Ray workers (1 CPU each): worker A times a probe model (resnet_1m 32x32, target
+cpu-1t) as a trial would, either alone or while worker B runs real trials (``run_trial``) --
+the situation of ``--workers 2`` -- with ``isolation="node"`` (the default) and with
+``isolation="measurements"``; for contrast, A and B also time at the same moment without the
+lock. Every phase is bracketed by two measurements of A alone, so machine drift cancels.
 """
 
 from __future__ import annotations
