@@ -105,12 +105,12 @@ class _Job:
     finished: dict[int, dict[str, Any]]  # on resume: results of trials that already finished
 
 
-_WORKER_STATE: dict[tuple[str, str], tuple[Any, Any, Any]] = {}  # (task, settings, node)
+_WORKER_STATE: dict[tuple, tuple[Any, Any, Any]] = {}  # per process: (task, settings, node)
 
 
 def _worker_state(job: _Job) -> tuple[Any, Any, Any]:
     """The task and trial settings of this worker process (loaded once, reused by trials)."""
-    key = (job.task_spec, job.cache_path)
+    key = (job.task_spec, job.cache_path, job.measure_lock, job.isolation, job.threads)
     if key not in _WORKER_STATE:
         import torch
 
