@@ -34,7 +34,8 @@ def _search(args: argparse.Namespace) -> int:
         raise UsageError("--task is required (a built-in name such as digits, file.py:make_task "
                          "or package.module:make_task)")
     options = {"address": args.address, "cpus_per_trial": args.cpus_per_trial,
-               "gpus_per_trial": args.gpus_per_trial}
+               "gpus_per_trial": args.gpus_per_trial, "max_failures": args.max_failures,
+               "isolation": args.isolation}
     try:
         result = run_search(
             args.task, args.space, args.budget, targets=args.target, trials=args.trials,
@@ -191,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "start a local Ray")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="ray: CPUs per trial")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="ray: GPUs per trial")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="ray: retries of a trial whose worker process died (default: 2)")
+    p.add_argument("--isolation", choices=["node", "measurements"], default="node",
+                   help="ray: node (default) = a measurement has the node to itself; "
+                        "measurements = only measurements are serialized")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
 
     p = command("apply", _apply, "apply a plan: prune, fine-tune, export ONNX, re-measure")

@@ -133,6 +133,11 @@ def run_search(
     inspection = inspect_model(model, task_obj.example_inputs)
     bound = space_obj.bind([GroupInfo(g.name, tuple(g.producers)) for g in inspection.groups])
 
+    backend_obj = get_backend(backend)  # unknown backend: an error before anything is written
+    if backend == "ray":
+        from autoprune.search._ray import _check_ray
+
+        _check_ray()  # the install hint before a run directory is created
     run_dir.mkdir(parents=True, exist_ok=True)
     ft = task_obj.finetune
     if finetune_steps is not None:
@@ -155,7 +160,7 @@ def run_search(
         objectives=objective_objs, config=config, run_dir=run_dir, trials=trials,
         resume=resume, workers=workers, backend_options=backend_options or {},
         progress=_progress_printer(trials, config) if progress else None)
-    results = get_backend(backend).run(ctx)
+    results = backend_obj.run(ctx)
     front = write_run(run_dir, config, results)
     return SearchResult(front, results, run_dir, summarize(results, config))
 
