@@ -9,7 +9,7 @@ from typing import Any
 from autoprune.search._base import Backend, EarlyStopper, SearchContext, register_backend
 from autoprune.trial import TrialResult, run_trial
 
-__all__ = ["OptunaBackend", "make_sampler"]
+__all__ = ["OptunaBackend", "make_sampler", "tell_result"]
 
 STUDY_NAME = "autoprune"
 
@@ -96,25 +96,34 @@ class OptunaBackend(Backend):
         return result
 
     def _tell(self, study, trial, result: TrialResult, ctx: SearchContext) -> None:
-        from optuna.trial import TrialState
+        tell_result(study, trial, result, ctx.settings.budgets, ctx.settings.primary,
+                    ctx.objectives)
 
-        trial.set_user_attr("status", result.status)
-        trial.set_user_attr("reason", result.reason)
-        for budget, value in zip(ctx.settings.budgets,
-                                 result.constraints(ctx.settings.budgets, ctx.settings.primary)):
-            trial.set_constraint(budget.text, value)
-        # A few headline values for optuna-dashboard; everything is in "result" (each attribute
-        # is one SQLite transaction, so not every metric gets its own).
-        shown = (ctx.task.metric.name, ctx.objectives[1].key, "params", "macs")
-        for key in shown:
-            value = result.metrics.get(key)
-            if isinstance(value, float) and math.isfinite(value):
-                trial.set_user_attr(key, value)
+
+def tell_result(study, trial, result: TrialResult, budgets: list, primary: str,
+                objectives: list, *, keep_result: bool = True) -> None:
+    """Report a finished trial to an Optuna study: constraints, state, values, attributes.
+
+    Both backends use it (Ray's ``OptunaSearch`` keeps its own in-memory study).
+    """
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("status", result.status)
+    trial.set_user_attr("reason", result.reason)
+    for budget, value in zip(budgets, result.constraints(budgets, primary)):
+        trial.set_constraint(budget.text, value)
+    # A few headline values for optuna-dashboard; everything is in "result" (each attribute
+    # is one SQLite transaction, so not every metric gets its own).
+    for key in (*(o.key for o in objectives), "params", "macs"):
+        value = result.metrics.get(key)
+        if isinstance(value, float) and math.isfinite(value):
+            trial.set_user_attr(key, value)
+    if keep_result:
         trial.set_user_attr("result", json.dumps(result.to_dict()))
-        values: Any = result.values(ctx.objectives)
-        if result.status in ("complete", "infeasible") and values:
-            study.tell(trial, values)
-        elif result.status == "pruned" or (result.status == "infeasible" and not values):
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, state=TrialState.FAIL)
+    values: Any = result.values(objectives)
+    if result.status in ("complete", "infeasible") and values:
+        study.tell(trial, values)
+    elif result.status == "pruned" or (result.status == "infeasible" and not values):
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, state=TrialState.FAIL)

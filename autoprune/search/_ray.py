@@ -45,6 +45,7 @@ from typing import Any
 from autoprune.errors import UsageError
 from autoprune.fingerprint import architecture_signature
 from autoprune.search._base import Backend, EarlyStopper, SearchContext, register_backend
+from autoprune.search._optuna import tell_result
 from autoprune.trial import TrialResult, run_trial
 
 __all__ = ["RayBackend", "NodeIsolation", "INSTALL_HINT"]
@@ -525,22 +526,9 @@ def _ray_classes() -> dict[str, type]:
             if error or not result or RESULT_KEY not in result:
                 self._ot_study.tell(trial, state=TrialState.FAIL)
                 return
-            r = _parse(result)
-            budgets = parse_budgets(self._budget_texts)
-            trial.set_user_attr("status", r.status)
-            trial.set_user_attr("reason", r.reason)
-            for budget, value in zip(budgets, r.constraints(budgets, self._primary)):
-                trial.set_constraint(budget.text, value)
-            for key, value in r.metrics.items():
-                if isinstance(value, float) and math.isfinite(value):
-                    trial.set_user_attr(key, value)
-            values = r.values(self._objectives)
-            if r.status in ("complete", "infeasible") and values:
-                self._ot_study.tell(trial, values)
-            elif r.status == "pruned" or (r.status == "infeasible" and not values):
-                self._ot_study.tell(trial, state=TrialState.PRUNED)
-            else:
-                self._ot_study.tell(trial, state=TrialState.FAIL)
+            tell_result(self._ot_study, trial, _parse(result),
+                        parse_budgets(self._budget_texts), self._primary, self._objectives,
+                        keep_result=False)
 
     classes = {"_DriverCallback": _DriverCallback, "_Searcher": _Searcher}
     for name, cls in classes.items():
