@@ -68,6 +68,7 @@ def main() -> None:
     import autoprune.search._optuna as backend
 
     methods = {"autoprune (nsga2)": ("per_layer_structured", "nsga2"),
+               "autoprune (tpe)": ("per_layer_structured", "tpe"),
                "random search": ("per_layer_structured", "random"),
                "uniform structured": ("uniform_structured", "random")}
     rows, all_results = [], {}
@@ -83,7 +84,8 @@ def main() -> None:
         t0 = time.time()
         result = run_search("digits", space, [budget], targets=["cpu-1t"], trials=args.trials,
                             sampler=sampler, finetune_steps=args.finetune_steps,
-                            output=Path(args.out) / name.split()[0], seed=args.seed,
+                            output=Path(args.out) / name.replace(" ", "").strip("()"),
+                            seed=args.seed,
                             progress=False)
         backend.OptunaBackend._tell = original_tell
         wall = time.time() - t0
