@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import gc
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from autoprune._filelock import file_lock
 from autoprune.budget import Budget, Objective, latency_key
 from autoprune.criteria import get_criterion
 from autoprune.errors import AutopruneError, TrialFailure
@@ -88,21 +87,6 @@ class TrialResult:
                    params=d.get("params", {}), baseline=d.get("baseline"))
 
 
-@contextlib.contextmanager
-def measurement_lock(path: str | None) -> Iterator[None]:
-    """Only one process on this machine times a model at a time (timings would interfere)."""
-    if path is None:
-        yield
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _release_memory() -> None:
     """Free what the trial allocated and hand it back to the OS.
 
@@ -136,7 +120,9 @@ def _measure(task, model, plan: PruningPlan, settings: TrialSettings) -> dict[st
     if plan.quantize == "int8":
         subject = quantize_dynamic_int8(export_onnx(model, task.example_inputs).onnx_bytes)
         metrics["size_bytes"] = float(len(subject))
-    with measurement_lock(settings.measure_lock):
+    # Only one process on this machine times a model at a time (timings would interfere).
+    lock = file_lock(settings.measure_lock) if settings.measure_lock else contextlib.nullcontext()
+    with lock:
         for target in settings.targets:
             stats = measure_latency(subject, task.example_inputs, target,
                                     cache=settings.latency_cache)

@@ -8,10 +8,10 @@ import os
 import platform
 import tempfile
 import threading
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
+from autoprune._filelock import file_lock
 from autoprune.latency._measure import LatencyStats
 from autoprune.latency._target import Target
 
@@ -104,7 +104,7 @@ class LatencyCache:
 
     def _write_file(self, key: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(self.path.with_name(self.path.name + ".lock")):
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
             merged = self._read_file() if self.path.exists() else {}
             merged.update(self._entries)
             self._entries = merged
@@ -120,21 +120,6 @@ class LatencyCache:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: last writer wins, entries merge anyway
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @lru_cache(maxsize=1)

@@ -15,13 +15,16 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from autoprune._filelock import file_lock
 
 __all__ = ["cache_dir", "load_or_train", "weights_path"]
 
@@ -67,22 +70,6 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (POSIX) so parallel workers train only once."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock, training is deterministic
-        yield
-        return
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _try_load(path: Path, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The verified state dict at ``path``, or None (with a warning) if unusable."""
     sums = path.with_name(path.name + ".sha256")
@@ -126,7 +113,7 @@ def load_or_train(
     """
     path = weights_path(name, config, directory)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")):
         state = _try_load(path, build())
         if state is not None:
             return state
@@ -149,3 +136,32 @@ def load_or_train(
         )
         logger.info("trained the %s task model in %.1f s: %s", name, seconds, info)
         return state
+
+
+def trained_model_factory(
+    name: str,
+    config: dict[str, Any],
+    build: Callable[[], nn.Module],
+    train_: Callable[[nn.Module], Any],
+    *,
+    seed: int = 0,
+    directory: str | os.PathLike | None = None,
+) -> Callable[[], nn.Module]:
+    """A task's ``build_model``: fresh copies of the trained model, in eval mode.
+
+    The weights are loaded (or trained) by :func:`load_or_train` on first use, then kept in
+    memory for every later copy.
+    """
+    state: dict[str, torch.Tensor] = {}
+    lock = threading.Lock()
+
+    def build_model() -> nn.Module:
+        with lock:
+            if not state:
+                state.update(load_or_train(name, config, build, train_, seed=seed,
+                                           directory=directory))
+        model = build()
+        model.load_state_dict(state)
+        return model.eval()
+
+    return build_model

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from typing import Any
 
 import torch
@@ -135,25 +134,10 @@ def make_task(
         "seed": seed,
         "version": _TRAIN_VERSION,
     }
-    state: dict[str, torch.Tensor] = {}
-    lock = threading.Lock()
-
-    def build_model() -> nn.Module:
-        with lock:  # weights are loaded (or trained) on first use, then kept in memory
-            if not state:
-                state.update(
-                    _cache.load_or_train(
-                        "digits",
-                        config,
-                        fresh,
-                        lambda m: _train_(m, data, epochs=epochs, seed=seed, batch_size=64),
-                        seed=seed,
-                        directory=cache_dir,
-                    )
-                )
-        model = fresh()
-        model.load_state_dict(state)
-        return model.eval()
+    build_model = _cache.trained_model_factory(
+        "digits", config, fresh,
+        lambda m: _train_(m, data, epochs=epochs, seed=seed, batch_size=64),
+        seed=seed, directory=cache_dir)
 
     return Task(
         name="digits",

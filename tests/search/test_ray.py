@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from autoprune._filelock import file_lock
 from autoprune.cli import main
 from autoprune.errors import UsageError
 from autoprune.latency import load_target
@@ -22,7 +23,7 @@ from autoprune.results import load_run
 from autoprune.search import run_search
 from autoprune.search._ray import NodeIsolation
 from autoprune.task import load_task
-from autoprune.trial import TrialSettings, measurement_lock, run_trial
+from autoprune.trial import TrialSettings, run_trial
 
 pytestmark = pytest.mark.ray
 
@@ -182,7 +183,7 @@ def test_node_isolation_hands_the_node_to_a_measurement_mid_finetuning(tmp_path,
     thread = threading.Thread(target=run_neighbour)
     thread.start()
     assert started.wait(60)
-    with NodeIsolation(lock).trial(), measurement_lock(lock):  # a trial measuring
+    with NodeIsolation(lock).trial(), file_lock(lock):  # a trial measuring
         start = time.perf_counter()
         time.sleep(0.3)
         end = time.perf_counter()
