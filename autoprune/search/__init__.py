@@ -133,11 +133,8 @@ def run_search(
     inspection = inspect_model(model, task_obj.example_inputs)
     bound = space_obj.bind([GroupInfo(g.name, tuple(g.producers)) for g in inspection.groups])
 
-    backend_obj = get_backend(backend)  # unknown backend: an error before anything is written
-    if backend == "ray":
-        from autoprune.search._ray import _check_ray
-
-        _check_ray()  # the install hint before a run directory is created
+    backend_obj = get_backend(backend)
+    backend_obj.check()  # e.g. Ray's install hint, before a run directory is written
     run_dir.mkdir(parents=True, exist_ok=True)
     ft = task_obj.finetune
     if finetune_steps is not None:

@@ -54,6 +54,10 @@ class Backend(abc.ABC):
 
     name: str = ""
 
+    def check(self) -> None:
+        """Raise a UsageError if the backend cannot run here (called before any output)."""
+        return None
+
     @abc.abstractmethod
     def run(self, ctx: SearchContext) -> list[TrialResult]:
         """Run (or resume) the search; return every finished trial, earlier ones included."""

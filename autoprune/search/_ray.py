@@ -645,6 +645,9 @@ class RayBackend(Backend):
 
     name = "ray"
 
+    def check(self) -> None:
+        _check_ray()
+
     def run(self, ctx: SearchContext) -> list[TrialResult]:
         global _ACTIVE
 
