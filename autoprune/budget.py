@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from autoprune.errors import BudgetError
 
 __all__ = ["Budget", "Objective", "parse_budget", "parse_budgets", "parse_objectives",
-           "latency_key", "STATISTICS", "COST_METRICS"]
+           "latency_key", "latency_metrics", "STATISTICS", "COST_METRICS"]
 
 STATISTICS = ("p50", "p90", "mean")
 COST_METRICS = ("latency", "params", "flops", "macs", "size")  # known before fine-tuning
@@ -81,6 +82,11 @@ class Budget:
 def latency_key(target: str, statistic: str = "p50") -> str:
     """Metrics key of a latency value, e.g. ``latency_p50_ms@cpu-1t``."""
     return f"latency_{statistic}_ms@{target}"
+
+
+def latency_metrics(target: str, stats: Any) -> dict[str, float]:
+    """Metrics of one latency measurement (``LatencyStats``): every statistic a budget names."""
+    return {latency_key(target, s): stats.value(s) for s in STATISTICS}
 
 
 def parse_budget(text: str) -> Budget:

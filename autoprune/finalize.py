@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autoprune.budget import latency_key
+from autoprune.budget import latency_key, latency_metrics
 from autoprune.plan import PruningPlan
 
 __all__ = ["finalize_plan"]
@@ -67,8 +67,7 @@ def finalize_plan(
         subject = onnx_bytes if plan.quantize == "int8" else pruned
         pruned_lat = measure_latency(subject, task.example_inputs, target)
         dense_lat = measure_latency(model, task.example_inputs, target)
-        for stat in ("p50", "p90"):
-            metrics[latency_key(target.name, stat)] = pruned_lat.value(stat)
+        metrics.update(latency_metrics(target.name, pruned_lat))
         metrics[f"dense_{latency_key(target.name)}"] = dense_lat.p50_ms
         metrics[f"speedup@{target.name}"] = dense_lat.p50_ms / pruned_lat.p50_ms
     metrics["seconds"] = time.time() - started

@@ -22,7 +22,7 @@ from autoprune.budget import Budget, Objective, latency_key, parse_budgets
 from autoprune.trial import TrialResult
 
 __all__ = ["RunConfig", "pareto_front", "write_run", "load_run", "summarize",
-           "recommend", "target_budgets", "target_front"]
+           "recommend", "target_budgets", "target_front", "front_plans"]
 
 
 @dataclass
@@ -137,6 +137,21 @@ def _baseline_gain(results: list[TrialResult], config: RunConfig, best: TrialRes
             f"({ref.baseline}: {ref.metrics[config.metric]:.4f} at {ref.metrics[lat]:.3f} ms)")
 
 
+def front_plans(results: list[TrialResult], config: RunConfig,
+                target: str | None = None) -> dict[int | None, TrialResult]:
+    """The plans a run ships in ``pareto/``, by trial number: the front over every objective
+    and each target's metric/latency front (``target``: only that target's)."""
+    keep: dict[int | None, TrialResult] = {}
+    if target in (None, config.primary):
+        front = pareto_front(results, config.parsed_objectives(), config.parsed_budgets(),
+                             config.primary)
+        keep.update({r.number: r for r in front})
+    for name in config.target_names:
+        if target in (None, name):
+            keep.update({r.number: r for r in target_front(results, config, name)})
+    return keep
+
+
 def _plan_file(result: TrialResult, config: RunConfig) -> dict[str, Any]:
     return {"trial": result.number, "status": result.status, "baseline": result.baseline,
             "task": config.task, "targets": config.targets, "metrics": result.metrics,
@@ -171,10 +186,7 @@ def write_run(run_dir: Path, config: RunConfig, results: list[TrialResult]) -> l
         old.unlink()
     front = pareto_front(results, config.parsed_objectives(), config.parsed_budgets(),
                          config.primary)
-    keep = {r.number: r for r in front}
-    for target in config.target_names[1:]:  # every target's front ships its plans too
-        keep.update({r.number: r for r in target_front(results, config, target)})
-    for r in keep.values():
+    for r in front_plans(results, config).values():
         (pareto_dir / f"trial_{r.number}.json").write_text(
             json.dumps(_plan_file(r, config), indent=2))
     (run_dir / "summary.md").write_text(summarize(results, config))

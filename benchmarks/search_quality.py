@@ -5,7 +5,8 @@ target (cpu-1t). Prints, side by side: the best accuracy under two latency budge
 hypervolume of the accuracy/latency front; then the per-trial time breakdown (prune, latency,
 fine-tune, evaluate, bookkeeping) and the process's memory from trial 10 to the last trial.
 
-Usage: python benchmarks/search_quality.py [--trials 40] [--finetune-steps 60] [--out DIR]
+Usage: python benchmarks/search_quality.py [--trials 40] [--finetune-steps 40] [--out DIR]
+       [--methods nsga2,tpe,random,uniform]
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def best_under(results: list[TrialResult], limit_ms: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--finetune-steps", type=int, default=40, help="as in `make search`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench_search_quality")
+    p.add_argument("--methods", default="nsga2,tpe,random,uniform",
+                   help="comma-separated subset of nsga2, tpe, random, uniform")
     args = p.parse_args()
 
     from autoprune.latency import measure_latency
@@ -67,10 +70,11 @@ def main() -> None:
 
     import autoprune.search._optuna as backend
 
-    methods = {"autoprune (nsga2)": ("per_layer_structured", "nsga2"),
-               "autoprune (tpe)": ("per_layer_structured", "tpe"),
-               "random search": ("per_layer_structured", "random"),
-               "uniform structured": ("uniform_structured", "random")}
+    choices = {"nsga2": ("autoprune (nsga2)", "per_layer_structured", "nsga2"),
+               "tpe": ("autoprune (tpe)", "per_layer_structured", "tpe"),
+               "random": ("random search", "per_layer_structured", "random"),
+               "uniform": ("uniform structured", "uniform_structured", "random")}
+    methods = {choices[m][0]: choices[m][1:] for m in args.methods.split(",")}
     rows, all_results = [], {}
     for name, (space, sampler) in methods.items():
         stamps: list[tuple[float, float]] = []
@@ -89,19 +93,21 @@ def main() -> None:
                             progress=False)
         backend.OptunaBackend._tell = original_tell
         wall = time.time() - t0
+        finished = time.time() - (stamps[-1][0] if stamps else t0)
         res = result.results
         points = [(r.metrics["accuracy"], r.metrics[LAT]) for r in res
                   if r.status == "complete" and LAT in r.metrics]
         rows.append((name, best_under(res, loose), best_under(res, tight),
                      hypervolume(points, dense_ms * 1.05), wall / 60))
-        all_results[name] = (res, stamps, t0)
+        all_results[name] = (res, stamps, t0, finished)
 
     print(f"{'method':<20} {'best acc <' + f'{loose:.2f}ms':>16} "
           f"{'best acc <' + f'{tight:.2f}ms':>16} {'hypervolume':>12} {'minutes':>8}")
     for name, a, b, hv, minutes in rows:
         print(f"{name:<20} {a:>16.4f} {b:>16.4f} {hv:>12.4f} {minutes:>8.1f}")
 
-    res, stamps, t0 = all_results["autoprune (nsga2)"]
+    first = next(iter(all_results))
+    res, stamps, t0, finished = all_results[first]
     feasible = [r for r in res if r.status == "complete"]
     infeasible = [r for r in res if r.status == "infeasible"]
     ends = [t0] + [t for t, _ in stamps]
@@ -111,7 +117,7 @@ def main() -> None:
     def phase(trials: list[TrialResult], key: str) -> float:
         return statistics.mean(r.timings.get(key, 0.0) for r in trials) if trials else 0.0
 
-    print("\nper-trial time, autoprune run (seconds, mean):")
+    print(f"\nper-trial time, {first} run (seconds, mean):")
     print(f"{'':<12} {'prune':>7} {'latency':>8} {'finetune':>9} {'evaluate':>9} "
           f"{'bookkeep':>9} {'total':>7} {'n':>4}")
     for label, group in (("feasible", feasible), ("infeasible", infeasible)):
@@ -131,6 +137,8 @@ def main() -> None:
             i_total = statistics.mean(walls.get(r.number, 0.0) for r in infeasible)
             print(f"infeasible trial: {100 * i_total / f_total:.1f} % of a feasible trial "
                   f"(target <= 5 %)")
+    print(f"after the last trial (full re-measurement of the fronts, run directory): "
+          f"{finished:.1f} s, {finished / len(res):.2f} s per trial")
     if len(stamps) >= 10:
         print(f"RSS after trial 10: {stamps[9][1]:.0f} MB, after trial {len(stamps)}: "
               f"{stamps[-1][1]:.0f} MB (target: flat)")

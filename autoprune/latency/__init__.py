@@ -33,6 +33,7 @@ from autoprune.latency._measure import (
     create_session,
     measure_latency,
     measure_onnx,
+    median_ci,
     median_ci_rel,
     prepare_inputs,
     summarize,
@@ -68,6 +69,7 @@ __all__ = [
     "time_session",
     "prepare_inputs",
     "summarize",
+    "median_ci",
     "median_ci_rel",
     "LatencyCache",
     # comparison (CLI `bench`)

@@ -8,6 +8,7 @@ import os
 import platform
 import tempfile
 import threading
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,7 +54,10 @@ class LatencyCache:
 
     @staticmethod
     def key(
-        architecture: str, target: Target, input_shapes: tuple[tuple[int, ...], ...]
+        architecture: str,
+        target: Target,
+        input_shapes: tuple[tuple[int, ...], ...],
+        screened: bool = False,
     ) -> str:
         """The cache key of a measurement.
 
@@ -63,21 +67,25 @@ class LatencyCache:
                 machine's CPU and ONNX Runtime version for local targets, the address for
                 remote ones) are part of the key.
             input_shapes: the shapes actually measured.
+            screened: a quick screening measurement, kept apart from full-protocol ones.
         """
         shapes = ";".join("x".join(str(d) for d in s) for s in input_shapes)
         device = f"remote={target.remote}" if target.is_remote else _local_device()
-        return f"{architecture}|{shapes}|{target.key()}|{device}"
+        protocol = "|screen" if screened else ""
+        return f"{architecture}|{shapes}|{target.key()}|{device}{protocol}"
 
-    def get(self, key: str) -> LatencyStats | None:
-        """The cached stats (``cached=True``), counting a hit or a miss."""
+    def get(self, *keys: str) -> LatencyStats | None:
+        """The stats under the first of ``keys`` present (``cached=True``), counting one hit
+        or one miss."""
         with self._lock:
-            data = self._entries.get(key)
-            if data is None:
+            key = next((k for k in keys if k in self._entries), None)
+            if key is None:
                 self.misses += 1
                 return None
             self.hits += 1
+            data = self._entries[key]
         stats = LatencyStats.from_dict(data)
-        return LatencyStats(**{**stats.to_dict(), "cached": True})
+        return replace(stats, cached=True, screened=key.endswith("|screen"))
 
     def put(self, key: str, stats: LatencyStats) -> None:
         """Store a measurement (and merge it into the file, if any)."""

@@ -49,11 +49,16 @@ class RemoteTarget:
         return self._request("GET", "/info")
 
     def measure(
-        self, onnx_model: bytes, arrays: Sequence[np.ndarray], target: Target
+        self,
+        onnx_model: bytes,
+        arrays: Sequence[np.ndarray],
+        target: Target,
+        limit_ms: float | None = None,
     ) -> LatencyStats:
         """Measure ``onnx_model`` on the server with ``target``'s settings.
 
         Only input shapes and dtypes travel; the server times random inputs of those shapes.
+        ``limit_ms``: a latency budget the timing must decide (see ``time_session``).
 
         Raises:
             TargetError: unreachable server, bad token, model over the size cap.
@@ -67,6 +72,8 @@ class RemoteTarget:
             "inputs": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in arrays],
             "target": settings,
         }
+        if limit_ms is not None:
+            request["limit_ms"] = limit_ms
         answer = self._request(
             "POST",
             "/measure",
@@ -141,7 +148,10 @@ class RemoteTarget:
 
 
 def measure_remote(
-    onnx_model: bytes, arrays: Sequence[np.ndarray], target: Target
+    onnx_model: bytes,
+    arrays: Sequence[np.ndarray],
+    target: Target,
+    limit_ms: float | None = None,
 ) -> LatencyStats:
     """Measure on the server a ``remote://host:port`` target names."""
-    return RemoteTarget.from_target(target).measure(onnx_model, arrays, target)
+    return RemoteTarget.from_target(target).measure(onnx_model, arrays, target, limit_ms)

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "measure_latency",
     "measure_onnx",
     "summarize",
+    "median_ci",
     "median_ci_rel",
     "prepare_inputs",
     "create_session",
@@ -60,23 +61,24 @@ class LatencyStats:
     ci_rel: float  # 95 % CI half-width of the median, relative to the median
     min_ms: float  # fastest run
     cached: bool = field(default=False, compare=False)  # True when served from a LatencyCache
+    screened: bool = field(default=False, compare=False)  # quick screening protocol, not full
 
     def value(self, statistic: str = "p50") -> float:
-        """The statistic a budget compares against: ``"p50"`` or ``"p90"`` (milliseconds)."""
-        if statistic == "p50":
-            return self.p50_ms
-        if statistic == "p90":
-            return self.p90_ms
-        raise TargetError(f"unknown latency statistic {statistic!r}; use p50 or p90")
+        """The statistic a budget compares against: ``"p50"``, ``"p90"`` or ``"mean"`` (ms)."""
+        values = {"p50": self.p50_ms, "p90": self.p90_ms, "mean": self.mean_ms}
+        if statistic not in values:
+            raise TargetError(f"unknown latency statistic {statistic!r}; use p50, p90 or mean")
+        return values[statistic]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("cached")
+        data.pop("screened")
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyStats:
-        known = {f.name for f in fields(cls)} - {"cached"}
+        known = {f.name for f in fields(cls)} - {"cached", "screened"}
         missing = known - set(data)
         if missing:
             raise ValueError(f"latency stats miss field(s) {', '.join(sorted(missing))}")
@@ -85,17 +87,23 @@ class LatencyStats:
         )
 
 
-def median_ci_rel(samples: Sequence[float]) -> float:
-    """Distribution-free 95 % CI half-width of the median (order statistics), over the median."""
+def median_ci(samples: Sequence[float]) -> tuple[float, float]:
+    """Distribution-free 95 % CI of the median (order statistics): (low, high)."""
     n = len(samples)
     if n < 3:
-        return math.inf
+        return -math.inf, math.inf
     xs = sorted(samples)
     half = _Z95 * math.sqrt(n) / 2
     lo = max(0, math.floor(n / 2 - half) - 1)
     hi = min(n - 1, math.ceil(n / 2 + half))
-    median = float(np.median(xs))
-    return (xs[hi] - xs[lo]) / 2 / median if median > 0 else math.inf
+    return xs[lo], xs[hi]
+
+
+def median_ci_rel(samples: Sequence[float]) -> float:
+    """Half-width of the median's 95 % CI (:func:`median_ci`), relative to the median."""
+    low, high = median_ci(samples)
+    median = float(np.median(samples)) if len(samples) else 0.0
+    return (high - low) / 2 / median if median > 0 and math.isfinite(high) else math.inf
 
 
 def summarize(samples_ms: Sequence[float]) -> LatencyStats:
@@ -232,11 +240,18 @@ def _pinned(target: Target) -> Iterator[None]:
 
 
 def time_session(
-    session: ort.InferenceSession, arrays: Sequence[np.ndarray], target: Target
+    session: ort.InferenceSession,
+    arrays: Sequence[np.ndarray],
+    target: Target,
+    limit_ms: float | None = None,
 ) -> list[float]:
     """Warm up, then time runs (ms) until the median's relative CI < ``target.target_ci``.
 
     Stops early at ``max_runs`` or after ``max_seconds`` (but never before ``min_runs``).
+    ``limit_ms`` is a latency budget the measurement must decide: timing stops as soon as the
+    median's CI lies wholly above it (more runs would not change the verdict), and while the
+    CI still holds it, timing goes on until the CI is three times narrower than
+    ``target_ci`` (a screening protocol then reaches the full protocol's precision).
     Inputs and outputs are bound once (IOBinding) so Python overhead stays out of the timings.
     """
     feeds = _feeds(session, arrays)
@@ -275,28 +290,42 @@ def time_session(
                 n = len(samples)
                 if n >= target.max_runs:
                     break
-                if n >= target.min_runs:
-                    now = time.perf_counter()
-                    if now > deadline:
-                        break
-                    if (
-                        now >= min_end
-                        and n % 5 == 0
-                        and median_ci_rel(samples) < target.target_ci
-                    ):
-                        break
+                if n < target.min_runs or n % 5:
+                    continue
+                now = time.perf_counter()
+                if now > deadline:
+                    break
+                if _stop(samples, target, limit_ms, now >= min_end):
+                    break
     finally:
         if gc_enabled:
             gc.enable()
     return samples
 
 
+def _stop(samples: list[float], target: Target, limit_ms: float | None, long_enough: bool
+          ) -> bool:
+    """The stopping rule of :func:`time_session`, checked every 5 runs after ``min_runs``."""
+    low, high = median_ci(samples)
+    if limit_ms is not None and low > limit_ms:
+        return True
+    if not long_enough:
+        return False
+    wanted = target.target_ci
+    if limit_ms is not None and low <= limit_ms <= high:
+        wanted /= 3
+    return median_ci_rel(samples) < wanted
+
+
 def measure_onnx(
-    onnx_model: bytes, arrays: Sequence[np.ndarray], target: Target
+    onnx_model: bytes,
+    arrays: Sequence[np.ndarray],
+    target: Target,
+    limit_ms: float | None = None,
 ) -> tuple[LatencyStats, list[float]]:
     """Measure an ONNX model locally in a fresh session: the stats and the raw samples (ms)."""
     session = create_session(onnx_model, target)
-    samples = time_session(session, arrays, target)
+    samples = time_session(session, arrays, target, limit_ms)
     del session
     return summarize(samples), samples
 
@@ -326,6 +355,9 @@ def measure_latency(
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
     target: Target | str = "cpu-1t",
     cache: LatencyCache | None = None,
+    *,
+    screen: bool = False,
+    limit_ms: float | None = None,
 ) -> LatencyStats:
     """Measure the latency of a (pruned) model on a target.
 
@@ -340,15 +372,21 @@ def measure_latency(
             target's ``batch_size`` / ``input_shapes``).
         target: a :class:`Target` or a spec for :func:`load_target`.
         cache: optional :class:`LatencyCache`.
+        screen: time with the target's quick screening protocol (:meth:`Target.screening`)
+            instead of the full one; a cached full measurement is still preferred.
+        limit_ms: a latency budget (ms) the measurement must decide (see
+            :func:`time_session`); the result counts as a screening measurement.
 
     Returns:
-        :class:`LatencyStats` (``cached=True`` when it came from the cache).
+        :class:`LatencyStats` (``cached=True`` when it came from the cache, ``screened=True``
+        when it is a screening measurement).
 
     Raises:
         ExportError: the model does not export, or ORT disagrees with PyTorch.
         TargetError: bad target, or the remote server refused the request.
     """
     target = load_target(target) if not isinstance(target, Target) else target
+    screen = screen or limit_ms is not None
     inputs = prepare_inputs(example_inputs, target)
     shapes = input_shapes(inputs)
     if isinstance(model_or_onnx, nn.Module):
@@ -361,26 +399,32 @@ def measure_latency(
         onnx_model = _onnx_bytes(model_or_onnx)
         arch = "onnx:" + onnx_digest(onnx_model)
 
-    key = cache.key(arch, target, shapes) if cache is not None else None
     if cache is not None:
-        hit = cache.get(key)
+        full_key = cache.key(arch, target, shapes)
+        screen_key = cache.key(arch, target, shapes, screened=True)
+        hit = cache.get(full_key, screen_key) if screen else cache.get(full_key)
         if hit is not None:
             return hit
 
     if onnx_model is None:
         onnx_model = export_onnx(model, inputs, opset=DEFAULT_OPSET).onnx_bytes
     arrays = [t.numpy() for t in inputs]
-    stats = _measure_onnx_on_target(onnx_model, arrays, target)
+    protocol = target.screening() if screen else target
+    stats = _measure_onnx_on_target(onnx_model, arrays, protocol, limit_ms)
+    stats = replace(stats, screened=screen)
     if cache is not None:
-        cache.put(key, stats)
+        cache.put(screen_key if screen else full_key, stats)
     return stats
 
 
 def _measure_onnx_on_target(
-    onnx_model: bytes, arrays: Sequence[np.ndarray], target: Target
+    onnx_model: bytes,
+    arrays: Sequence[np.ndarray],
+    target: Target,
+    limit_ms: float | None = None,
 ) -> LatencyStats:
     if target.is_remote:
         from autoprune.latency._client import measure_remote
 
-        return measure_remote(onnx_model, arrays, target)
-    return measure_onnx(onnx_model, arrays, target)[0]
+        return measure_remote(onnx_model, arrays, target, limit_ms)
+    return measure_onnx(onnx_model, arrays, target, limit_ms)[0]

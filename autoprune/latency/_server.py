@@ -7,7 +7,8 @@ Protocol (HTTP/1.1, JSON answers):
   the model size cap.
 - ``POST /measure`` (token): body = the ONNX model bytes; header ``X-Autoprune-Request`` =
   JSON ``{"version": 1, "inputs": [{"shape": [1, 3, 32, 32], "dtype": "float32"}],
-  "target": {...Target fields...}}``. Answers ``{"stats": {...LatencyStats...}}``.
+  "target": {...Target fields...}}`` and optionally ``"limit_ms": 1.5`` (a latency budget
+  the timing must decide, see ``time_session``). Answers ``{"stats": {...LatencyStats...}}``.
 
 Every request needs ``Authorization: Bearer TOKEN`` except ``/health``. Errors answer
 ``{"error": "..."}`` with 400 (malformed request or model), 401 (missing or bad token),
@@ -293,20 +294,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise _RequestError(HTTPStatus.BAD_REQUEST, "body shorter than Content-Length")
 
-        target, arrays = meta
+        target, arrays, limit_ms = meta
         if not state.measure_lock.acquire(timeout=state.queue_timeout):
             raise _RequestError(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 f"busy: another measurement ran for more than {state.queue_timeout:.0f} s",
             )
         try:
-            stats = self._measure(body, arrays, target)
+            stats = self._measure(body, arrays, target, limit_ms)
             state.measurements += 1
         finally:
             state.measure_lock.release()
         self._send_json(HTTPStatus.OK, {"stats": stats.to_dict(), "target": target.key()})
 
-    def _parse_request_header(self) -> tuple[Any, list[np.ndarray]]:
+    def _parse_request_header(self) -> tuple[Any, list[np.ndarray], float | None]:
         from autoprune.latency._target import Target
 
         raw = self.headers.get(REQUEST_HEADER)
@@ -349,7 +350,18 @@ class _Handler(BaseHTTPRequestHandler):
             min_seconds=min(target.min_seconds, cap),
             warmup_seconds=min(target.warmup_seconds, cap),
         )
-        return target, self._parse_inputs(meta.get("inputs"))
+        limit_ms = meta.get("limit_ms")
+        if limit_ms is not None and (
+            isinstance(limit_ms, bool)
+            or not isinstance(limit_ms, (int, float))
+            or not 0 < limit_ms < float("inf")
+        ):
+            raise _RequestError(
+                HTTPStatus.BAD_REQUEST,
+                f"'limit_ms' must be a positive number of milliseconds, got "
+                f"{limit_ms!r}",
+            )
+        return target, self._parse_inputs(meta.get("inputs")), limit_ms
 
     @staticmethod
     def _parse_inputs(inputs: Any) -> list[np.ndarray]:
@@ -386,11 +398,13 @@ class _Handler(BaseHTTPRequestHandler):
         return arrays
 
     @staticmethod
-    def _measure(onnx_model: bytes, arrays: list[np.ndarray], target: Any) -> Any:
+    def _measure(
+        onnx_model: bytes, arrays: list[np.ndarray], target: Any, limit_ms: float | None
+    ) -> Any:
         from autoprune.latency._measure import measure_onnx
 
         try:
-            return measure_onnx(onnx_model, arrays, target)[0]
+            return measure_onnx(onnx_model, arrays, target, limit_ms)[0]
         except TargetError as exc:
             raise _RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         except Exception as exc:  # ORT rejects the model or the inputs

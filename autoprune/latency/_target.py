@@ -162,6 +162,24 @@ class Target:
     def is_remote(self) -> bool:
         return self.remote is not None
 
+    def screening(self) -> Target:
+        """The quick protocol a search screens plans with; never slower than this one.
+
+        At most 10 warm-up runs or 20 ms, then at least 20 timed runs over 50 ms, stopping at
+        a 3 % CI of the median (about 0.1 s for a sub-millisecond model, against >= 1.25 s
+        for the full ``cpu-1t`` protocol). A search re-measures its front with the full
+        protocol; ``benchmarks/latency_fidelity.py`` prints how close the two are.
+        """
+        return dataclasses.replace(
+            self,
+            warmup_runs=min(self.warmup_runs, 10),
+            warmup_seconds=min(self.warmup_seconds, 0.02),
+            min_runs=min(self.min_runs, 20),
+            min_seconds=min(self.min_seconds, 0.05),
+            max_seconds=min(self.max_seconds, 2.0),
+            target_ci=max(self.target_ci, 0.03),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON/YAML-ready), including ``version``; the token file is left out."""
         data: dict[str, Any] = {"version": TARGET_FORMAT_VERSION}

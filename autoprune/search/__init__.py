@@ -140,7 +140,7 @@ def run_search(
     if finetune_steps is not None:
         ft = ft.replace(steps=finetune_steps)
     if not ft.eval_every and ft.steps >= 3:
-        ft = ft.replace(eval_every=max(1, ft.steps // 3))  # feeds early stopping
+        ft = ft.replace(eval_every=report_every(ft.steps))  # feeds early stopping
     config = RunConfig(
         task=task_spec, space=_space_dict(space_obj), budgets=[b.text for b in budget_objs],
         targets=[{"name": t.name, "spec": s, **t.to_dict()}
@@ -158,8 +158,18 @@ def run_search(
         resume=resume, workers=workers, backend_options=backend_options or {},
         progress=_progress_printer(trials, config) if progress else None)
     results = backend_obj.run(ctx)
+    backend_obj.confirm(ctx, results)
     front = write_run(run_dir, config, results)
     return SearchResult(front, results, run_dir, summarize(results, config))
+
+
+def report_every(steps: int) -> int:
+    """Fine-tuning steps between early-stopping reports: about 1/3 and 2/3 of ``steps``, never
+    the last step (the trial's final evaluation comes right after it)."""
+    every = -(-steps // 3)
+    while steps % every == 0:
+        every += 1
+    return every
 
 
 def _space_dict(space: SearchSpace) -> dict[str, Any]:

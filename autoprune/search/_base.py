@@ -62,6 +62,15 @@ class Backend(abc.ABC):
     def run(self, ctx: SearchContext) -> list[TrialResult]:
         """Run (or resume) the search; return every finished trial, earlier ones included."""
 
+    def confirm(self, ctx: SearchContext, results: list[TrialResult]) -> None:
+        """Re-measure the fronts' screened latencies with the full protocol, in place.
+
+        Here, on this machine (the one the trials were measured on)."""
+        from autoprune.search._confirm import confirm_fronts
+
+        confirm_fronts(ctx.task, results, ctx.config, ctx.settings,
+                       say=None if ctx.progress else lambda _: None)
+
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}
 

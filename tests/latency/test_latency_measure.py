@@ -15,12 +15,15 @@ from autoprune.latency import (
     compare_latency,
     export_onnx,
     format_latency_table,
+    load_target,
     measure_interleaved,
     measure_latency,
+    median_ci,
     median_ci_rel,
     prepare_inputs,
     summarize,
 )
+from autoprune.latency._measure import _stop
 from autoprune.plan import PruningPlan
 from autoprune.prune import apply_plan
 from autoprune.testing import create_test_model
@@ -32,9 +35,9 @@ def count_measurements(monkeypatch):
     calls = []
     real = measure_module.measure_onnx
 
-    def counting(onnx_model, arrays, target):
+    def counting(onnx_model, arrays, target, limit_ms=None):
         calls.append([a.shape for a in arrays])
-        return real(onnx_model, arrays, target)
+        return real(onnx_model, arrays, target, limit_ms)
 
     monkeypatch.setattr(measure_module, "measure_onnx", counting)
     return calls
@@ -48,7 +51,9 @@ def test_summarize_and_median_ci():
     assert stats.cv == pytest.approx(math.sqrt(12.5) / 4.0)
     assert stats.p90_ms == pytest.approx(7.6)
     assert stats.value("p50") == 3.0 and stats.value("p90") == stats.p90_ms
-    with pytest.raises(TargetError, match="p50 or p90"):
+    assert stats.value("mean") == 4.0
+    assert median_ci([1.0, 2.0, 3.0, 4.0, 10.0]) == (1.0, 10.0)
+    with pytest.raises(TargetError, match="p50, p90 or mean"):
         stats.value("p99")
     assert median_ci_rel([5.0] * 100) == 0.0
     assert median_ci_rel([1.0, 2.0]) == math.inf
@@ -76,6 +81,56 @@ def test_stopping_rule_caps_runs(fast_target):
     # a generous CI target stops right after min_runs (checked every 5 runs)
     loose = dataclasses.replace(fast_target, min_runs=10, max_runs=1000, target_ci=0.9)
     assert 10 <= measure_latency(model, model.example_inputs(), loose).runs <= 15  # noisy CPU
+
+
+def test_limit_ends_timing_once_the_budget_is_surely_broken(fast_target):
+    model = create_test_model("resnet_tiny")
+    slow = dataclasses.replace(fast_target, min_runs=10, max_runs=2000, max_seconds=5,
+                               min_seconds=1.0, target_ci=0.0001)
+    # a 1 ns budget is broken after the first CI check (min_runs, then every 5 runs)
+    broken = measure_latency(model, model.example_inputs(), slow, limit_ms=1e-6)
+    assert broken.runs == 10 and broken.screened
+
+
+def test_stopping_rule_with_a_budget_to_decide(fast_target):
+    # 1.00 .. 1.99: the median's 95 % CI is [xs[39], xs[60]] = [1.39, 1.60], +-7.0 %
+    xs = [1.0 + 0.01 * i for i in range(100)]
+    loose = dataclasses.replace(fast_target, target_ci=0.1)
+    assert median_ci(xs) == pytest.approx((1.39, 1.6))
+    assert _stop(xs, loose, None, long_enough=True)
+    assert not _stop(xs, loose, None, long_enough=False)  # min_seconds not reached yet
+    assert _stop(xs, loose, 1.2, long_enough=False)  # surely above 1.2 ms: stop at once
+    assert _stop(xs, loose, 1.8, long_enough=True)  # surely below: the usual rule
+    # 1.5 ms is inside the CI: go on until the CI is 3x narrower than target_ci
+    assert not _stop(xs, loose, 1.5, long_enough=True)
+    assert _stop(xs, dataclasses.replace(loose, target_ci=0.25), 1.5, long_enough=True)
+
+
+def test_screening_protocol_is_short_and_never_slower():
+    screen = load_target("cpu-1t").screening()
+    assert (screen.warmup_runs, screen.warmup_seconds, screen.min_runs, screen.min_seconds,
+            screen.max_seconds, screen.target_ci) == (10, 0.02, 20, 0.05, 2.0, 0.03)
+    assert screen.key() == load_target("cpu-1t").key()  # same device and runtime settings
+    quick = dataclasses.replace(load_target("cpu-1t"), warmup_runs=2, warmup_seconds=0.0,
+                                min_runs=5, min_seconds=0.0, max_seconds=0.5, target_ci=0.1)
+    assert quick.screening() == quick
+
+
+def test_screened_and_full_measurements_are_cached_apart(fast_target, count_measurements):
+    model = create_test_model("resnet_tiny")
+    inputs = model.example_inputs()
+    cache = LatencyCache()
+    screened = measure_latency(model, inputs, fast_target, cache=cache, screen=True)
+    assert screened.screened and not screened.cached
+    again = measure_latency(model, inputs, fast_target, cache=cache, screen=True)
+    assert again.cached and again.screened and len(count_measurements) == 1
+    # a full measurement is not answered by a screening one ...
+    full = measure_latency(model, inputs, fast_target, cache=cache)
+    assert not full.screened and not full.cached and len(count_measurements) == 2
+    # ... but a screening request prefers the full one
+    preferred = measure_latency(model, inputs, fast_target, cache=cache, screen=True)
+    assert preferred.cached and not preferred.screened and preferred.p50_ms == full.p50_ms
+    assert len(cache) == 2 and len(count_measurements) == 2
 
 
 def test_measure_onnx_bytes_and_path(fast_target, tmp_path):

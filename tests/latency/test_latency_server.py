@@ -105,6 +105,14 @@ def test_remote_measurement_through_measure_latency(server, fast_target, monkeyp
     assert again.cached and server.measurements == before + 1
 
 
+def test_remote_measurement_stops_above_the_budget(server, fast_target, onnx_model):
+    target = dataclasses.replace(fast_target, min_runs=10, max_runs=2000, min_seconds=0.5,
+                                 target_ci=0.0001)
+    meta = {**_meta(fast_target), "target": _settings(target)}
+    status, answer = _post(server, onnx_model, meta={**meta, "limit_ms": 1e-6})
+    assert status == 200 and answer["stats"]["runs"] == 10
+
+
 def test_token_file_is_used(server, fast_target, tmp_path, monkeypatch, onnx_model):
     monkeypatch.delenv(TOKEN_ENV_VAR, raising=False)
     host, port = server.address
@@ -164,6 +172,8 @@ def test_huge_upload_is_cut_off_with_a_clear_message(server, fast_target, monkey
         (b"x", {"version": 1, "inputs": [{"shape": [1]}], "target": {"statistic": "p7"}},
          "statistic must be one of"),
         (b"", "ok", "empty body"),
+        (b"x", {"version": 1, "inputs": [{"shape": [1]}], "limit_ms": "2ms"},
+         "'limit_ms' must be a positive number"),
     ],
 )
 def test_garbage_is_400_and_server_keeps_serving(server, fast_target, onnx_model, body, meta,
@@ -206,13 +216,13 @@ def test_one_measurement_at_a_time(server, fast_target, onnx_model, monkeypatch)
     lock = threading.Lock()
     real = measure_module.measure_onnx
 
-    def slow(onnx, arrays, target):
+    def slow(onnx, arrays, target, limit_ms=None):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
         time.sleep(0.2)
         try:
-            return real(onnx, arrays, target)
+            return real(onnx, arrays, target, limit_ms)
         finally:
             with lock:
                 active[0] -= 1

@@ -10,3 +10,18 @@ def fast_target(tmp_path_factory):
     path.write_text("base: cpu-1t\nname: fast\nwarmup_runs: 2\nwarmup_seconds: 0\n"
                     "min_runs: 5\nmin_seconds: 0\nmax_seconds: 0.2\n")
     return str(path)
+
+
+@pytest.fixture
+def kept_metrics():
+    """Compare a trial's metrics before a kill and after --resume: equal, except the latency
+    of front and baseline plans, which the end of the search re-measures in full."""
+    from autoprune.trial import SCREENED
+
+    def check(saved: dict, now: dict, target: str = "fast") -> None:
+        if SCREENED + target in saved and SCREENED + target not in now:
+            saved = {k: v for k, v in saved.items() if not k.endswith("@" + target)}
+            now = {k: v for k, v in now.items() if not k.endswith("@" + target)}
+        assert now == saved
+
+    return check

@@ -261,7 +261,8 @@ def _terminated_in_state(exp_dir):
     return sum(json.loads(t[0])["status"] == "TERMINATED" for t in data["trial_data"])
 
 
-def test_killed_driver_resumes_from_ray_state_without_losing_trials(tmp_path, fast_target):
+def test_killed_driver_resumes_from_ray_state_without_losing_trials(tmp_path, fast_target,
+                                                                  kept_metrics):
     pytest.importorskip("ray")
     out = tmp_path / "r"
     cmd = [sys.executable, "-m", "autoprune.cli", "search", "--task", SYNTHETIC, "--space",
@@ -295,7 +296,7 @@ def test_killed_driver_resumes_from_ray_state_without_losing_trials(tmp_path, fa
         "dense", "uniform-structured-0.25", "uniform-structured-0.5", "uniform-structured-0.75"]
     by_number = {r.number: r for r in results}
     for number, saved in before.items():  # every finished trial kept, not run again
-        assert by_number[number].metrics == saved["metrics"]
+        kept_metrics(saved["metrics"], by_number[number].metrics)
         assert by_number[number].timings == saved["timings"]
     assert all(r.status in ("complete", "infeasible") for r in results)
     assert len(list((out / "ray" / "tune").glob("experiment_state-*.json"))) >= 1

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import pytest
+
+import autoprune.search._confirm as confirm_module
+from autoprune.budget import latency_key, parse_budgets
+from autoprune.latency import LatencyCache, Target
+from autoprune.plan import PruningPlan
+from autoprune.results import RunConfig, target_front
+from autoprune.search import report_every
+from autoprune.search._confirm import confirm_fronts
+from autoprune.task import load_task
+from autoprune.trial import SCREENED, TrialResult, TrialSettings, run_trial
+
+SYNTHETIC = "autoprune.testing.tasks:synthetic_task"
+FAST = {"warmup_runs": 2, "warmup_seconds": 0.0, "min_runs": 5, "min_seconds": 0.0,
+        "max_seconds": 0.2}
+LAT = latency_key("fast")
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task(SYNTHETIC, finetune_steps=2)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return Target.from_dict({"base": "cpu-1t", "name": "fast", **FAST})
+
+
+def test_latency_is_screened_against_the_p50_budget(task, target, monkeypatch):
+    import autoprune.latency
+
+    real, calls = autoprune.latency.measure_latency, []
+
+    def measure_latency(*args, **kwargs):
+        calls.append((kwargs["screen"], kwargs["limit_ms"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(autoprune.latency, "measure_latency", measure_latency)
+    plan = PruningPlan.uniform(0.5)
+    cache = LatencyCache()
+    for budgets in (["latency<5s", "latency<=2ms", "params<1M"], ["latency<1ms@p90"], []):
+        result = run_trial(task, plan, TrialSettings([target], parse_budgets(budgets),
+                                                     latency_cache=cache))
+        assert result.status == "complete" and result.metrics[SCREENED + "fast"] == 1.0
+    assert calls == [(True, 2.0), (True, None), (True, None)]
+    full = run_trial(task, plan, TrialSettings([target], screen_latency=False))
+    assert SCREENED + "fast" not in full.metrics and calls[-1] == (False, None)
+    # every statistic a budget can name is recorded, with the median's CI
+    assert {latency_key("fast", s) for s in ("p50", "p90", "mean")} <= set(full.metrics)
+    assert 0 < full.metrics["latency_ci@fast"] < 1
+
+
+def test_only_the_dense_plan_is_evaluated_when_infeasible(task, target):
+    settings = TrialSettings([target], parse_budgets(["latency<1us"]))
+    pruned = run_trial(task, PruningPlan.uniform(0.5), settings)
+    assert pruned.status == "infeasible" and "accuracy" not in pruned.metrics
+    assert "evaluate" not in pruned.timings
+    dense = run_trial(task, PruningPlan(), settings)
+    assert dense.status == "infeasible" and dense.metrics["accuracy"] > 0.9
+    settings.evaluate_infeasible = "all"
+    assert "accuracy" in run_trial(task, PruningPlan.uniform(0.5), settings).metrics
+
+
+def _result(number: int, accuracy: float, latency: float) -> TrialResult:
+    return TrialResult(PruningPlan.uniform(number / 10), "complete", number=number,
+                       metrics={"accuracy": accuracy, LAT: latency, SCREENED + "fast": 1.0})
+
+
+def test_confirm_fronts_re_measures_until_every_front_plan_is_full(monkeypatch):
+    config = RunConfig(task="t", space={}, budgets=["latency<0.9ms"], targets=[{"name": "fast"}],
+                       objectives=[{"key": "accuracy", "direction": "maximize"},
+                                   {"key": LAT, "direction": "minimize"}],
+                       metric="accuracy", metric_direction="maximize")
+    a, b, c, d = _result(1, 0.9, 0.85), _result(2, 0.8, 0.5), _result(3, 0.7, 0.6), \
+        _result(4, 0.6, 0.95)
+    full = {1: 0.95, 2: 0.7, 3: 0.65}  # trial 1 breaks the budget in full; 3 joins the front
+    calls = []
+
+    def measure_plan(task, plan, settings, targets):
+        number = round(plan.default.sparsity * 10)
+        calls.append(number)
+        return {LAT: full[number], "size_bytes": 1.0}
+
+    monkeypatch.setattr(confirm_module, "measure_plan", measure_plan)
+    said = []
+    results = [a, b, c, d]
+    taken = confirm_fronts(None, results, config, TrialSettings([Target(name="fast")]),
+                           say=said.append)
+    assert sorted(calls) == [1, 2, 3] and taken == 3
+    assert [r.number for r in target_front(results, config, "fast")] == [2, 3]
+    assert a.metrics[LAT] == 0.95 and SCREENED + "fast" not in a.metrics
+    assert d.metrics[SCREENED + "fast"] == 1.0  # never on a front: keeps its screening value
+    assert "size_bytes" not in b.metrics and said[0].startswith("re-measuring 2 front")
+
+
+@pytest.mark.parametrize("steps,every", [(40, 14), (30, 11), (100, 34), (6, 4), (4, 3), (3, 2)])
+def test_early_stopping_reports_skip_the_last_step(steps, every):
+    assert report_every(steps) == every and steps % every != 0
+
