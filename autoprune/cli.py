@@ -41,7 +41,8 @@ def _search(args: argparse.Namespace) -> int:
             args.task, args.space, args.budget, targets=args.target, trials=args.trials,
             output=args.output, backend=args.backend, sampler=args.sampler,
             objectives=args.objectives, seed=args.seed, resume=args.resume,
-            finetune_steps=args.finetune_steps, workers=args.workers,
+            finetune_steps=args.finetune_steps, screen_latency=not args.full_latency,
+            workers=args.workers,
             backend_options=options, progress=not args.quiet, token_file=args.token_file)
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are saved; continue with --resume "
@@ -187,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --output (after a crash or Ctrl-C)")
     p.add_argument("--finetune-steps", type=int,
                    help="fine-tuning steps per trial (default: the task's)")
+    p.add_argument("--full-latency", action="store_true",
+                   help="time every trial with the target's full protocol (default: a quick "
+                        "screening protocol during the search, then the full one for the "
+                        "front and the baselines)")
     p.add_argument("--workers", type=int, default=1, help="concurrent trials (ray backend)")
     p.add_argument("--address", help="ray: address of an existing cluster ('auto'); default: "
                                      "start a local Ray")

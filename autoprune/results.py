@@ -41,6 +41,7 @@ class RunConfig:
     trials: int = 40  # trials requested
     seed: int = 0  # sampler seed
     finetune_steps: int | None = None  # override of the task's fine-tuning steps
+    screen_latency: bool = True  # trials timed with the screening protocol (front: full)
 
     @property
     def target_names(self) -> list[str]:

@@ -83,6 +83,7 @@ def run_search(
     seed: int = 0,
     resume: bool = False,
     finetune_steps: int | None = None,
+    screen_latency: bool = True,
     workers: int = 1,
     backend_options: dict[str, Any] | None = None,
     progress: bool = True,
@@ -101,7 +102,7 @@ def run_search(
         task, space = saved.task, SearchSpace.from_dict(saved.space)
         budgets, backend, sampler, seed = saved.budgets, saved.backend, saved.sampler, saved.seed
         targets = [t["spec"] for t in saved.targets]
-        finetune_steps = saved.finetune_steps
+        finetune_steps, screen_latency = saved.finetune_steps, saved.screen_latency
         objectives = [o["key"].replace("size_bytes", "size") for o in saved.objectives[2:]]
         trials = trials or saved.trials
     elif (run_dir / "run.json").exists():
@@ -147,11 +148,12 @@ def run_search(
                  for t, s in zip(target_objs, target_specs)],
         objectives=[asdict(o) for o in objective_objs], metric=task_obj.metric.name,
         metric_direction=task_obj.metric.direction, backend=backend, sampler=sampler,
-        trials=trials, seed=seed, finetune_steps=finetune_steps)
+        trials=trials, seed=seed, finetune_steps=finetune_steps, screen_latency=screen_latency)
     config.save(run_dir)
     settings = TrialSettings(
         targets=target_objs, budgets=budget_objs, finetune=ft,
-        latency_cache=LatencyCache(run_dir / "latency_cache.json"), seed=seed)
+        latency_cache=LatencyCache(run_dir / "latency_cache.json"),
+        screen_latency=screen_latency, seed=seed)
     ctx = SearchContext(
         task_spec=task_spec, task=task_obj, space=bound, settings=settings,
         objectives=objective_objs, config=config, run_dir=run_dir, trials=trials,

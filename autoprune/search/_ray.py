@@ -106,6 +106,19 @@ class _Job:
     finished: dict[int, dict[str, Any]]  # on resume: results of trials that already finished
 
 
+def _job(ctx: SearchContext, stopper: str | None, finished: dict[int, dict]) -> _Job:
+    opts = ctx.backend_options
+    spec = _portable_spec(ctx.task_spec)
+    return _Job(
+        task_spec=spec, task=None if _loadable(spec) else ctx.task, space=ctx.space,
+        fingerprint=architecture_signature(ctx.task.build_model()),
+        settings=dataclasses.replace(ctx.settings, latency_cache=None),
+        cache_path=str((ctx.run_dir / "latency_cache.json").resolve()),
+        measure_lock=opts.get("measure_lock"), isolation=_isolation(ctx),
+        objectives=list(ctx.objectives), stopper=stopper,
+        threads=max(1, int(float(opts.get("cpus_per_trial") or 1.0))), finished=finished)
+
+
 _WORKER_STATE: dict[tuple, tuple[Any, Any, Any]] = {}  # per process: (task, settings, node)
 
 
@@ -286,6 +299,16 @@ def _trainable(config: dict[str, Any], job: _Job) -> None:
         result = run_trial(task, plan, settings, on_intermediate=on_intermediate)
     result.number, result.params, result.baseline = number, params, meta.get("baseline")
     tune.report(_payload(result, curve, job.objectives))
+
+
+def _confirm_on_worker(job: _Job, results: list[dict], config: Any) -> dict[int, dict]:
+    """``confirm_fronts`` on a worker: the trials' metrics by number, fronts re-measured."""
+    from autoprune.search._confirm import confirm_fronts
+
+    task, settings, _ = _worker_state(job)
+    trials = [TrialResult.from_dict(d) for d in results]
+    confirm_fronts(task, trials, config, settings, say=lambda _: None)
+    return {r.number: r.metrics for r in trials}
 
 
 def _trial_dirname(trial) -> str:
@@ -679,6 +702,20 @@ class RayBackend(Backend):
             raise KeyboardInterrupt
         return [session.results[n] for n in sorted(session.results)]
 
+    def confirm(self, ctx: SearchContext, results: list[TrialResult]) -> None:
+        """On a cluster (``--address``), the fronts are re-measured on a worker node, where
+        the trials were measured, not on the driver's machine."""
+        if not ctx.backend_options.get("address"):
+            super().confirm(ctx, results)  # a local Ray measured on this machine
+            return
+        cpus = float(ctx.backend_options.get("cpus_per_trial") or 1.0)
+        with _connected(ctx) as ray:
+            remote = ray.remote(num_cpus=cpus)(_confirm_on_worker)
+            metrics = ray.get(remote.remote(_job(ctx, None, {}), [r.to_dict() for r in results],
+                                            ctx.config))
+        for r in results:
+            r.metrics = metrics[r.number]
+
     def _fit(self, ctx: SearchContext, ray_dir: Path, stopper: str) -> Any:
         import optuna
         from ray import tune
@@ -687,17 +724,8 @@ class RayBackend(Backend):
         opts = ctx.backend_options
         cpus = float(opts.get("cpus_per_trial") or 1.0)
         gpus = float(opts.get("gpus_per_trial") or 0.0)
-        spec = _portable_spec(ctx.task_spec)
-        job = _Job(
-            task_spec=spec, task=None if _loadable(spec) else ctx.task, space=ctx.space,
-            fingerprint=architecture_signature(ctx.task.build_model()),
-            settings=dataclasses.replace(ctx.settings, latency_cache=None),
-            cache_path=str((ctx.run_dir / "latency_cache.json").resolve()),
-            measure_lock=opts.get("measure_lock"), isolation=_isolation(ctx),
-            objectives=list(ctx.objectives),
-            stopper=stopper, threads=max(1, int(cpus)),
-            finished={n: {"params": r["params"], "payload": r["payload"]}
-                      for n, r in _ACTIVE.finished.items()})
+        job = _job(ctx, stopper, finished={n: {"params": r["params"], "payload": r["payload"]}
+                                           for n, r in _ACTIVE.finished.items()})
         trainable = tune.with_resources(tune.with_parameters(_trainable, job=job),
                                         {"cpu": cpus, "gpu": gpus})
         exp_dir = ray_dir / EXPERIMENT

@@ -170,3 +170,13 @@ def test_cli_apply_and_usage_errors(run, tmp_path, fast_target, capsys):
     assert "not a run directory" in capsys.readouterr().err
     assert main(["search", "--output", str(run.run_dir), "--task", SYNTHETIC]) == 2
     assert "already holds a run: pass --resume" in capsys.readouterr().err
+
+
+def test_cli_full_latency_times_every_trial_with_the_full_protocol(tmp_path, fast_target):
+    out = tmp_path / "full"
+    assert main(["search", "--task", SYNTHETIC, "--space", "uniform_structured", "--target",
+                 fast_target, "--trials", "5", "--finetune-steps", "2", "--full-latency",
+                 "--output", str(out), "--quiet"]) == 0
+    config, results = load_run(out)
+    assert config.screen_latency is False and len(results) == 5
+    assert all(not any(k.startswith(SCREENED) for k in r.metrics) for r in results)

@@ -302,6 +302,29 @@ def test_killed_driver_resumes_from_ray_state_without_losing_trials(tmp_path, fa
     assert len(list((out / "ray" / "tune").glob("experiment_state-*.json"))) >= 1
 
 
+def test_cluster_search_re_measures_its_front_on_a_worker(tmp_path, fast_target, monkeypatch):
+    """With --address, the driver may be another machine than the workers: the front is
+    re-measured by a Ray task (here the driver's confirm_fronts would fail)."""
+    ray = pytest.importorskip("ray")
+    import autoprune.search._confirm
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the front was re-measured on the driver")
+
+    monkeypatch.setattr(autoprune.search._confirm, "confirm_fronts", not_here)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="autoprune")
+    try:
+        result = run_search(SYNTHETIC, "uniform_structured", BUDGETS, targets=[fast_target],
+                            trials=5, finetune_steps=3, output=tmp_path / "r", backend="ray",
+                            backend_options={"address": "auto", "cpus_per_trial": 1},
+                            progress=False)
+    finally:
+        ray.shutdown()
+    shipped = [r for r in result.results if r.baseline] + result.front
+    assert result.front and all("latency_screened@fast" not in r.metrics for r in shipped)
+
+
 def test_missing_ray_gives_the_install_hint(tmp_path, monkeypatch, capsys, fast_target):
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.setitem(sys.modules, "ray.tune", None)
