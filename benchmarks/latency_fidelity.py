@@ -9,6 +9,10 @@ unstructured 50 % / 80 % and structured 25 % / 50 % / 75 % (uniform L1 plans):
   all sessions interleaved in short blocks, and the spread of the medians, +-(max-min)/2 as a
   percentage of their median.
 
+- the search's screening protocol (``Target.screening``) against the full one: each model
+  measured ``--repeats`` times with each, alternating, in fresh sessions: median p50s, their
+  difference and the wall time one measurement takes.
+
 ``--sequential`` also measures each model ``--repeats`` times back to back (no interleaving), to
 show what interleaving buys on a busy machine.
 
@@ -26,7 +30,6 @@ import numpy as np
 import torch_pruning as tp
 
 from autoprune.latency import (
-    baked_copy,
     export_onnx,
     load_target,
     measure_interleaved,
@@ -34,7 +37,7 @@ from autoprune.latency import (
     prepare_inputs,
 )
 from autoprune.plan import PruningPlan
-from autoprune.prune import apply_plan
+from autoprune.prune import apply_plan, baked_copy
 from autoprune.testing import create_test_model
 
 CONFIGS = [
@@ -121,6 +124,26 @@ def main() -> None:
               f"{max(s.runs for s in runs)}   speed-up spread +-{spread(speedups):.1f}%")
     worst = max(spread([s.p50_ms for s in runs]) for runs in results.values())
     print(f"  worst spread of medians: +-{worst:.1f}% (goal +-3%)")
+
+    screen = target.screening()
+    print(f"\nscreening protocol (search trials) vs full protocol (fronts, apply): "
+          f"{args.repeats} fresh sessions each, alternating")
+    worst = 0.0
+    for name, onnx_model in onnx_models.items():
+        medians: dict[str, list[float]] = {"screen": [], "full": []}
+        seconds: dict[str, list[float]] = {"screen": [], "full": []}
+        for _ in range(args.repeats):
+            for label, protocol in (("screen", screen), ("full", target)):
+                t0 = time.perf_counter()
+                medians[label].append(measure_onnx(onnx_model, arrays, protocol)[0].p50_ms)
+                seconds[label].append(time.perf_counter() - t0)
+        a, b = (float(np.median(medians[k])) for k in ("screen", "full"))
+        worst = max(worst, abs(a / b - 1))
+        print(f"  {name:<17} screen {a:.4f} ms in {np.mean(seconds['screen']):.2f} s   "
+              f"full {b:.4f} ms in {np.mean(seconds['full']):.2f} s   "
+              f"difference {100 * (a / b - 1):+.1f}%   screen spread "
+              f"+-{spread(medians['screen']):.1f}%")
+    print(f"  worst difference of medians: {100 * worst:.1f}%")
 
     if args.sequential:
         print(f"\nfor contrast, {args.repeats} fresh sessions per model back to back "
