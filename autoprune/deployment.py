@@ -15,6 +15,7 @@ violation).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,12 +152,13 @@ def _plan_for_target(config: RunConfig, results: list[TrialResult], target: dict
     spec = str(target.get("spec", name))
     plan = TargetPlan(name, spec, [b.text for b in budgets], False, None, None, dense,
                       remote=bool(target.get("remote")) or spec.startswith("remote://"))
-    # Every plan measured on this target with a metric value. Infeasible trials broke a budget
-    # (maybe on another target) and were evaluated without fine-tuning: their metric is real
-    # but pessimistic, so they compete only when they are truly better (e.g. the dense model).
-    pool = [r for r in measured if r.status in ("complete", "infeasible")
-            and config.metric in r.metrics]
-    meets = [r for r in pool if all(c["ok"] for c in _checks(r, budgets, primary))]
+    # Every plan measured on this target. Infeasible trials broke a budget (maybe on another
+    # target) and were not fine-tuned; only the dense one has a metric (the trained model's),
+    # so they compete only when they are truly better. Without a metric a plan can still be
+    # the closest one when nothing meets the budgets.
+    pool = [r for r in measured if r.status in ("complete", "infeasible")]
+    meets = [r for r in pool if config.metric in r.metrics
+             and all(c["ok"] for c in _checks(r, budgets, primary))]
     best = _best(meets, config, name)
     if best is not None:
         plan.met, plan.trial = True, best
@@ -172,12 +174,13 @@ def _plan_for_target(config: RunConfig, results: list[TrialResult], target: dict
                           "`autoprune apply` fine-tunes it")
     elif not pool:
         plan.note = (f"no trial was measured on {name}" if not measured else
-                     f"no trial measured on {name} has a {config.metric} value")
+                     f"no trial measured on {name} completed or was stopped as infeasible")
         return plan
     else:
         closest = min(pool, key=lambda r: (
             round(_violation(r, budgets, primary), 12), r.status != "complete",
-            -_sign(config) * r.metrics[config.metric], r.number or 0))
+            -_sign(config) * r.metrics.get(config.metric, -_sign(config) * math.inf),
+            r.number or 0))
         plan.trial = closest
         broken = [c for c in _checks(closest, budgets, primary) if not c["ok"]]
         plan.note = ("no trial met the budgets on this target; closest plan (smallest budget "

@@ -276,6 +276,17 @@ def test_infeasible_plan_not_fine_tuned_is_flagged():
     assert "not fine-tuned" in edge.note and "autoprune apply" in edge.note
 
 
+def test_closest_plan_may_be_one_that_was_never_evaluated():
+    # Nothing meets edge<1.5ms; trial 6 (pruned, infeasible everywhere, so neither fine-tuned
+    # nor evaluated) is the closest: 1.6 ms. The dense model has a metric but is far off.
+    dense = _result(0, "infeasible", 0.98, 10.0, 2.0, baseline="dense")
+    near = _result(6, "infeasible", None, 1.6, 0.4, reason="breaks latency<1.5ms@edge")
+    plan = deployment_plan(_config(["latency<1.5ms@edge"]), [dense, near])
+    edge = plan.targets[0]
+    assert not edge.met and edge.trial.number == 6
+    assert "closest plan" in edge.note and "measured 1.6" in edge.note
+
+
 def test_plan_files_outside_the_front_are_written(tmp_path):
     config = _config(["latency<5ms@edge", "latency<0.5ms@server"])
     write_run(tmp_path, config, RESULTS)
