@@ -160,8 +160,10 @@ def run_search(
         resume=resume, workers=workers, backend_options=backend_options or {},
         progress=_progress_printer(trials, config) if progress else None)
     results = backend_obj.run(ctx)
-    backend_obj.confirm(ctx, results)
-    front = write_run(run_dir, config, results)
+    try:
+        backend_obj.confirm(ctx, results)
+    finally:  # Ctrl-C while re-measuring still leaves the run directory (--resume finishes it)
+        front = write_run(run_dir, config, results)
     return SearchResult(front, results, run_dir, summarize(results, config))
 
 
