@@ -141,6 +141,13 @@ def tell_result(study, trial, result: TrialResult, budgets: list, primary: str,
     if keep_result:
         trial.set_user_attr("result", json.dumps(result.to_dict()))
     values: Any = result.values(objectives)
+    if result.status == "infeasible" and values is None:
+        # Not evaluated (stopped before fine-tuning): the metric counts as the worst value, so
+        # the sampler still learns from the trial. Optuna ranks infeasible trials by their
+        # constraint violation anyway, and its NSGA-II handles infinite values.
+        worst = {"maximize": -math.inf, "minimize": math.inf}
+        values = [result.metrics.get(o.key, worst[o.direction]) for o in objectives]
+        values = None if any(math.isnan(v) for v in values) else values
     if result.status in ("complete", "infeasible") and values:
         study.tell(trial, values)
     elif result.status == "pruned" or (result.status == "infeasible" and not values):

@@ -180,3 +180,29 @@ def test_cli_full_latency_times_every_trial_with_the_full_protocol(tmp_path, fas
     config, results = load_run(out)
     assert config.screen_latency is False and len(results) == 5
     assert all(not any(k.startswith(SCREENED) for k in r.metrics) for r in results)
+
+
+def test_an_unevaluated_infeasible_trial_still_informs_the_sampler():
+    import math
+
+    import optuna
+
+    from autoprune.budget import Objective, latency_key
+    from autoprune.search._optuna import make_sampler, tell_result
+    from autoprune.trial import TrialResult
+
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=make_sampler("nsga2", 0))
+    objectives = [Objective("accuracy", "maximize"), Objective(latency_key("fast"), "minimize")]
+    budgets = parse_budgets(["latency<1ms"])
+    for i in range(25):  # more than a generation: NSGA-II selects among these trials
+        trial = study.ask()
+        trial.suggest_float("s", 0.0, 0.9)
+        result = TrialResult(PruningPlan.uniform(0.2), "infeasible",
+                             {latency_key("fast"): 1.5 + i, "params": 10.0}, "breaks")
+        tell_result(study, trial, result, budgets, "fast", objectives)
+    first = study.trials[0]
+    assert first.state == optuna.trial.TrialState.COMPLETE
+    assert first.values == [-math.inf, 1.5] and first.user_attrs["status"] == "infeasible"
+    assert first.constraints == {"latency<1ms": pytest.approx(0.5)}
+    assert 0.0 <= study.ask().suggest_float("s", 0.0, 0.9) <= 0.9  # a generation from them
