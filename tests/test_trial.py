@@ -34,7 +34,7 @@ def test_latency_is_screened_against_the_p50_budget(task, target, monkeypatch):
     real, calls = autoprune.latency.measure_latency, []
 
     def measure_latency(*args, **kwargs):
-        calls.append((kwargs["screen"], kwargs["limit_ms"]))
+        calls.append((kwargs.get("screen", False), kwargs.get("limit_ms")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(autoprune.latency, "measure_latency", measure_latency)
@@ -45,6 +45,15 @@ def test_latency_is_screened_against_the_p50_budget(task, target, monkeypatch):
                                                      latency_cache=cache))
         assert result.status == "complete" and result.metrics[SCREENED + "fast"] == 1.0
     assert calls == [(True, 2.0), (True, None), (True, None)]
+    calls.clear()
+    # a p90 budget right at the screened p90: the stopping rule cannot decide it, so the plan
+    # is measured again in full
+    p90 = run_trial(task, plan, TrialSettings([target], latency_cache=cache)).metrics
+    near = TrialSettings([target], parse_budgets([f"latency<{p90[latency_key('fast', 'p90')]}"
+                                                  f"ms@p90"]), latency_cache=cache)
+    result = run_trial(task, plan, near)
+    assert result.status == "complete" and SCREENED + "fast" not in result.metrics
+    assert calls[-2:] == [(True, None), (False, None)]
     full = run_trial(task, plan, TrialSettings([target], screen_latency=False))
     assert SCREENED + "fast" not in full.metrics and calls[-1] == (False, None)
     # every statistic a budget can name is recorded, with the median's CI
@@ -93,6 +102,28 @@ def test_confirm_fronts_re_measures_until_every_front_plan_is_full(monkeypatch):
     assert a.metrics[LAT] == 0.95 and SCREENED + "fast" not in a.metrics
     assert d.metrics[SCREENED + "fast"] == 1.0  # never on a front: keeps its screening value
     assert "size_bytes" not in b.metrics and said[0].startswith("re-measuring 2 front")
+
+
+def test_a_failed_re_measurement_keeps_the_screened_mark(monkeypatch):
+    config = RunConfig(task="t", space={}, budgets=[], targets=[{"name": "fast"}],
+                       objectives=[{"key": "accuracy", "direction": "maximize"},
+                                   {"key": LAT, "direction": "minimize"}],
+                       metric="accuracy", metric_direction="maximize")
+    a, b = _result(1, 0.9, 0.8), _result(2, 0.8, 0.5)
+
+    def measure_plan(task, plan, settings, targets):
+        if plan.default.sparsity == pytest.approx(0.1):
+            raise RuntimeError("device gone")
+        return {LAT: 0.55}
+
+    monkeypatch.setattr(confirm_module, "measure_plan", measure_plan)
+    said = []
+    assert confirm_fronts(None, [a, b], config, TrialSettings([Target(name="fast")]),
+                          say=said.append) == 2
+    assert a.metrics[SCREENED + "fast"] == 1.0 and a.metrics[LAT] == 0.8
+    assert SCREENED + "fast" not in b.metrics and b.metrics[LAT] == 0.55
+    assert any("trial 1: full re-measurement failed (RuntimeError: device gone)" in x
+               for x in said)
 
 
 @pytest.mark.parametrize("steps,every", [(40, 14), (30, 11), (100, 34), (6, 4), (4, 3), (3, 2)])

@@ -58,6 +58,7 @@ class LatencyCache:
         target: Target,
         input_shapes: tuple[tuple[int, ...], ...],
         screened: bool = False,
+        limit_ms: float | None = None,
     ) -> str:
         """The cache key of a measurement.
 
@@ -68,10 +69,14 @@ class LatencyCache:
                 remote ones) are part of the key.
             input_shapes: the shapes actually measured.
             screened: a quick screening measurement, kept apart from full-protocol ones.
+            limit_ms: the budget a screening measurement decided (it may have stopped early
+                against it, so it does not answer for another budget).
         """
         shapes = ";".join("x".join(str(d) for d in s) for s in input_shapes)
         device = f"remote={target.remote}" if target.is_remote else _local_device()
-        protocol = "|screen" if screened else ""
+        protocol = ""
+        if screened:
+            protocol = "|screen" + (f"<{limit_ms!r}ms" if limit_ms is not None else "")
         return f"{architecture}|{shapes}|{target.key()}|{device}{protocol}"
 
     def get(self, *keys: str) -> LatencyStats | None:
@@ -85,7 +90,7 @@ class LatencyCache:
             self.hits += 1
             data = self._entries[key]
         stats = LatencyStats.from_dict(data)
-        return replace(stats, cached=True, screened=key.endswith("|screen"))
+        return replace(stats, cached=True, screened="|screen" in key)
 
     def put(self, key: str, stats: LatencyStats) -> None:
         """Store a measurement (and merge it into the file, if any)."""

@@ -703,16 +703,26 @@ class RayBackend(Backend):
         return [session.results[n] for n in sorted(session.results)]
 
     def confirm(self, ctx: SearchContext, results: list[TrialResult]) -> None:
-        """On a cluster (``--address``), the fronts are re-measured on a worker node, where
-        the trials were measured, not on the driver's machine."""
+        """On a cluster (``--address``), the fronts are re-measured by a Ray task that asks
+        for the same resources as a trial, so it runs on a node that can run trials (Ray
+        picks which one), not necessarily on the driver's machine."""
+        from autoprune.search._confirm import screened
+
         if not ctx.backend_options.get("address"):
             super().confirm(ctx, results)  # a local Ray measured on this machine
             return
+        if not screened(results, ctx.config):
+            return
         cpus = float(ctx.backend_options.get("cpus_per_trial") or 1.0)
-        with _connected(ctx) as ray:
-            remote = ray.remote(num_cpus=cpus)(_confirm_on_worker)
-            metrics = ray.get(remote.remote(_job(ctx, None, {}), [r.to_dict() for r in results],
-                                            ctx.config))
+        try:
+            with _connected(ctx) as ray:
+                remote = ray.remote(num_cpus=cpus)(_confirm_on_worker)
+                metrics = ray.get(remote.remote(_job(ctx, None, {}),
+                                                [r.to_dict() for r in results], ctx.config))
+        except Exception as e:  # every trial is done: keep their screening latencies, marked
+            print(f"re-measuring the front on the cluster failed ({type(e).__name__}: "
+                  f"{str(e)[:200]}); its plans keep their screening latencies", flush=True)
+            return
         for r in results:
             r.metrics = metrics[r.number]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -85,11 +86,13 @@ def test_stopping_rule_caps_runs(fast_target):
 
 def test_limit_ends_timing_once_the_budget_is_surely_broken(fast_target):
     model = create_test_model("resnet_tiny")
-    slow = dataclasses.replace(fast_target, min_runs=10, max_runs=2000, max_seconds=5,
-                               min_seconds=1.0, target_ci=0.0001)
-    # a 1 ns budget is broken after the first CI check (min_runs, then every 5 runs)
+    slow = dataclasses.replace(fast_target, min_runs=10, max_runs=100000, max_seconds=5,
+                               min_seconds=0.2, target_ci=0.0001)
+    # a 1 ns budget is broken at the first CI check after min_seconds (then every 5 runs) ...
+    start = time.perf_counter()
     broken = measure_latency(model, model.example_inputs(), slow, limit_ms=1e-6)
-    assert broken.runs == 10 and broken.screened
+    assert broken.screened and broken.runs % 5 == 0
+    assert time.perf_counter() - start < 2  # ... not at max_seconds (5 s)
 
 
 def test_stopping_rule_with_a_budget_to_decide(fast_target):
@@ -97,13 +100,12 @@ def test_stopping_rule_with_a_budget_to_decide(fast_target):
     xs = [1.0 + 0.01 * i for i in range(100)]
     loose = dataclasses.replace(fast_target, target_ci=0.1)
     assert median_ci(xs) == pytest.approx((1.39, 1.6))
-    assert _stop(xs, loose, None, long_enough=True)
-    assert not _stop(xs, loose, None, long_enough=False)  # min_seconds not reached yet
-    assert _stop(xs, loose, 1.2, long_enough=False)  # surely above 1.2 ms: stop at once
-    assert _stop(xs, loose, 1.8, long_enough=True)  # surely below: the usual rule
+    assert _stop(xs, loose, None)
+    assert _stop(xs, dataclasses.replace(loose, target_ci=0.01), 1.2)  # surely above 1.2 ms
+    assert _stop(xs, loose, 1.8)  # surely below: the usual rule
     # 1.5 ms is inside the CI: go on until the CI is 3x narrower than target_ci
-    assert not _stop(xs, loose, 1.5, long_enough=True)
-    assert _stop(xs, dataclasses.replace(loose, target_ci=0.25), 1.5, long_enough=True)
+    assert not _stop(xs, loose, 1.5)
+    assert _stop(xs, dataclasses.replace(loose, target_ci=0.25), 1.5)
 
 
 def test_screening_protocol_is_short_and_never_slower():
@@ -131,6 +133,12 @@ def test_screened_and_full_measurements_are_cached_apart(fast_target, count_meas
     preferred = measure_latency(model, inputs, fast_target, cache=cache, screen=True)
     assert preferred.cached and not preferred.screened and preferred.p50_ms == full.p50_ms
     assert len(cache) == 2 and len(count_measurements) == 2
+    # a screening measurement that decided one budget does not answer for another
+    other = apply_plan(model, PruningPlan.uniform(0.5), inputs)
+    measure_latency(other, inputs, fast_target, cache=cache, limit_ms=1e-6)
+    assert measure_latency(other, inputs, fast_target, cache=cache, limit_ms=1e-6).cached
+    assert not measure_latency(other, inputs, fast_target, cache=cache, limit_ms=5.0).cached
+    assert len(count_measurements) == 4
 
 
 def test_measure_onnx_bytes_and_path(fast_target, tmp_path):
