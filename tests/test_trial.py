@@ -51,8 +51,8 @@ def test_latency_is_screened_against_the_p50_budget(task, target, monkeypatch):
     p90 = run_trial(task, plan, TrialSettings([target], latency_cache=cache)).metrics
     near = TrialSettings([target], parse_budgets([f"latency<{p90[latency_key('fast', 'p90')]}"
                                                   f"ms@p90"]), latency_cache=cache)
-    result = run_trial(task, plan, near)
-    assert result.status == "complete" and SCREENED + "fast" not in result.metrics
+    result = run_trial(task, plan, near)  # either side of the line, by the full measurement
+    assert result.status in ("complete", "infeasible") and SCREENED + "fast" not in result.metrics
     assert calls[-2:] == [(True, None), (False, None)]
     full = run_trial(task, plan, TrialSettings([target], screen_latency=False))
     assert SCREENED + "fast" not in full.metrics and calls[-1] == (False, None)
