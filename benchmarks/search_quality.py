@@ -74,9 +74,9 @@ def main() -> None:
                "tpe": ("autoprune (tpe)", "per_layer_structured", "tpe"),
                "random": ("random search", "per_layer_structured", "random"),
                "uniform": ("uniform structured", "uniform_structured", "random")}
-    methods = {choices[m][0]: choices[m][1:] for m in args.methods.split(",")}
+    methods = {choices[m][0]: (*choices[m][1:], m) for m in args.methods.split(",")}
     rows, all_results = [], {}
-    for name, (space, sampler) in methods.items():
+    for name, (space, sampler, key) in methods.items():
         stamps: list[tuple[float, float]] = []
         original_tell = backend.OptunaBackend._tell
 
@@ -88,7 +88,7 @@ def main() -> None:
         t0 = time.time()
         result = run_search("digits", space, [budget], targets=["cpu-1t"], trials=args.trials,
                             sampler=sampler, finetune_steps=args.finetune_steps,
-                            output=Path(args.out) / name.replace(" ", "").strip("()"),
+                            output=Path(args.out) / key,
                             seed=args.seed,
                             progress=False)
         backend.OptunaBackend._tell = original_tell
