@@ -167,8 +167,9 @@ class Target:
 
         Warm-up: 10 runs and 20 ms (instead of 20 runs and 0.25 s); then at least 20 timed
         runs over at least 50 ms, stopping at a 3 % CI of the median (about 0.08 s for a
-        sub-millisecond model, against 1.26 s for the full ``cpu-1t`` protocol). A search re-measures its front with the full
-        protocol; ``benchmarks/latency_fidelity.py`` prints how close the two are.
+        sub-millisecond model, against 1.26 s for the full ``cpu-1t`` protocol). A search
+        re-measures its front with the full protocol; ``benchmarks/latency_fidelity.py``
+        prints how close the two are.
         """
         return dataclasses.replace(
             self,
