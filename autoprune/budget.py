@@ -55,6 +55,10 @@ class Budget:
         """Known before fine-tuning (so a violated plan is stopped before it)."""
         return self.metric in COST_METRICS
 
+    def limits_latency_on(self, target: str, primary: str) -> bool:
+        """A latency budget on ``target`` (one without ``@target`` is on the ``primary``)."""
+        return self.metric == "latency" and (self.target or primary) == target
+
     def metric_key(self, default_target: str) -> str:
         """The key of the measured value in a trial's metrics."""
         if self.metric == "latency":

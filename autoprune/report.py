@@ -122,7 +122,7 @@ def _budget_lines(fig, budgets: list[Budget], config: RunConfig, target: str) ->
     for b in budgets:
         style = {"line_dash": "dash", "line_color": "#c0392b", "annotation_text": b.text,
                  "annotation_font_color": "#c0392b"}
-        if b.metric == "latency" and (b.target or config.primary) == target:
+        if b.limits_latency_on(target, config.primary):
             fig.add_vline(x=b.value, **style)
         elif b.metric == config.metric:
             fig.add_hline(y=b.value, **style)

@@ -96,7 +96,7 @@ def target_budgets(config: RunConfig, target: str) -> list[Budget]:
     A latency budget without ``@target`` applies to the first (primary) target.
     """
     return [b for b in config.parsed_budgets()
-            if b.metric != "latency" or (b.target or config.primary) == target]
+            if b.metric != "latency" or b.limits_latency_on(target, config.primary)]
 
 
 def target_front(results: list[TrialResult], config: RunConfig, target: str) -> list[TrialResult]:

@@ -43,10 +43,10 @@ class TrialSettings:
     latency_cache: Any = None  # LatencyCache shared by trials (same shapes measured once)
     measure_lock: str | None = None  # lock file serializing measurements on one machine
     screen_latency: bool = True  # time with the targets' quick screening protocol
-    # Evaluate (without fine-tuning) plans that broke a budget: "dense" = only a plan that
-    # prunes nothing (the dense reference); a pruned model's metric before fine-tuning says
-    # little and costs an evaluation. "all" or "none".
-    evaluate_infeasible: str = "dense"
+    # Evaluate (without fine-tuning) every plan that broke a budget; by default only one that
+    # prunes nothing (the dense reference): a pruned model's metric before fine-tuning says
+    # little and costs an evaluation.
+    evaluate_infeasible: bool = False
     seed: int = 0  # seeds pruning (random criterion) and fine-tuning
 
     @property
@@ -138,16 +138,16 @@ def _prune(task: Any, plan: PruningPlan, settings: TrialSettings) -> tuple[Any, 
 def _p50_limit(settings: TrialSettings, target: Any) -> float | None:
     """The tightest upper p50 latency budget on ``target`` (ms), or None."""
     return min((b.value for b in settings.budgets
-                if b.metric == "latency" and b.statistic == "p50" and b.op in ("<", "<=")
-                and (b.target or settings.primary) == target.name), default=None)
+                if b.limits_latency_on(target.name, settings.primary) and b.statistic == "p50"
+                and b.op in ("<", "<=")), default=None)
 
 
 def _near_other_budget(settings: TrialSettings, target: Any, stats: Any) -> bool:
     """A p90 / mean budget on ``target`` that a screened value is too close to call (within
     5 %): the stopping rule decides p50 budgets only, so these are measured in full."""
     return any(abs(stats.value(b.statistic) / b.value - 1) < 0.05 for b in settings.budgets
-               if b.metric == "latency" and b.statistic != "p50" and b.value > 0
-               and (b.target or settings.primary) == target.name)
+               if b.limits_latency_on(target.name, settings.primary) and b.statistic != "p50"
+               and b.value > 0)
 
 
 def _measure(task, model, plan: PruningPlan, settings: TrialSettings, targets: list,
@@ -261,8 +261,7 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
     broken = _hopeless(settings, metrics)
     if broken:
         prunes = any(r.active for r in [plan.default, *plan.rules.values()])
-        if settings.evaluate_infeasible == "all" or (
-                settings.evaluate_infeasible == "dense" and not prunes):
+        if settings.evaluate_infeasible or not prunes:
             with clock("evaluate"):
                 metrics[task.metric.name] = float(task.evaluate(pruned))
         shown = ", ".join(f"{b} (measured {metrics.get(b.metric_key(settings.primary)):.4g})"

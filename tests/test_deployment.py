@@ -26,18 +26,6 @@ from autoprune.trial import TrialResult
 TASK = "autoprune.testing.tasks:synthetic_task"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models train fastest on one thread, and far faster on a busy machine (OpenMP
-    threads spin when cores are oversubscribed: 4 fine-tuning steps took 5 s instead of 0.1 s)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def latency_server(tmp_path_factory):
     """`autoprune serve-latency` on 127.0.0.1 (a free port), in a subprocess."""

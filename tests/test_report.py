@@ -24,17 +24,6 @@ FAST = {"warmup_runs": 2, "warmup_seconds": 0.0, "min_runs": 5, "min_seconds": 0
         "max_runs": 200, "max_seconds": 0.2, "target_ci": 0.05}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models train fastest on one thread (OpenMP threads spin on a busy machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A real two-target search; params<15K makes the dense model infeasible (19.8K)."""

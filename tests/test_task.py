@@ -54,16 +54,6 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads
-    # per process make each step many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -327,13 +317,13 @@ def test_digits_data_split_is_fixed():
 
 def test_digits_cache_is_reused_and_corruption_rebuilt(digits_cache, monkeypatch):
     trained = []
-    real_train = digits._train_
+    real_train = digits.train_classifier_
 
     def counting_train(*args, **kw):
         trained.append(1)
         return real_train(*args, **kw)
 
-    monkeypatch.setattr(digits, "_train_", counting_train)
+    monkeypatch.setattr(digits, "train_classifier_", counting_train)
     cache = digits_cache / "own"
     task = load_task("digits", **TINY_DIGITS, cache_dir=cache)
     first = task.build_model()
@@ -350,7 +340,7 @@ def test_digits_cache_is_reused_and_corruption_rebuilt(digits_cache, monkeypatch
     assert _cache._sha256(weights) in (cache / "weights" / (weights.name + ".sha256")).read_text()
 
     # A second load (new task object, as in a new process) reads the cache: no training.
-    monkeypatch.setattr(digits, "_train_", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(digits, "train_classifier_", lambda *a, **k: pytest.fail("retrained"))
     second = load_task("digits", **TINY_DIGITS, cache_dir=cache).build_model()
     assert all(
         torch.equal(a, b)
@@ -364,7 +354,7 @@ def test_digits_cache_is_reused_and_corruption_rebuilt(digits_cache, monkeypatch
     assert not third.training and torch.equal(third.fc.weight, first.fc.weight)
 
     # A corrupted file fails its checksum and is rebuilt, deterministically to the same weights.
-    monkeypatch.setattr(digits, "_train_", counting_train)
+    monkeypatch.setattr(digits, "train_classifier_", counting_train)
     weights.write_bytes(weights.read_bytes()[:-100] + b"\0" * 100)
     rebuilt = load_task("digits", **TINY_DIGITS, cache_dir=cache).build_model()
     assert len(trained) == 2
@@ -375,7 +365,7 @@ def test_digits_cache_is_reused_and_corruption_rebuilt(digits_cache, monkeypatch
     assert _cache._sha256(weights) in (cache / "weights" / (weights.name + ".sha256")).read_text()
 
     # So is a missing checksum file, and a file that is not a state dict at all.
-    monkeypatch.setattr(digits, "_train_", lambda *a, **k: trained.append(1) or {})
+    monkeypatch.setattr(digits, "train_classifier_", lambda *a, **k: trained.append(1) or {})
     (cache / "weights" / (weights.name + ".sha256")).unlink()
     load_task("digits", **TINY_DIGITS, cache_dir=cache).build_model()
     assert len(trained) == 3

@@ -68,7 +68,7 @@ def test_only_the_dense_plan_is_evaluated_when_infeasible(task, target):
     assert "evaluate" not in pruned.timings
     dense = run_trial(task, PruningPlan(), settings)
     assert dense.status == "infeasible" and dense.metrics["accuracy"] > 0.9
-    settings.evaluate_infeasible = "all"
+    settings.evaluate_infeasible = True
     assert "accuracy" in run_trial(task, PruningPlan.uniform(0.5), settings).metrics
 
 

@@ -19,6 +19,7 @@ Only one measurement runs at a time: concurrent timings on one device corrupt ea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from autoprune.errors import TargetError, UsageError
+from autoprune.latency._target import Target, resolve_token
 
 __all__ = [
     "LatencyServer",
@@ -53,25 +55,9 @@ REQUEST_HEADER = "X-Autoprune-Request"
 _MAX_INPUT_ELEMENTS = 64 * 2**20  # per request, all inputs together (memory bound)
 _DRAIN_LIMIT = 64 * 2**20  # bytes of a rejected body read and discarded so the client sees why
 _DTYPES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"}
-# Target fields a client may set; where and how the server runs stays the server's business.
-_CLIENT_TARGET_FIELDS = {
-    "name",
-    "providers",
-    "intra_op_threads",
-    "inter_op_threads",
-    "graph_optimization_level",
-    "batch_size",
-    "input_shapes",
-    "pin_threads",
-    "warmup_runs",
-    "warmup_seconds",
-    "min_runs",
-    "min_seconds",
-    "max_runs",
-    "max_seconds",
-    "target_ci",
-    "statistic",
-}
+# Target fields a client may set: all but where the measurement runs (that stays the server's
+# business) and the client's token file.
+_CLIENT_TARGET_FIELDS = {f.name for f in dataclasses.fields(Target)} - {"remote", "token_file"}
 
 
 class _RequestError(Exception):
@@ -308,8 +294,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(HTTPStatus.OK, {"stats": stats.to_dict(), "target": target.key()})
 
     def _parse_request_header(self) -> tuple[Any, list[np.ndarray], float | None]:
-        from autoprune.latency._target import Target
-
         raw = self.headers.get(REQUEST_HEADER)
         if raw is None:
             raise _RequestError(
@@ -341,8 +325,6 @@ class _Handler(BaseHTTPRequestHandler):
             target = Target.from_dict(target_data, source="request target")
         except (TargetError, TypeError) as exc:
             raise _RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-        import dataclasses
-
         cap = self.server_state.max_seconds  # the client cannot hold the device longer
         target = dataclasses.replace(
             target,
@@ -470,8 +452,6 @@ def serve_latency(
     Raises:
         TargetError: no token (a :class:`UsageError`, exit code 2).
     """
-    from autoprune.latency._target import resolve_token
-
     token = resolve_token(token_file)
     serve(host, port, token, max_model_bytes=int(max_model_mb * 2**20))
     return 0

@@ -27,17 +27,6 @@ REMOTE_SCHEME = "remote://"
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 _STATISTICS = ("p50", "p90")
-# Fields that describe the device and its runtime settings, i.e. what the measured value
-# depends on. The run counts and stopping rule only change how precisely it is measured.
-_KEY_FIELDS = (
-    "providers",
-    "intra_op_threads",
-    "inter_op_threads",
-    "graph_optimization_level",
-    "batch_size",
-    "input_shapes",
-    "pin_threads",
-)
 
 
 @dataclass(frozen=True)

@@ -126,8 +126,8 @@ def run_search(
             raise BudgetError(f"budget {b.text!r}: the task's metric is "
                               f"{task_obj.metric.name!r}; cost budgets are latency, params, "
                               f"flops, macs, size")
-    statistic = next((b.statistic for b in budget_objs if b.metric == "latency"
-                      and (b.target or names[0]) == names[0]), "p50")
+    statistic = next((b.statistic for b in budget_objs if b.limits_latency_on(names[0], names[0])),
+                     "p50")
     objective_objs = parse_objectives(objectives, task_obj.metric.name,
                                       task_obj.metric.direction, names[0], statistic)
     model = task_obj.build_model()

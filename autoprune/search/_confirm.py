@@ -18,24 +18,21 @@ from autoprune.trial import SCREENED, TrialResult, TrialSettings, measure_plan
 __all__ = ["confirm_fronts", "screened"]
 
 
-def _shown(results: list[TrialResult], config: RunConfig, target: str) -> list[TrialResult]:
-    """Trials whose latency on ``target`` a user sees: its front(s), the baselines, and the
-    plans `autoprune plan` picks (recommended, closest, one plan for every target)."""
+def screened(results: list[TrialResult], config: RunConfig,
+             skip: set[tuple[int, str]] = frozenset()) -> list[tuple[TrialResult, list[str]]]:
+    """(trial, targets) pairs still holding a screened latency where a user sees it: a front,
+    a baseline, or a plan `autoprune plan` picks (recommended, closest, one for every
+    target)."""
     from autoprune.deployment import deployment_plan
 
     chosen = deployment_plan(config, results)
-    picked = [p.trial for p in chosen.targets if p.target == target and p.trial is not None]
-    return [*front_plans(results, config, target).values(),
-            *(r for r in results if r.baseline), *picked,
-            *([chosen.shared] if chosen.shared is not None else [])]
-
-
-def screened(results: list[TrialResult], config: RunConfig,
-             skip: set[tuple[int, str]] = frozenset()) -> list[tuple[TrialResult, list[str]]]:
-    """(trial, targets) pairs still holding a screened latency where it counts."""
     todo: dict[int, tuple[TrialResult, list[str]]] = {}
     for target in config.target_names:
-        for r in _shown(results, config, target):
+        picked = [p.trial for p in chosen.targets if p.target == target and p.trial is not None]
+        shown = [*front_plans(results, config, target).values(),
+                 *(r for r in results if r.baseline), *picked,
+                 *([chosen.shared] if chosen.shared is not None else [])]
+        for r in shown:
             if r.metrics.get(SCREENED + target) and (id(r), target) not in skip:
                 entry = todo.setdefault(id(r), (r, []))
                 if target not in entry[1]:

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from autoprune.finetune import FinetuneSettings
-from autoprune.task import Task, accuracy
+from autoprune.task import Task
 from autoprune.tasks import _cache
 from autoprune.tasks._registry import register_task
+from autoprune.tasks._tensors import tensor_task, train_classifier_
 from autoprune.testing.models import ResNetCNN
 
 __all__ = ["make_task", "digits_tensors"]
@@ -65,36 +65,6 @@ def _random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.
     return padded[batch, chan, rows, cols]
 
 
-def _train_(
-    model: nn.Module, data: tuple[torch.Tensor, ...], *, epochs: int, seed: int, batch_size: int
-) -> dict[str, Any]:
-    """Train ``model`` in place (SGD + one-cycle LR, label smoothing, random shifts)."""
-    x_train, y_train, x_val, y_val = data
-    g = torch.Generator().manual_seed(seed)
-    steps_per_epoch = -(-len(x_train) // batch_size)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
-    )
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=0.1, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.25
-    )
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x_train), generator=g)
-        for i in range(0, len(x_train), batch_size):
-            idx = order[i : i + batch_size]
-            xb = _random_shift(x_train[idx], 2, g)
-            loss = nn.functional.cross_entropy(model(xb), y_train[idx], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x_val).argmax(1) == y_val).float().mean().item()
-    return {"val_accuracy": round(acc, 4), "epochs": epochs}
-
-
 @register_task("digits")
 def make_task(
     *,
@@ -123,7 +93,6 @@ def make_task(
     """
     widths = tuple(int(w) for w in widths)
     data = digits_tensors(seed)
-    x_train, y_train, x_val, y_val = data
 
     def fresh() -> nn.Module:
         return ResNetCNN(num_classes=10, in_channels=1, widths=widths, image_size=IMAGE_SIZE)
@@ -134,24 +103,20 @@ def make_task(
         "seed": seed,
         "version": _TRAIN_VERSION,
     }
-    build_model = _cache.trained_model_factory(
-        "digits", config, fresh,
-        lambda m: _train_(m, data, epochs=epochs, seed=seed, batch_size=64),
-        seed=seed, directory=cache_dir)
 
-    return Task(
-        name="digits",
-        build_model=build_model,
-        example_inputs=fresh().example_inputs(),
-        train_data=DataLoader(
-            TensorDataset(x_train, y_train),
-            batch_size=batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-        ),
-        val_data=DataLoader(TensorDataset(x_val, y_val), batch_size=512),
-        metric=accuracy(),
-        loss_fn=nn.functional.cross_entropy,
+    def train_(model: nn.Module) -> dict[str, Any]:
+        """SGD + one-cycle LR, label smoothing, random 2-pixel shifts."""
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                              weight_decay=5e-4)
+        return train_classifier_(model, data, opt, epochs=epochs, seed=seed, batch_size=64,
+                                 max_lr=0.1, pct_start=0.25, label_smoothing=0.1,
+                                 augment=lambda x, g: _random_shift(x, 2, g))
+
+    build_model = _cache.trained_model_factory("digits", config, fresh, train_, seed=seed,
+                                               directory=cache_dir)
+    return tensor_task(
+        "digits", data, build_model, fresh().example_inputs(), batch_size=batch_size,
+        val_batch_size=512, seed=seed,
         finetune=finetune or FinetuneSettings(steps=100, lr=0.01, eval_every=25),
         description=(
             "scikit-learn handwritten digits at 32x32 (1437 train / 360 val), "

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from autoprune.finetune import FinetuneSettings
-from autoprune.task import Task, accuracy
+from autoprune.task import Task
 from autoprune.tasks import _cache
 from autoprune.tasks._registry import register_task
+from autoprune.tasks._tensors import tensor_task, train_classifier_
 from autoprune.testing.models import TransformerEncoder
 
 __all__ = ["make_task", "motif_sequences"]
@@ -51,32 +51,6 @@ def motif_sequences(n: int, seed: int, noise: float = 1.0) -> tuple[torch.Tensor
     pos = start[:, None] + torch.arange(MOTIF_LEN)[None, :]  # (n, MOTIF_LEN)
     x[torch.arange(n)[:, None], pos] += motifs[motif]
     return x, motif * 2 + half
-
-
-def _train_(
-    model: nn.Module, data: tuple[torch.Tensor, ...], *, epochs: int, seed: int
-) -> dict[str, Any]:
-    """Train ``model`` in place (AdamW + one-cycle LR)."""
-    x_train, y_train, x_val, y_val = data
-    batch_size = 64
-    g = torch.Generator().manual_seed(seed)
-    steps = max(1, epochs * -(-len(x_train) // batch_size))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.2)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x_train), generator=g)
-        for i in range(0, len(x_train), batch_size):
-            idx = order[i : i + batch_size]
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x_val).argmax(1) == y_val).float().mean().item()
-    return {"val_accuracy": round(acc, 4), "epochs": epochs}
 
 
 @register_task("sequences")
@@ -131,24 +105,18 @@ def make_task(
         "seed": seed,
         "version": _TRAIN_VERSION,
     }
-    build_model = _cache.trained_model_factory(
-        "sequences", config, fresh, lambda m: _train_(m, data, epochs=epochs, seed=seed),
-        seed=seed, directory=cache_dir)
 
-    return Task(
-        name="sequences",
-        build_model=build_model,
-        example_inputs=fresh().example_inputs(),
-        train_data=DataLoader(
-            TensorDataset(x_train, y_train),
-            batch_size=batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-        ),
-        val_data=DataLoader(TensorDataset(x_val, y_val), batch_size=500),
-        metric=accuracy(),
-        loss_fn=nn.functional.cross_entropy,
-        finetune=finetune or _DEFAULT_FINETUNE,
+    def train_(model: nn.Module) -> dict[str, Any]:
+        """AdamW + one-cycle LR."""
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+        return train_classifier_(model, data, opt, epochs=epochs, seed=seed, batch_size=64,
+                                 max_lr=2e-3, pct_start=0.2)
+
+    build_model = _cache.trained_model_factory("sequences", config, fresh, train_, seed=seed,
+                                               directory=cache_dir)
+    return tensor_task(
+        "sequences", data, build_model, fresh().example_inputs(), batch_size=batch_size,
+        val_batch_size=500, seed=seed, finetune=finetune or _DEFAULT_FINETUNE,
         description=(
             f"generated motif sequences ({n_train} train / {n_val} val, 10 classes), "
             f"transformer dim {dim}, {num_heads} heads, {depth} layers"

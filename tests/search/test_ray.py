@@ -31,18 +31,6 @@ SYNTHETIC = "autoprune.testing.tasks:synthetic_task"
 BUDGETS = ["latency<1s", "params<15k"]  # the dense model (19,810 params) is not fine-tuned
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread in this process too, like the Ray workers (1 CPU each): 2 threads on
-    a busy 2-core machine make the in-process trials many times slower."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory, fast_target):
     """One Ray search (2 workers, 2 CPUs); records how the local Ray was started."""
