@@ -3,7 +3,8 @@
 Same trial budget for each method, same space (per-layer structured), same fine-tuning, same
 target (cpu-1t). Prints, side by side: the best accuracy under two latency budgets and the
 hypervolume of the accuracy/latency front; then the per-trial time breakdown (prune, latency,
-fine-tune, evaluate, bookkeeping) and the process's memory from trial 10 to the last trial.
+fine-tune, evaluate, bookkeeping), how far the screened latencies of the re-measured plans were
+from their full measurements, and the process's memory from trial 10 to the last trial.
 
 Usage: python benchmarks/search_quality.py [--trials 40] [--finetune-steps 40] [--out DIR]
        [--methods nsga2,tpe,random,uniform]
@@ -12,6 +13,7 @@ Usage: python benchmarks/search_quality.py [--trials 40] [--finetune-steps 40] [
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -99,7 +101,7 @@ def main() -> None:
                   if r.status == "complete" and LAT in r.metrics]
         rows.append((name, best_under(res, loose), best_under(res, tight),
                      hypervolume(points, dense_ms * 1.05), wall / 60))
-        all_results[name] = (res, stamps, t0, finished)
+        all_results[name] = (res, stamps, t0, finished, result.run_dir)
 
     print(f"{'method':<20} {'best acc <' + f'{loose:.2f}ms':>16} "
           f"{'best acc <' + f'{tight:.2f}ms':>16} {'hypervolume':>12} {'minutes':>8}")
@@ -107,7 +109,7 @@ def main() -> None:
         print(f"{name:<20} {a:>16.4f} {b:>16.4f} {hv:>12.4f} {minutes:>8.1f}")
 
     first = next(iter(all_results))
-    res, stamps, t0, finished = all_results[first]
+    res, stamps, t0, finished, run_dir = all_results[first]
     feasible = [r for r in res if r.status == "complete"]
     infeasible = [r for r in res if r.status == "infeasible"]
     ends = [t0] + [t for t, _ in stamps]
@@ -139,6 +141,14 @@ def main() -> None:
                   f"(target <= 5 %)")
     print(f"after the last trial (full re-measurement of the fronts, run directory): "
           f"{finished:.1f} s, {finished / len(res):.2f} s per trial")
+    # Screened vs full p50 of the plans re-measured after the last trial (both are cached).
+    entries = json.loads((run_dir / "latency_cache.json").read_text())["entries"]
+    diffs = [100 * (v["p50_ms"] / entries[k.partition("|screen")[0]]["p50_ms"] - 1)
+             for k, v in entries.items()
+             if "|screen" in k and k.partition("|screen")[0] in entries]
+    if diffs:
+        print(f"screened vs full p50 of the {len(diffs)} re-measured plan(s): "
+              f"{min(diffs):+.1f} .. {max(diffs):+.1f} %")
     if len(stamps) >= 10:
         print(f"RSS after trial 10: {stamps[9][1]:.0f} MB, after trial {len(stamps)}: "
               f"{stamps[-1][1]:.0f} MB (target: flat)")
