@@ -1,0 +1,154 @@
+"""The trainable on the workers: a Ray actor runs one trial after another through run_trial.
+
+What a worker gets (``_Job``, shipped once through Ray's object store), and what a trial reports
+to Tune (the ``TrialResult`` as JSON under ``RESULT_KEY``, plus the objectives Tune searches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from autoprune.fingerprint import architecture_signature
+from autoprune.search._base import SearchContext
+from autoprune.search._ray._isolation import NodeIsolation, _isolation_mode
+from autoprune.trial import TrialResult, run_trial
+
+CONFIG_KEY = "autoprune"  # the trial config entry holding number, baseline and parameters
+RESULT_KEY = "autoprune_result"  # the reported result entry holding the TrialResult (JSON)
+
+
+@dataclasses.dataclass
+class _Job:
+    """Everything a worker needs to run trials; shipped once through Ray's object store."""
+
+    task_spec: str  # loaded by each worker process (absolute path for file specs)
+    task: Any  # the Task object itself when it cannot be loaded from a spec, else None
+    space: Any  # BoundSpace: build(params) -> plan
+    fingerprint: list[str]  # architecture signature stamped on every plan
+    settings: Any  # TrialSettings without the latency cache (workers open their own)
+    cache_path: str  # latency cache file shared by the workers of one machine
+    measure_lock: str | None  # lock file path; None = <node temp dir>/autoprune-measure.lock
+    isolation: str  # "node": neighbours' compute pauses while a trial measures; "measurements"
+    objectives: list[Any]  # Objective list: keys reported to Tune
+    stopper: str | None  # name of the EarlyStopper actor (None: no early stopping)
+    threads: int  # torch threads per trial (= CPUs per trial)
+    finished: dict[int, dict[str, Any]]  # on resume: results of trials that already finished
+
+
+def _job(ctx: SearchContext, stopper: str | None, finished: dict[int, dict]) -> _Job:
+    opts = ctx.backend_options
+    spec = _portable_spec(ctx.task_spec)
+    return _Job(
+        task_spec=spec, task=None if _loadable(spec) else ctx.task, space=ctx.space,
+        fingerprint=architecture_signature(ctx.task.build_model()),
+        settings=dataclasses.replace(ctx.settings, latency_cache=None),
+        cache_path=str((ctx.run_dir / "latency_cache.json").resolve()),
+        measure_lock=opts.get("measure_lock"), isolation=_isolation_mode(ctx),
+        objectives=list(ctx.objectives), stopper=stopper,
+        threads=max(1, int(float(opts.get("cpus_per_trial") or 1.0))), finished=finished)
+
+
+_WORKER_STATE: dict[tuple, tuple[Any, Any, Any]] = {}  # per process: (task, settings, node)
+
+
+def _worker_state(job: _Job) -> tuple[Any, Any, Any]:
+    """The task and trial settings of this worker process (loaded once, reused by trials)."""
+    key = (job.task_spec, job.cache_path, job.measure_lock, job.isolation, job.threads)
+    if key not in _WORKER_STATE:
+        import torch
+
+        from autoprune.latency import LatencyCache
+        from autoprune.task import load_task
+
+        torch.set_num_threads(max(1, job.threads))
+        task = job.task if job.task is not None else load_task(job.task_spec)
+        lock = job.measure_lock or str(Path(tempfile.gettempdir()) / "autoprune-measure.lock")
+        node = NodeIsolation(lock) if job.isolation == "node" else None
+        if node is not None:
+            task = node.wrap(task)
+        settings = dataclasses.replace(job.settings, measure_lock=lock,
+                                       latency_cache=LatencyCache(job.cache_path))
+        _WORKER_STATE.clear()  # one search at a time per worker process
+        _WORKER_STATE[key] = (task, settings, node)
+    return _WORKER_STATE[key]
+
+
+def _portable_spec(spec: str) -> str:
+    """A task spec that workers can load: file paths made absolute."""
+    head, sep, tail = spec.rpartition(":")
+    path = head if sep else spec
+    if path.endswith(".py") and Path(path).is_file():
+        return str(Path(path).resolve()) + (sep + tail if sep else "")
+    return spec
+
+
+def _loadable(spec: str) -> bool:
+    from autoprune.tasks import list_tasks
+
+    return spec in list_tasks() or ":" in spec or spec.endswith(".py")
+
+
+def _payload(result: TrialResult, curve: list, objectives: list) -> dict[str, Any]:
+    """What a trial reports to Tune: the TrialResult (JSON), its curve, and the objectives
+    (Tune checks that every searched metric is reported; NaN when not measured)."""
+    values = {o.key: float(result.metrics.get(o.key, math.nan)) for o in objectives}
+    return {RESULT_KEY: json.dumps(result.to_dict()), "curve": [list(c) for c in curve],
+            **values}
+
+
+def _trainable(config: dict[str, Any], job: _Job) -> None:
+    """One trial on a Ray worker: the plan for the sampled parameters, through run_trial."""
+    import ray
+    from ray import tune
+
+    meta = config[CONFIG_KEY]
+    number, params = meta["number"], meta["params"]
+    done = job.finished.get(number)
+    if done is not None and done["params"] == params:  # finished before the driver died
+        tune.report(done["payload"])
+        return
+    task, settings, node = _worker_state(job)
+    plan = job.space.build(params).with_fingerprint(job.fingerprint)
+    stopper = None
+    if job.stopper:
+        with contextlib.suppress(ValueError):  # the actor is gone: run without early stopping
+            stopper = ray.get_actor(job.stopper)
+    curve: list[tuple[int, float]] = []
+
+    def on_intermediate(step: int, value: float) -> bool:
+        curve.append((step, value))
+        if stopper is None:
+            return False
+        try:
+            return bool(ray.get(stopper.should_stop.remote(step, value), timeout=30))
+        except Exception:  # a lost stopper never fails a trial
+            return False
+
+    with node.trial() if node is not None else contextlib.nullcontext():
+        result = run_trial(task, plan, settings, on_intermediate=on_intermediate)
+    result.number, result.params, result.baseline = number, params, meta.get("baseline")
+    tune.report(_payload(result, curve, job.objectives))
+
+
+def _confirm_on_worker(job: _Job, results: list[dict], config: Any) -> dict[int, dict]:
+    """``confirm_fronts`` on a worker: the trials' metrics by number, fronts re-measured."""
+    from autoprune.search._confirm import confirm_fronts
+
+    task, settings, _ = _worker_state(job)
+    trials = [TrialResult.from_dict(d) for d in results]
+    confirm_fronts(task, trials, config, settings, say=lambda _: None)
+    return {r.number: r.metrics for r in trials}
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _parse(payload: dict[str, Any]) -> TrialResult:
+    return TrialResult.from_dict(json.loads(payload[RESULT_KEY]))
