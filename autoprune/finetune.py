@@ -10,82 +10,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from autoprune.errors import NonFiniteLossError, TaskError, UsageError
-
-if TYPE_CHECKING:
-    from autoprune.task import Task
+from autoprune.finetune_settings import FinetuneSettings
+from autoprune.task import Task, _to_device, call_model, iterate_seeded
 
 __all__ = ["FinetuneSettings", "FinetuneResult", "finetune_", "distillation_loss"]
-
-_OPTIMIZERS = ("sgd", "adamw")
-_SCHEDULES = ("cosine", "constant")
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """How a pruned model is fine-tuned; tasks carry defaults, ``replace()`` to change them.
-
-    Example:
-        >>> s = FinetuneSettings(steps=100, lr=0.01)
-        >>> s.replace(distill_weight=0.5).distill_weight
-        0.5
-    """
-
-    steps: int = 200  # optimizer steps (0 = no fine-tuning); the data is cycled as needed
-    lr: float = 0.01  # peak learning rate
-    optimizer: str = "sgd"  # "sgd" (with momentum, Nesterov) or "adamw"
-    momentum: float = 0.9  # SGD momentum; AdamW uses it as beta1
-    weight_decay: float = 5e-4  # L2 (SGD) or decoupled (AdamW) weight decay
-    schedule: str = "cosine"  # "cosine" (decays to 0 at `steps`) or "constant"
-    warmup_steps: int = 0  # linear warm-up steps before the schedule
-    batch_size: int | None = None  # None = the task's batches; else re-batch its DataLoader
-    distill_weight: float = 0.0  # weight of the distillation loss in [0, 1]; 0 = off
-    temperature: float = 4.0  # softmax temperature of the distillation loss
-    eval_every: int = 0  # evaluate (and call on_eval) every N steps; 0 = never
-    seed: int = 0  # seeds torch and the training data order
-
-    def __post_init__(self) -> None:
-        def number(name: str, ok: Callable[[float], bool], wanted: str, integer: bool = False):
-            value = getattr(self, name)
-            kinds = (int,) if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
-                problems.append(f"{name} must be {wanted}, got {value!r}")
-
-        problems: list[str] = []
-        number("steps", lambda v: v >= 0, "an int >= 0", integer=True)
-        number("lr", lambda v: 0 < v < math.inf, "a number > 0")
-        if self.optimizer not in _OPTIMIZERS:
-            problems.append(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
-        if self.schedule not in _SCHEDULES:
-            problems.append(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
-        number("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
-        number("weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0")
-        number("warmup_steps", lambda v: v >= 0, "an int >= 0", integer=True)
-        if self.batch_size is not None:
-            number("batch_size", lambda v: v >= 1, "None or an int >= 1", integer=True)
-        number("distill_weight", lambda v: 0 <= v <= 1, "in [0, 1]")
-        number("temperature", lambda v: 0 < v < math.inf, "a number > 0")
-        number("eval_every", lambda v: v >= 0, "an int >= 0", integer=True)
-        number("seed", lambda v: True, "an int", integer=True)
-        if problems:
-            raise UsageError("invalid FinetuneSettings: " + "; ".join(problems))
-
-    def replace(self, **changes: Any) -> FinetuneSettings:
-        """A copy with some fields changed (validated)."""
-        unknown = sorted(set(changes) - {f.name for f in fields(self)})
-        if unknown:
-            raise UsageError(
-                f"unknown fine-tuning setting(s) {', '.join(unknown)}; known: "
-                f"{', '.join(f.name for f in fields(self))}"
-            )
-        return replace(self, **changes)
-
 
 @dataclass
 class FinetuneResult:
@@ -144,8 +79,6 @@ def finetune_(
         >>> result = finetune_(model, task, task.finetune.replace(steps=50))  # doctest: +SKIP
         >>> task.evaluate(model)  # doctest: +SKIP
     """
-    from autoprune.task import Task
-
     if not isinstance(task, Task):
         raise TypeError(f"finetune_ expects an autoprune.task.Task, got {type(task).__name__}")
     settings = task.finetune if settings is None else settings
@@ -176,8 +109,6 @@ def _finetune_loop(
     on_eval: Callable[[int, float], bool | None] | None,
     start: float,
 ) -> FinetuneResult:
-    from autoprune.task import _to_device, call_model, iterate_seeded
-
     result = FinetuneResult(steps_done=0, final_loss=math.nan)
     if settings.steps == 0:
         model.eval()

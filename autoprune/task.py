@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import TaskError
-from autoprune.finetune import FinetuneSettings
+from autoprune.finetune_settings import FinetuneSettings
 
 __all__ = [
     "Metric",
