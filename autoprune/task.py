@@ -123,6 +123,7 @@ class Metric:
     name: str  # column name in results, e.g. "accuracy"
     direction: str  # "maximize" or "minimize"
     fn: Callable[[nn.Module, Iterable], float]  # (model in eval mode, val batches) -> value
+    bounds: tuple[float, float] | None = None  # possible range, e.g. (0, 1) for a fraction
 
     def __post_init__(self) -> None:
         if self.direction not in ("maximize", "minimize"):
@@ -149,7 +150,7 @@ def _accuracy(model: nn.Module, data: Iterable) -> float:
 
 def accuracy(name: str = "accuracy") -> Metric:
     """Top-1 classification accuracy (fraction in [0, 1]) of logits ``(batch, classes)``."""
-    return Metric(name, "maximize", _accuracy)
+    return Metric(name, "maximize", _accuracy, bounds=(0.0, 1.0))
 
 
 def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

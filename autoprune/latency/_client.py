@@ -144,6 +144,10 @@ class RemoteTarget:
         if status == 400 and path == "/measure" and "ONNX Runtime" in str(message):
             raise ExportError(f"the remote device at {self.address} cannot run the model: "
                               f"{message}")
+        if status == 404:
+            raise TargetError(f"{self.address} answered 404 to {method} {path} ({message}): it "
+                              "is not an `autoprune serve-latency` server of this autoprune "
+                              "version; check the address and port")
         raise TargetError(f"the latency server at {self.address} answered {status}: {message}")
 
 

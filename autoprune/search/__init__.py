@@ -21,6 +21,7 @@ from autoprune.search._base import (
     get_backend,
     register_backend,
 )
+from autoprune.search._preflight import preflight
 from autoprune.space import GroupInfo, SearchSpace, load_space
 from autoprune.trial import TrialResult, TrialSettings
 
@@ -104,11 +105,11 @@ def run_search(
         targets = [t["spec"] for t in saved.targets]
         finetune_steps, screen_latency = saved.finetune_steps, saved.screen_latency
         objectives = [o["key"].replace("size_bytes", "size") for o in saved.objectives[2:]]
-        trials = trials or saved.trials
+        trials = saved.trials if trials is None else trials
     elif (run_dir / "run.json").exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it or "
                          f"--output NEW_DIR for a new one")
-    trials = trials or 40
+    trials = 40 if trials is None else trials
     task_spec = task if isinstance(task, str) else getattr(task, "name", "custom")
     task_obj = load_task(task) if isinstance(task, str) else task
     space_obj = load_space(space)
@@ -135,6 +136,7 @@ def run_search(
     bound = space_obj.bind([GroupInfo(g.name, tuple(g.producers)) for g in inspection.groups])
 
     backend_obj = get_backend(backend)
+    preflight(trials, budget_objs, target_objs, task_obj.metric)  # before any output
     backend_obj.check()  # e.g. Ray's install hint, before a run directory is written
     run_dir.mkdir(parents=True, exist_ok=True)
     ft = task_obj.finetune

@@ -1,0 +1,143 @@
+"""Checks a search runs before its first trial: input that can only fail fails here, as a usage
+error (exit code 2) naming the problem and the fix, before any trial runs or any run directory
+is written.
+
+- ``--trials`` is at least 1;
+- budgets fit their metric (a fraction such as accuracy is within [0, 1]) and do not contradict
+  each other (``latency<1ms`` with ``latency>2ms``);
+- every target's ONNX Runtime execution providers exist where it measures;
+- every remote target answers ``GET /info`` within a few seconds and accepts the token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from autoprune.budget import Budget
+from autoprune.errors import BudgetError, TargetError, UsageError
+
+__all__ = ["preflight", "check_trials", "check_budgets", "check_targets", "REMOTE_TIMEOUT"]
+
+REMOTE_TIMEOUT = 4.0  # seconds to connect to and hear from a latency server's /info
+
+
+def preflight(trials: int, budgets: list[Budget], targets: list, metric: Any) -> None:
+    """Every check, cheapest first; raises a :class:`UsageError` at the first failure.
+
+    Args:
+        trials: trials requested.
+        budgets: parsed budgets (relative ones may still be unresolved).
+        targets: the search's :class:`~autoprune.latency.Target` list, primary first.
+        metric: the task's :class:`~autoprune.task.Metric` (``name``, ``bounds``).
+    """
+    check_trials(trials)
+    check_budgets(budgets, metric, targets[0].name if targets else "")
+    check_targets(targets)
+
+
+def check_trials(trials: int) -> None:
+    """``trials`` is a whole number >= 1."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise UsageError(f"--trials must be at least 1, got {trials!r}: pass the number of "
+                         f"trials to run, e.g. --trials 40")
+
+
+def check_budgets(budgets: list[Budget], metric: Any, primary: str) -> None:
+    """Budgets within their metric's bounds, and no two that exclude each other."""
+    bounds = getattr(metric, "bounds", None)
+    for b in budgets:
+        if bounds is not None and b.metric == metric.name:
+            _check_bounds(b, bounds)
+    lower: dict[tuple, Budget] = {}
+    upper: dict[tuple, Budget] = {}
+    for b in budgets:
+        key = (b.metric_key(primary), b.fraction is not None)
+        side = lower if b.op in (">", ">=") else upper
+        if key not in side or _tighter(b, side[key]):
+            side[key] = b
+    for key, low in lower.items():
+        high = upper.get(key)
+        if high is not None and not _overlap(low, high):
+            kind = "share of the dense model's " if key[1] else ""
+            raise BudgetError(
+                f"budgets {low.text!r} and {high.text!r} contradict each other: no "
+                f"{kind}{_label(low)} is both {low.op} {_shown(low)} and {high.op} "
+                f"{_shown(high)}; drop or fix one of them")
+
+
+def _label(b: Budget) -> str:
+    return f"{b.metric} ({b.statistic})" if b.metric == "latency" else b.metric
+
+
+def _threshold(b: Budget) -> float:
+    """The number a budget compares with: its share of the dense model's, or its value."""
+    return b.fraction if b.fraction is not None else b.value
+
+
+def _shown(b: Budget) -> str:
+    return f"{100 * b.fraction:g}%" if b.fraction is not None else f"{b.value:g}"
+
+
+def _tighter(b: Budget, other: Budget) -> bool:
+    """``b`` excludes more than ``other`` (same side, same metric)."""
+    x, y = _threshold(b), _threshold(other)
+    if b.op in (">", ">="):
+        return x > y or (x == y and b.op == ">")
+    return x < y or (x == y and b.op == "<")
+
+
+def _overlap(low: Budget, high: Budget) -> bool:
+    lo, hi = _threshold(low), _threshold(high)
+    return lo < hi or (lo == hi and low.op == ">=" and high.op == "<=")
+
+
+def _check_bounds(b: Budget, bounds: tuple[float, float]) -> None:
+    lo, hi = bounds
+    ok = {">=": b.value <= hi, ">": b.value < hi, "<=": b.value >= lo, "<": b.value > lo}[b.op]
+    if ok and lo <= b.value <= hi:
+        return
+    hint = ""
+    if hi == 1 and 1 < b.value <= 100:
+        hint = (f"; for {b.value:g} percent write {b.metric}{b.op}{b.value:g}% or "
+                f"{b.metric}{b.op}{b.value / 100:g}")
+    raise BudgetError(f"budget {b.text!r} can never be met: {b.metric} lies between {lo:g} and "
+                      f"{hi:g}{hint}")
+
+
+def check_targets(targets: list) -> None:
+    """Providers available where each target measures; remote servers up, token accepted."""
+    import onnxruntime as ort
+
+    local = ort.get_available_providers()
+    for target in targets:
+        if target.is_remote:
+            available = _remote_info(target).get("providers") or []
+            where = f"the latency server at {target.remote}"
+        else:
+            available, where = local, "this machine"
+        missing = [p for p in target.providers if p not in available]
+        if missing:
+            raise TargetError(
+                f"target {target.name!r} needs ONNX Runtime execution provider(s) "
+                f"{', '.join(missing)}, which {where} does not have (available: "
+                f"{', '.join(available) or 'none'}); install the onnxruntime build that has "
+                f"them there, or list only available providers in the target profile")
+
+
+def _remote_info(target: Any) -> dict[str, Any]:
+    """``GET /info`` of a remote target's server, with a short timeout."""
+    from autoprune.latency import RemoteTarget
+    from autoprune.latency._server import PROTOCOL_VERSION
+
+    remote = dataclasses.replace(RemoteTarget.from_target(target), timeout=REMOTE_TIMEOUT)
+    try:
+        info = remote.info()
+    except TargetError as e:
+        raise TargetError(f"target {target.name!r}: {e}") from None
+    if info.get("protocol") != PROTOCOL_VERSION:
+        raise TargetError(
+            f"target {target.name!r}: the latency server at {target.remote} speaks protocol "
+            f"{info.get('protocol')!r}, this autoprune speaks {PROTOCOL_VERSION}; install the "
+            f"same autoprune version on both machines")
+    return info

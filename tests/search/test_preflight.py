@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import pytest
+
+import autoprune.trial
+from autoprune.budget import parse_budgets
+from autoprune.cli import main
+from autoprune.errors import BudgetError, TargetError, UsageError
+from autoprune.latency import TOKEN_ENV_VAR, LatencyServer, load_target
+from autoprune.search._preflight import check_budgets, check_targets, check_trials
+from autoprune.task import Metric, accuracy
+
+SYNTHETIC = "autoprune.testing.tasks:synthetic_task"
+TOKEN = "preflight-token"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LatencyServer("127.0.0.1", 0, TOKEN) as srv:
+        srv.start()
+        yield srv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _budgets(*texts: str) -> None:
+    check_budgets(parse_budgets(list(texts)), accuracy(), "cpu-1t")
+
+
+@pytest.mark.parametrize("trials", [0, -3, True, 2.5])
+def test_trials_below_one_are_a_usage_error(trials):
+    with pytest.raises(UsageError, match=r"--trials must be at least 1.*--trials 40"):
+        check_trials(trials)
+    check_trials(1)
+
+
+@pytest.mark.parametrize("text, hint", [
+    ("accuracy>=2", "accuracy>=2% or accuracy>=0.02"),
+    ("accuracy>=97", "accuracy>=97% or accuracy>=0.97"),
+    ("accuracy>1", "between 0 and 1"),
+    ("accuracy<=150", "between 0 and 1"),
+])
+def test_fraction_metric_budget_outside_0_1_names_the_fix(text, hint):
+    with pytest.raises(BudgetError, match="can never be met") as e:
+        _budgets(text)
+    assert hint in str(e.value)
+
+
+def test_budgets_within_bounds_and_metrics_without_bounds_pass():
+    for text in ("accuracy>=0.97", "accuracy>=97%", "accuracy>=1", "accuracy<=0"):
+        _budgets(text)
+    check_budgets(parse_budgets(["loss<=3"]), Metric("loss", "minimize", lambda m, d: 0.0),
+                  "cpu-1t")
+
+
+@pytest.mark.parametrize("texts, shown", [
+    (["latency<1ms", "latency>2ms"], "is both > 2 and < 1"),
+    (["latency<1ms", "latency>=1ms"], "is both >= 1 and < 1"),
+    (["params<10k", "params>20k"], "params is both > 20000 and < 10000"),
+    (["accuracy>=0.9", "accuracy<0.5"], "accuracy is both >= 0.9 and < 0.5"),
+    (["latency<35%", "latency>50%"], "share of the dense model's latency (p50) is both > 50%"),
+    (["speedup>=3x", "latency>=50%"], "is both >= 50% and <= 33.3333%"),
+])
+def test_contradictory_budgets_are_rejected(texts, shown):
+    with pytest.raises(BudgetError, match="contradict each other") as e:
+        _budgets(*texts)
+    assert shown in str(e.value)
+
+
+def test_compatible_and_relative_budgets_pass():
+    # the same value from both sides when both are inclusive; other statistics and targets;
+    # a relative budget is not compared with an absolute one (the dense model resolves it)
+    _budgets("latency<=1ms", "latency>=1ms")
+    _budgets("latency<1ms", "latency>2ms@p90")
+    _budgets("latency<1ms", "latency>2ms@other")
+    _budgets("latency<35%", "latency>1ms", "speedup>=2x", "params<50%", "params>1k")
+
+
+def test_missing_local_provider_is_a_usage_error():
+    target = dataclasses.replace(load_target("cpu-1t"), name="gpu",
+                                 providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    with pytest.raises(TargetError, match=r"'gpu' needs ONNX Runtime execution provider\(s\) "
+                                          r"CUDAExecutionProvider, which this machine"):
+        check_targets([target])
+    check_targets([load_target("cpu-1t"), load_target("cpu")])
+
+
+def test_remote_target_reachable_with_token_and_providers(server, monkeypatch, tmp_path):
+    port = server.address[1]
+    monkeypatch.setenv(TOKEN_ENV_VAR, TOKEN)
+    check_targets([load_target(f"remote://127.0.0.1:{port}")])
+    gpu = dataclasses.replace(load_target(f"remote://127.0.0.1:{port}"),
+                              providers=("CUDAExecutionProvider",))
+    with pytest.raises(TargetError, match=f"which the latency server at 127.0.0.1:{port} "
+                                          "does not have"):
+        check_targets([gpu])
+    monkeypatch.setenv(TOKEN_ENV_VAR, "wrong")
+    with pytest.raises(TargetError, match="rejected the token.*--token-file"):
+        check_targets([load_target(f"remote://127.0.0.1:{port}")])
+    monkeypatch.delenv(TOKEN_ENV_VAR)
+    with pytest.raises(TargetError, match="needs a token"):
+        check_targets([load_target(f"remote://127.0.0.1:{port}")])
+
+
+def _no_trials(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a trial ran")
+
+    monkeypatch.setattr(autoprune.trial, "run_trial", fail)
+    monkeypatch.setattr("autoprune.search._optuna.run_trial", fail)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--trials", "0"], "--trials must be at least 1, got 0"),
+    (["--trials", "-3"], "--trials must be at least 1, got -3"),
+    (["--budget", "accuracy>=2"], "accuracy>=2% or accuracy>=0.02"),
+    (["--budget", "latency<1ms,latency>2ms"], "contradict each other"),
+    (["--target", "remote://127.0.0.1:{port}"], "cannot reach the latency server"),
+])
+def test_cli_preflight_exits_2_before_any_trial_or_output(extra, message, tmp_path, capsys,
+                                                          monkeypatch, fast_target):
+    monkeypatch.setenv(TOKEN_ENV_VAR, TOKEN)
+    _no_trials(monkeypatch)
+    out = tmp_path / "run"
+    extra = [x.format(port=_free_port()) for x in extra]
+    targets = [] if "--target" in extra else ["--target", fast_target]
+    code = main(["search", "--task", SYNTHETIC, "--trials", "3", *targets, *extra,
+                 "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists()
