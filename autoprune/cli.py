@@ -128,7 +128,8 @@ def _report(args: argparse.Namespace) -> int:
 def _serve_latency(args: argparse.Namespace) -> int:
     from autoprune.latency import serve_latency
 
-    serve_latency(args.host, args.port, args.token_file, max_model_mb=args.max_model_mb)
+    serve_latency(args.host, args.port, args.token_file, max_model_mb=args.max_model_mb,
+                  read_timeout=args.read_timeout)
     return 0
 
 
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "$AUTOPRUNE_LATENCY_TOKEN)")
     p.add_argument("--max-model-mb", type=float, default=256,
                    help="largest ONNX model accepted, in MiB (default: 256)")
+    p.add_argument("--read-timeout", type=float, default=20.0,
+                   help="seconds a client may stay silent while sending a request; a model "
+                        "must also arrive at >= 256 KiB/s (default: 20)")
     return parser
 
 

@@ -12,8 +12,13 @@ Protocol (HTTP/1.1, JSON answers):
 
 Every request needs ``Authorization: Bearer TOKEN`` except ``/health``. Errors answer
 ``{"error": "..."}`` with 400 (malformed request or model), 401 (missing or bad token),
-404, 411 (no Content-Length), 413 (model larger than the cap) or 503 (busy for too long).
+404, 408 (the body stalled), 411 (no Content-Length), 413 (model larger than the cap) or 503
+(busy for too long).
 Only one measurement runs at a time: concurrent timings on one device corrupt each other.
+
+Slow or silent clients: every read waits at most the read timeout (an idle connection is then
+closed), and a body must arrive within the read timeout plus one second per 256 KiB. A client
+that goes away is one log line, never a traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import json
 import logging
 import os
 import platform
+import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -54,6 +61,8 @@ DEFAULT_MAX_MODEL_BYTES = 256 * 2**20
 REQUEST_HEADER = "X-Autoprune-Request"
 _MAX_INPUT_ELEMENTS = 64 * 2**20  # per request, all inputs together (memory bound)
 _DRAIN_LIMIT = 64 * 2**20  # bytes of a rejected body read and discarded so the client sees why
+_MIN_UPLOAD_RATE = 256 * 2**10  # bytes/s a body must keep up on average (on top of the timeout)
+DEFAULT_READ_TIMEOUT = 20.0  # seconds a client may stay silent while sending a request
 _DTYPES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"}
 # Target fields a client may set: all but where the measurement runs (that stays the server's
 # business) and the client's token file.
@@ -86,7 +95,7 @@ class LatencyServer:
         max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
         max_seconds: float = 120.0,
         queue_timeout: float = 600.0,
-        request_timeout: float = 60.0,
+        request_timeout: float = DEFAULT_READ_TIMEOUT,
     ):
         """Bind the server (port 0 picks a free port).
 
@@ -97,10 +106,14 @@ class LatencyServer:
             max_model_bytes: larger models are refused with 413.
             max_seconds: cap on one measurement's timing, whatever the client asks.
             queue_timeout: how long a request waits for the running measurement (then 503).
-            request_timeout: socket timeout for reading a request.
+            request_timeout: read timeout: how long one read of a request (or a write of an
+                answer) may wait; a body must also arrive within it plus one second per
+                256 KiB, else 408.
         """
         if not token or not token.strip():
             raise UsageError("serve-latency needs a non-empty token (--token-file FILE)")
+        if not request_timeout > 0:
+            raise UsageError(f"the read timeout must be > 0 seconds, got {request_timeout!r}")
         self.token = token.strip()  # the shared secret
         self.max_model_bytes = int(max_model_bytes)  # models above this get 413
         self.max_seconds = float(max_seconds)  # cap on one measurement's timing
@@ -108,8 +121,7 @@ class LatencyServer:
         self.measure_lock = threading.Lock()  # one measurement at a time
         self.measurements = 0  # measurements served
         handler = type("_Handler", (_Handler,), {"server_state": self, "timeout": request_timeout})
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer((host, port), handler)
         self._thread: threading.Thread | None = None
 
     @property
@@ -164,6 +176,19 @@ class LatencyServer:
         }
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: tuple) -> None:
+        """A client that went away or stalled is one log line; anything else a traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            logger.warning("%s: connection dropped (%s)", client_address[0],
+                           type(exc).__name__)
+            return
+        super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_state: LatencyServer  # set on the per-server subclass
     protocol_version = "HTTP/1.1"
@@ -175,15 +200,22 @@ class _Handler(BaseHTTPRequestHandler):
     # -- plumbing ---------------------------------------------------------------------------
     def _send_json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
         body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if status == HTTPStatus.UNAUTHORIZED:
-            self.send_header("WWW-Authenticate", 'Bearer realm="autoprune-latency"')
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if status == HTTPStatus.UNAUTHORIZED:
+                self.send_header("WWW-Authenticate", 'Bearer realm="autoprune-latency"')
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+        except (ConnectionError, TimeoutError) as exc:
+            self.close_connection = True
+            # an error answer was logged already: one line per failed request
+            logger.log(logging.DEBUG if status >= 400 else logging.WARNING,
+                       "%s: client went away before the %d answer (%s)",
+                       self.address_string(), status.value, type(exc).__name__)
 
     def _error(self, status: HTTPStatus, message: str) -> None:
         logger.warning("%s: %d %s", self.address_string(), status.value, message)
@@ -274,12 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length == 0:
             raise _RequestError(HTTPStatus.BAD_REQUEST, "empty body: send the ONNX model bytes")
         meta = self._parse_request_header()
-        body = self.rfile.read(length)
-        self._body_read = True
-        if len(body) != length:
-            self.close_connection = True
-            raise _RequestError(HTTPStatus.BAD_REQUEST, "body shorter than Content-Length")
-
+        body = self._read_body(length)
         target, arrays, limit_ms = meta
         if not state.measure_lock.acquire(timeout=state.queue_timeout):
             raise _RequestError(
@@ -292,6 +319,39 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             state.measure_lock.release()
         self._send_json(HTTPStatus.OK, {"stats": stats.to_dict(), "target": target.key()})
+
+    def _read_body(self, length: int) -> bytes:
+        """The request body; 408 when it stalls, 400 when the client closes before its end."""
+        self._body_read = True
+        start = time.monotonic()
+        deadline = start + self.timeout + length / _MIN_UPLOAD_RATE
+        chunks, got = [], 0
+        try:
+            while got < length:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                chunk = self.rfile.read1(min(length - got, 2**20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        except TimeoutError:
+            self.close_connection = True
+            raise _RequestError(
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"the request body stalled: {got} of {length} bytes arrived in "
+                f"{time.monotonic() - start:.0f} s (read timeout {self.timeout:g} s)",
+            ) from None
+        except ConnectionError:
+            pass  # the client went away: a short body
+        if got < length:
+            self.close_connection = True
+            raise _RequestError(
+                HTTPStatus.BAD_REQUEST,
+                f"body shorter than Content-Length ({got} of {length} bytes): the client "
+                "closed the connection",
+            )
+        return b"".join(chunks)
 
     def _parse_request_header(self) -> tuple[Any, list[np.ndarray], float | None]:
         raw = self.headers.get(REQUEST_HEADER)
@@ -404,6 +464,7 @@ def serve(
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
     max_seconds: float = 120.0,
     queue_timeout: float = 600.0,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> None:
     """Run a latency server in the foreground until Ctrl-C.
 
@@ -416,6 +477,7 @@ def serve(
         max_model_bytes=max_model_bytes,
         max_seconds=max_seconds,
         queue_timeout=queue_timeout,
+        request_timeout=read_timeout,
     )
     if not _is_loopback(host):
         logger.warning(
@@ -444,6 +506,7 @@ def serve_latency(
     token_file: str | Path | None = None,
     *,
     max_model_mb: float = DEFAULT_MAX_MODEL_BYTES / 2**20,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> int:
     """Entry point of ``autoprune serve-latency``: blocks until Ctrl-C, returns exit code 0.
 
@@ -453,7 +516,8 @@ def serve_latency(
         TargetError: no token (a :class:`UsageError`, exit code 2).
     """
     token = resolve_token(token_file)
-    serve(host, port, token, max_model_bytes=int(max_model_mb * 2**20))
+    serve(host, port, token, max_model_bytes=int(max_model_mb * 2**20),
+          read_timeout=read_timeout)
     return 0
 
 
