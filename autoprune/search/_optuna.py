@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any
 
 from autoprune.search._base import Backend, EarlyStopper, SearchContext, register_backend
@@ -49,6 +50,30 @@ def _storage(path):
     return storage
 
 
+def _describe(study, ctx: SearchContext) -> None:
+    """Name the objectives and store what the search is as study attributes, so that
+    optuna-dashboard tells the same story as the report: task, space, budgets, targets."""
+    import optuna
+
+    config = ctx.config
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, unchanged since
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.key for o in ctx.objectives])
+    attrs = {
+        "task": config.task,
+        "task_description": ctx.task.description,
+        "space": config.space.get("name"),
+        "budgets": config.budgets,
+        "targets": config.target_names,
+        "trials": ctx.trials,
+        "sampler": config.sampler,
+        "seed": config.seed,
+        "finetune_steps": (ctx.settings.finetune or ctx.task.finetune).steps,
+    }
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+
+
 def _result_of(trial) -> TrialResult | None:
     data = trial.user_attrs.get("result")
     return TrialResult.from_dict(json.loads(data)) if data else None
@@ -70,6 +95,7 @@ class OptunaBackend(Backend):
         study = optuna.create_study(
             study_name=STUDY_NAME, storage=storage, sampler=sampler, load_if_exists=ctx.resume,
             directions=[o.direction for o in ctx.objectives])
+        _describe(study, ctx)
         # A crash leaves the trial that was running in RUNNING: it did not finish, rerun it.
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)

@@ -60,6 +60,22 @@ def test_search_writes_a_valid_run_directory(run):
     assert autoprune.search is not None and callable(autoprune.search)
 
 
+def test_study_reads_in_optuna_dashboard(run):
+    """optuna-dashboard shows the objectives by name and the search's settings."""
+    import optuna
+
+    study = optuna.load_study(study_name="autoprune",
+                              storage=f"sqlite:///{run.run_dir / 'study.db'}")
+    assert study.metric_names == ["accuracy", "latency_p50_ms@fast"]
+    attrs = study.user_attrs
+    assert attrs["task"] == SYNTHETIC and attrs["space"] == "per_layer_structured"
+    assert attrs["budgets"] == ["latency<1s", "params<15k"] and attrs["targets"] == ["fast"]
+    assert attrs["trials"] == 7 and attrs["finetune_steps"] == 6
+    assert attrs["sampler"] == "nsga2" and attrs["seed"] == 0
+    assert attrs["task_description"] == ("10 noisy class templates, 16x16; a tiny CNN trained "
+                                         "in memory")
+
+
 def test_infeasible_plan_skips_finetuning(monkeypatch, fast_target):
     calls = []
     import autoprune.finetune
