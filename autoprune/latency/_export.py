@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import re
 import warnings
@@ -105,7 +106,8 @@ def export_onnx(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TracerWarning / legacy-exporter notices
                 torch.onnx.export(
-                    source,
+                    _ExampleInputsOnly(source) if _has_defaulted_args(source, inputs)
+                    else source,
                     inputs,
                     buffer,
                     opset_version=opset,
@@ -160,6 +162,28 @@ def onnx_digest(onnx_model: bytes) -> str:
         init.dims.extend(dims)
     proto.ClearField("producer_version")
     return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+class _ExampleInputsOnly(nn.Module):
+    """Calls the model with the example inputs only. The TorchScript exporter passes every
+    defaulted ``forward`` parameter positionally, which `transformers` models reject
+    (``got multiple values for argument 'use_cache'``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> object:
+        return self.model(*inputs)
+
+
+def _has_defaulted_args(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional and p.default is not p.empty for p in params[len(inputs):])
 
 
 def _as_tuple(example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -16,7 +16,7 @@ from autoprune.criteria import get_criterion
 from autoprune.errors import PlanError
 from autoprune.fingerprint import architecture_signature, first_difference
 from autoprune.plan import LayerRule, PruningPlan
-from autoprune.prune._groups import PrunableGroup, build_groups
+from autoprune.prune._groups import HEAD_COUNT_ATTRS, PrunableGroup, build_groups
 
 __all__ = [
     "PruneReport", "WeightMask", "apply_plan", "prune_model_", "bake_masks_", "baked_copy",
@@ -85,6 +85,11 @@ def _group_rule(plan: PruningPlan, group: PrunableGroup) -> LayerRule:
     return plan.default
 
 
+def _named_rule(plan: PruningPlan, group: PrunableGroup) -> LayerRule | None:
+    """The rule naming the group's leading layer or a producer exactly, if any (opt-in groups)."""
+    return next((plan.rules[n] for n in [group.name, *group.producers] if n in plan.rules), None)
+
+
 def _run_calibration(
     model: nn.Module,
     calibration: Calibration | None,
@@ -120,6 +125,7 @@ def _prune_structured(
 ) -> None:
     dg, inspection = build_groups(model, example_inputs)
     work = [(g, _group_rule(plan, g)) for g in inspection.groups]
+    work += [(g, r) for g in inspection.hidden if (r := _named_rule(plan, g)) is not None]
     work = [(g, r) for g, r in work if r.mode == "structured" and r.sparsity > 0]
     if not work:
         return
@@ -134,11 +140,19 @@ def _prune_structured(
             report.notes.append(f"{group.name}: {crit} cannot score this group, used l1")
             scores = get_criterion("l1").group_importance()(group.tp_group)
         scores = scores.detach().cpu().float()
-        if group.num_heads:
+        if group.num_heads:  # whole heads, scored by their mean (as Torch-Pruning does)
             per_head = scores.numel() // group.num_heads
             keep = count_kept(group.num_heads, rule.sparsity)
             heads = _pick(scores.view(group.num_heads, per_head).mean(1), group.num_heads - keep)
             idxs = (heads[:, None] * per_head + torch.arange(per_head)).flatten()
+        elif group.channel_groups > 1:  # the same positions in every group (Torch-Pruning's
+            n = group.channel_groups  # channel groups): grouped convs stay grouped
+            size = group.channels // n
+            keep = count_kept(size, rule.sparsity, rule.round_to and rule.round_to
+                              // math.gcd(rule.round_to, n))
+            pos = _pick(scores.view(n, size).mean(0), size - keep)
+            idxs = (torch.arange(n)[:, None] * size + pos).flatten()
+            keep *= n
         else:
             keep = count_kept(group.channels, rule.sparsity, rule.round_to)
             idxs = _pick(scores, group.channels - keep)
@@ -148,21 +162,18 @@ def _prune_structured(
             group.tp_group.prune(idxs=idxs, record_history=False)
         report.structured[group.name] = (group.units, keep)
     modules = dict(model.named_modules())
-    for group, _, _ in chosen:
+    for group, _, keep in chosen:
         for owner_name in group.head_owners:
-            _update_head_count(modules[owner_name])
+            _set_head_count(modules[owner_name], keep, group.channels // group.num_heads)
     model.zero_grad(set_to_none=True)
 
 
-def _update_head_count(attn: nn.Module) -> None:
-    """Attention modules cache head counts as ints; bring them in line with the new widths."""
-    head_dim = getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size", None)
-    linears = [c for c in attn.children() if isinstance(c, nn.Linear)]
-    heads = linears[0].out_features // head_dim
-    for attr in ("num_heads", "num_attention_heads"):
-        if hasattr(attn, attr):
+def _set_head_count(attn: nn.Module, heads: int, head_dim: int) -> None:
+    """Attention modules cache head counts as ints (Torch-Pruning leaves them): update them."""
+    for attr in HEAD_COUNT_ATTRS:
+        if isinstance(getattr(attn, attr, None), int):
             setattr(attn, attr, heads)
-    if hasattr(attn, "all_head_size"):
+    if hasattr(attn, "all_head_size"):  # BERT-style
         attn.all_head_size = heads * head_dim
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -9,9 +10,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from autoprune.prune._diagnose import tensors, why_unreached
+
 __all__ = ["PrunableGroup", "Unprunable", "ModelInspection", "inspect_model", "build_groups"]
 
 _ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Python-int head counts attention modules keep (timm/ours, BERT/RoBERTa/ViT, DistilBERT).
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 
 
 @dataclass
@@ -26,12 +31,21 @@ class PrunableGroup:
     flops_share: float  # share of the model's MACs in layers this group touches
     num_heads: int | None = None  # set for attention groups: heads are removed whole
     head_owners: list[str] = field(default_factory=list)  # attention modules to update
+    channel_groups: int = 1  # grouped conv / GroupNorm groups: each loses the same channels
     tp_group: object = field(default=None, repr=False)  # the Torch-Pruning group (internal)
 
     @property
     def units(self) -> int:
         """What a sparsity ratio is applied to: heads for attention groups, else channels."""
         return self.num_heads or self.channels
+
+    def describe_units(self) -> str:
+        """``12 heads``, ``64 ch`` or ``64 ch in 8 groups`` (what ``autoprune layers`` shows)."""
+        if self.num_heads:
+            return f"{self.num_heads} heads"
+        if self.channel_groups > 1:
+            return f"{self.channels} ch in {self.channel_groups} groups"
+        return f"{self.channels} ch"
 
 
 @dataclass
@@ -57,9 +71,11 @@ class ModelInspection:
     unprunable: list[Unprunable]  # layers structured pruning must leave alone
     total_params: int  # parameters of the whole model
     total_macs: int  # multiply-accumulates of one forward pass on the example input
+    hidden: list[PrunableGroup] = field(default_factory=list)  # a transformers model's hidden
+    # width: pruned only by a plan rule naming the group (or a producer) exactly
 
     def group(self, name: str) -> PrunableGroup:
-        for g in self.groups:
+        for g in self.groups + self.hidden:
             if g.name == name:
                 return g
         raise KeyError(name)
@@ -67,13 +83,15 @@ class ModelInspection:
     def table(self) -> str:
         """The human-readable table ``autoprune layers`` prints."""
         rows = [("group (leading layer)", "units", "params", "MACs %", "coupled layers")]
-        for g in self.groups:
-            units = f"{g.num_heads} heads" if g.num_heads else f"{g.channels} ch"
+        for g in self.groups + self.hidden:
             coupled = ", ".join(c for c in g.coupled if c != g.name)
-            rows.append((g.name, units, f"{g.params:,}", f"{100 * g.flops_share:.1f}",
+            rows.append((g.name, g.describe_units(), f"{g.params:,}",
+                         f"{100 * g.flops_share:.1f}",
                          coupled if len(coupled) < 60 else coupled[:57] + "..."))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+        if self.hidden:
+            lines.insert(len(self.groups) + 1, "hidden width, pruned only by a rule naming it:")
         lines.insert(1, "-" * len(lines[0]))
         if self.unprunable:
             lines += ["", "not prunable structurally (unstructured rules still apply):"]
@@ -102,12 +120,21 @@ def _layer_macs(model: nn.Module, example_inputs: tuple) -> dict[nn.Module, int]
     return macs
 
 
+def head_count(module: nn.Module) -> int | None:
+    """The number of heads an attention module keeps as a Python int, or None."""
+    for attr in HEAD_COUNT_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _attention_linears(model: nn.Module) -> dict[nn.Module, nn.Module]:
-    """Map each q/k/v-style Linear to its attention module (a module with an int num_heads)."""
+    """Map each q/k/v-style Linear to its attention module (a module with an int head count)."""
     owners = {}
     for module in model.modules():
-        heads = getattr(module, "num_heads", None)
-        if not isinstance(heads, int) or isinstance(module, nn.MultiheadAttention):
+        heads = head_count(module)
+        if heads is None or isinstance(module, nn.MultiheadAttention):
             continue
         for child in module.children():
             if isinstance(child, nn.Linear) and child.out_features % heads == 0:
@@ -115,25 +142,105 @@ def _attention_linears(model: nn.Module) -> dict[nn.Module, nn.Module]:
     return owners
 
 
-def _output_layers(dg: tp.DependencyGraph) -> list[nn.Module]:
-    """Conv/Linear layers whose outputs reach the model output without another such layer."""
+def _output_layers(dg: tp.DependencyGraph, output_fns: set) -> list[nn.Module]:
+    """Conv/Linear layers whose outputs reach a model output without passing another such layer
+    (directly, or through residual additions to the outputs).
+
+    ``output_fns`` are the grad_fns of the model's outputs. The graph is traced back from the
+    outputs, so a node without successors is an output too.
+    """
     outputs = []
     for module, node in dg.module2node.items():
         if not isinstance(module, _ROOT_TYPES):
             continue
-        seen, stack, feeds_layer = set(), list(node.outputs), False
+        seen, stack = set(), [node]
         while stack:
             n = stack.pop()
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            if isinstance(n.module, _ROOT_TYPES):
-                feeds_layer = True
+            if not n.outputs or n.grad_fn in output_fns:
+                outputs.append(module)
                 break
-            stack.extend(n.outputs)
-        if not feeds_layer:
-            outputs.append(module)
+            for nxt in n.outputs:
+                if id(nxt) not in seen and not isinstance(nxt.module, _ROOT_TYPES):
+                    seen.add(id(nxt))
+                    stack.append(nxt)
     return outputs
+
+
+def _channel_groups(dg: tp.DependencyGraph, group: tp.Group) -> int:
+    """Equal-size channel groups the group's channels form: the least common multiple of
+    Torch-Pruning's per-layer channel groups (grouped convolutions, GroupNorm); 1 if none."""
+    counts = [1]
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels:
+            continue  # depthwise: pruned channel by channel, as Torch-Pruning does
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is not None:
+            out = dg.is_out_channel_pruning_fn(dep.handler)
+            counts.append(pruner.get_out_channel_groups(m) if out
+                          else pruner.get_in_channel_groups(m))
+    return math.lcm(*counts)
+
+
+def _shared_owners(dg: tp.DependencyGraph, group: tp.Group, attn: dict[nn.Module, nn.Module],
+                   outputs: bool) -> list[nn.Module]:
+    """Attention modules with two or more projections in the group, on their outputs (a head
+    group: q/k/v) or on their inputs (the hidden width feeding q/k/v)."""
+    count: dict[nn.Module, int] = {}
+    for m in dict.fromkeys(d.target.module for d, _ in group
+                           if dg.is_out_channel_pruning_fn(d.handler) == outputs):
+        if m in attn:
+            count[attn[m]] = count.get(attn[m], 0) + 1
+    return [o for o, n in count.items() if n >= 2]
+
+
+def _make_group(dg: tp.DependencyGraph, g: tp.Group, names: dict[nn.Module, str],
+                macs: dict[nn.Module, int], total_macs: int,
+                attn: dict[nn.Module, nn.Module]) -> PrunableGroup:
+    root = g[0].dep.target.module
+    outs = [d.target.module for d, _ in g if dg.is_out_channel_pruning_fn(d.handler)]
+    layers = [d.target.module for d, _ in g if isinstance(d.target.module, nn.Module)]
+    uniq = list(dict.fromkeys(m for m in layers if m in names))
+    owners = _shared_owners(dg, g, attn, outputs=True)
+    params = 0
+    for m in uniq:
+        dim = g_dim = None
+        for d, idxs in g:
+            if d.target.module is m:
+                g_dim, dim = len(idxs), (0 if dg.is_out_channel_pruning_fn(d.handler) else 1)
+        size = _dim_size(m, dim)
+        if size:
+            params += sum(p.numel() for p in m.parameters(recurse=False)) * g_dim // size
+    return PrunableGroup(
+        name=names[root],
+        coupled=[names[m] for m in uniq],
+        producers=[names[m] for m in dict.fromkeys(outs) if isinstance(m, _ROOT_TYPES)],
+        channels=len(g[0].idxs),
+        params=params,
+        flops_share=sum(macs.get(m, 0) for m in uniq) / total_macs,
+        num_heads=head_count(owners[0]) if owners else None,
+        head_owners=[names[o] for o in owners],
+        channel_groups=1 if owners else _channel_groups(dg, g),
+        tp_group=g,
+    )
+
+
+def _output_coupled(dg: tp.DependencyGraph, output_layers: list[nn.Module],
+                    names: dict[nn.Module, str]) -> dict[nn.Module, str]:
+    """Layers whose output channels are tied to a model output layer's, and why."""
+    reasons = {}
+    for out in output_layers:
+        pruner = dg.get_pruner_of_module(out)
+        g = dg.get_pruning_group(out, pruner.prune_out_channels,
+                                 list(range(pruner.get_out_channels(out))))
+        for d, _ in g:
+            m = d.target.module
+            if isinstance(m, _ROOT_TYPES) and m is not out and dg.is_out_channel_pruning_fn(
+                    d.handler):
+                reasons.setdefault(m, f"its output channels are tied to those of {names[out]}, "
+                                      "a model output layer: removing them would change the "
+                                      "model's outputs")
+    return reasons
 
 
 def build_groups(
@@ -143,73 +250,57 @@ def build_groups(
     was_training = model.training
     model.eval()
     names = {m: n for n, m in model.named_modules()}
+    outputs: list[torch.Tensor] = []
+
+    def forward(model: nn.Module, inputs: tuple) -> object:
+        out = model(*inputs)
+        outputs.extend(tensors(out))
+        return out
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TP warns about unwrapped parameters it handles fine
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, forward_fn=forward,
+            output_transform=tensors)  # dicts (e.g. a transformers ModelOutput) flattened
     macs = _layer_macs(model, example_inputs)
     total_macs = sum(macs.values()) or 1
     attn = _attention_linears(model)
-    output_layers = _output_layers(dg)
+    output_layers = _output_layers(dg, {t.grad_fn for t in outputs if t.grad_fn is not None})
 
-    groups, covered, unprunable = [], set(), []
+    groups, hidden, covered, unprunable = [], [], set(), []
     for g in dg.get_all_groups(ignored_layers=output_layers, root_module_types=_ROOT_TYPES):
-        root = g[0].dep.target.module
-        outs = [d.target.module for d, _ in g if dg.is_out_channel_pruning_fn(d.handler)]
-        layers = [d.target.module for d, _ in g if isinstance(d.target.module, nn.Module)]
-        uniq = list(dict.fromkeys(m for m in layers if m in names))
-        grouped = [m for m in uniq if isinstance(m, nn.modules.conv._ConvNd)
-                   and 1 < m.groups != m.in_channels]
-        if grouped:
-            for m in outs:
-                if isinstance(m, _ROOT_TYPES):
-                    unprunable.append(Unprunable(
-                        names[m], f"coupled with grouped convolution {names[grouped[0]]} "
-                        f"(groups={grouped[0].groups}), which structured pruning does not split"))
-                    covered.add(m)
-            continue
-        # q/k/v of one attention module share a group; its output projection alone does not.
-        per_owner: dict[nn.Module, int] = {}
-        for m in dict.fromkeys(outs):
-            if m in attn:
-                per_owner[attn[m]] = per_owner.get(attn[m], 0) + 1
-        owners = [o for o, n in per_owner.items() if n >= 2]
-        channels = len(g[0].idxs)
-        params = 0
-        for m in uniq:
-            dim = g_dim = None
-            for d, idxs in g:
-                if d.target.module is m:
-                    g_dim, dim = len(idxs), (0 if dg.is_out_channel_pruning_fn(d.handler) else 1)
-            size = _dim_size(m, dim)
-            if size:
-                params += sum(p.numel() for p in m.parameters(recurse=False)) * g_dim // size
-        touched = sum(macs.get(m, 0) for m in uniq)
-        covered.update(outs)
-        groups.append(PrunableGroup(
-            name=names[root],
-            coupled=[names[m] for m in uniq],
-            producers=[names[m] for m in dict.fromkeys(outs) if isinstance(m, _ROOT_TYPES)],
-            channels=channels,
-            params=params,
-            flops_share=touched / total_macs,
-            num_heads=owners[0].num_heads if owners else None,
-            head_owners=[names[o] for o in owners],
-            tp_group=g,
-        ))
+        group = _make_group(dg, g, names, macs, total_macs, attn)
+        producers = [m for d, _ in g if dg.is_out_channel_pruning_fn(d.handler)
+                     and isinstance(m := d.target.module, _ROOT_TYPES)]
+        covered.update(producers)
+        if group.channels % group.channel_groups:
+            unprunable += [Unprunable(names[m], f"its {group.channels} channels do not split "
+                                                f"into {group.channel_groups} equal groups")
+                           for m in dict.fromkeys(producers)]
+        elif any(type(o).__module__.startswith("transformers.")
+                 for o in _shared_owners(dg, g, attn, outputs=False)):
+            hidden.append(group)
+        else:
+            groups.append(group)
     for m in output_layers:
-        unprunable.append(Unprunable(names[m], "model output layer: its outputs are the "
-                                               "model's outputs"))
+        unprunable.append(Unprunable(names[m], "model output layer: its output channels are "
+                                               "(or are added into) the model's outputs"))
         covered.add(m)
-    for m, n in names.items():
-        if isinstance(m, _ROOT_TYPES) and m not in covered:
-            unprunable.append(Unprunable(n, "not reached by the dependency graph (unused in "
-                                            "forward, or used through an unsupported op)"))
+    tied = _output_coupled(dg, output_layers, names)
+    unprunable += [Unprunable(names[m], why) for m, why in tied.items() if m not in covered]
+    covered.update(tied)
+    missing = [m for m in names if isinstance(m, _ROOT_TYPES) and m not in covered]
+    if missing:
+        reasons = why_unreached(model, example_inputs, missing)
+        unprunable += [Unprunable(names[m], "not reached by the dependency graph: " + reasons[m])
+                       for m in missing]
     order = {n: i for i, n in enumerate(names.values())}
-    groups.sort(key=lambda gr: order[gr.name])
+    for found in (groups, hidden):
+        found.sort(key=lambda gr: order[gr.name])
     unprunable.sort(key=lambda u: order[u.name])
     model.train(was_training)
     inspection = ModelInspection(
-        groups, unprunable, sum(p.numel() for p in model.parameters()), int(total_macs))
+        groups, unprunable, sum(p.numel() for p in model.parameters()), int(total_macs), hidden)
     return dg, inspection
 
 

@@ -14,6 +14,7 @@ from torch import nn
 __all__ = [
     "ResNetCNN",
     "MobileNetCNN",
+    "ResNeXtCNN",
     "DenseNetCNN",
     "TransformerEncoder",
     "SelfAttention",
@@ -178,6 +179,67 @@ class MobileNetCNN(nn.Module):
         return (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
 
 
+class ResNeXtBlock(nn.Module):
+    """ResNeXt bottleneck: 1x1 reduce, grouped 3x3, 1x1 expand, squeeze-excite, shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int, width: int, groups: int):
+        super().__init__()
+        self.reduce = _conv_bn(cin, width, 1)
+        self.grouped = _conv_bn(width, width, 3, stride, groups=groups)
+        self.expand = nn.Sequential(nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.se = SqueezeExcite(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.se(self.expand(self.grouped(self.reduce(x))))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNeXtCNN(nn.Module):
+    """ResNeXt-style CNN: bottleneck blocks with grouped 3x3 convolutions and squeeze-excite.
+
+    Example:
+        >>> model = ResNeXtCNN()
+        >>> model(*model.example_inputs()).shape
+        torch.Size([1, 10])
+        >>> model.stages[0].grouped[0].groups
+        4
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        widths: tuple[int, ...] = (32, 64),
+        groups: int = 4,
+        bottleneck: float = 0.5,
+        image_size: int = 32,
+    ):
+        super().__init__()
+        self.in_channels = in_channels  # input channels, for example_inputs()
+        self.image_size = image_size  # input height and width, for example_inputs()
+        self.stem = _conv_bn(in_channels, widths[0] // 2)
+        blocks, cin = [], widths[0] // 2
+        for i, w in enumerate(widths):
+            blocks.append(ResNeXtBlock(cin, w, 2 if i > 0 else 1, int(w * bottleneck), groups))
+            cin = w
+        self.stages = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stages(self.stem(x)))
+        return self.fc(torch.flatten(x, 1))
+
+    def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
+        shape = (batch, self.in_channels, self.image_size, self.image_size)
+        return (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
+
+
 class DenseLayer(nn.Module):
     def __init__(self, cin: int, growth: int):
         super().__init__()
@@ -326,6 +388,17 @@ def resnet_1m(**kw) -> nn.Module:
 @register_test_model
 def mobilenet_tiny(**kw) -> nn.Module:
     return MobileNetCNN(**kw)
+
+
+@register_test_model
+def resnext_tiny(**kw) -> nn.Module:
+    return ResNeXtCNN(**kw)
+
+
+@register_test_model
+def resnext_1m(**kw) -> nn.Module:
+    """A ~1.1 M-parameter ResNeXt-style CNN (grouped 3x3 convolutions, 8 groups), benchmarks."""
+    return ResNeXtCNN(**{"widths": (64, 128, 256, 576), "groups": 8, "bottleneck": 0.75, **kw})
 
 
 @register_test_model
