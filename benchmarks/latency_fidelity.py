@@ -1,7 +1,8 @@
 """Does measured ONNX Runtime latency follow pruning, and is it repeatable?
 
 On ``resnet_1m`` (the ~1.05 M-parameter residual CNN, 1x1x32x32 input) this prints, for dense,
-unstructured 50 % / 80 % and structured 25 % / 50 % / 75 % (uniform L1 plans):
+unstructured 50 % / 80 % and structured 25 % / 50 % / 75 % (uniform L1 plans), and
+``--grouped-model`` (``resnext_1m``: grouped 3x3 convolutions) dense and structured 50 % / 75 %:
 
 - measured p50 and CV, FLOPs ratio (dense MACs / model MACs, Torch-Pruning's counter),
   measured speed-up over dense and speed-up / FLOPs ratio;
@@ -48,6 +49,13 @@ CONFIGS = [
     ("structured 50%", PruningPlan.uniform(0.5, "structured")),
     ("structured 75%", PruningPlan.uniform(0.75, "structured")),
 ]
+# Rows of a second model with grouped 3x3 convolutions (``--grouped-model``, ResNeXt-style with
+# squeeze-excite), measured in the same interleaved run against its own dense row.
+GROUPED = [
+    ("grouped dense", None),
+    ("grouped 50%", PruningPlan.uniform(0.5, "structured")),
+    ("grouped 75%", PruningPlan.uniform(0.75, "structured")),
+]
 
 
 def spread(values: list[float]) -> float:
@@ -60,6 +68,8 @@ def main() -> None:
     parser.add_argument("--model", default="resnet_1m")
     parser.add_argument("--target", default="cpu-1t")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grouped-model", default="resnext_1m",
+                        help="model with grouped convolutions for the 'grouped' rows ('' = none)")
     parser.add_argument(
         "--sequential", action="store_true", help="also measure back to back, not interleaved"
     )
@@ -70,9 +80,14 @@ def main() -> None:
     inputs = prepare_inputs(dense.example_inputs(), target)
     arrays = [t.numpy() for t in inputs]
 
+    rows = [(name, dense, plan, "dense") for name, plan in CONFIGS]
+    if args.grouped_model:
+        grouped = create_test_model(args.grouped_model).eval()
+        rows += [(name, grouped, plan, "grouped dense") for name, plan in GROUPED]
+    base_of = {name: base for name, _, _, base in rows}  # the dense row each row is compared to
     models, onnx_models, info = {}, {}, {}
-    for name, plan in CONFIGS:
-        model = dense if plan is None else apply_plan(dense, plan, inputs)
+    for name, source, plan, _ in rows:
+        model = source if plan is None else apply_plan(source, plan, inputs)
         model = baked_copy(model).eval()
         macs, params = tp.utils.count_ops_and_params(model, inputs)
         nonzero = sum(int((p != 0).sum()) for p in model.parameters())
@@ -83,6 +98,9 @@ def main() -> None:
 
     print(f"model {args.model}: {info['dense']['params'] / 1e6:.2f} M params, "
           f"{info['dense']['macs'] / 1e6:.1f} M MACs, input {tuple(inputs[0].shape)}")
+    if args.grouped_model:
+        print(f"grouped rows: {args.grouped_model}, {info['grouped dense']['params'] / 1e6:.2f} M "
+              f"params, {info['grouped dense']['macs'] / 1e6:.1f} M MACs, same input")
     print(f"machine: {platform.processor() or platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} cores, load average "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -99,7 +117,6 @@ def main() -> None:
     elapsed = time.perf_counter() - start
 
     p50 = {name: float(np.median([s.p50_ms for s in runs])) for name, runs in results.items()}
-    base = p50["dense"]
     header = (f"{'model':<17} {'params':>7} {'nonzero':>7} {'MACs':>7} {'p50 ms':>7} "
               f"{'CV':>6} {'FLOPs ratio':>11} {'speed-up':>8} {'speed-up/FLOPs':>14} "
               f"{'max|ORT-PT|':>11}")
@@ -107,8 +124,8 @@ def main() -> None:
     print("-" * len(header))
     for name, runs in results.items():
         row = info[name]
-        flops_ratio = info["dense"]["macs"] / row["macs"]
-        speedup = base / p50[name]
+        flops_ratio = info[base_of[name]]["macs"] / row["macs"]
+        speedup = p50[base_of[name]] / p50[name]
         cv = float(np.median([s.cv for s in runs]))
         print(f"{name:<17} {row['params'] / 1e6:>6.2f}M {row['nonzero'] / row['params']:>7.0%} "
               f"{row['macs'] / 1e6:>6.1f}M {p50[name]:>7.3f} {cv:>6.1%} {flops_ratio:>10.2f}x "
@@ -118,7 +135,7 @@ def main() -> None:
           f"({elapsed:.0f} s)")
     for name, runs in results.items():
         medians = [s.p50_ms for s in runs]
-        speedups = [a.p50_ms / b.p50_ms for a, b in zip(results["dense"], runs)]
+        speedups = [a.p50_ms / b.p50_ms for a, b in zip(results[base_of[name]], runs)]
         print(f"  {name:<17} p50 ms {' '.join(f'{m:.4f}' for m in medians)}   "
               f"spread +-{spread(medians):.1f}%   runs {min(s.runs for s in runs)}-"
               f"{max(s.runs for s in runs)}   speed-up spread +-{spread(speedups):.1f}%")

@@ -289,6 +289,9 @@ def build_groups(
     tied = _output_coupled(dg, output_layers, names)
     unprunable += [Unprunable(names[m], why) for m, why in tied.items() if m not in covered]
     covered.update(tied)
+    for m in dg.module2node:  # pruned as one unit, e.g. nn.MultiheadAttention's out_proj
+        if isinstance(m, nn.Module) and not isinstance(m, _ROOT_TYPES):
+            covered.update(m.modules())
     missing = [m for m in names if isinstance(m, _ROOT_TYPES) and m not in covered]
     if missing:
         reasons = why_unreached(model, example_inputs, missing)

@@ -73,3 +73,20 @@ def test_a_layer_tied_to_an_output_layer_names_it():
     assert {u.name: u.reason for u in info.unprunable}["0"] == (
         "its output channels are tied to those of 2, a model output layer: removing them would "
         "change the model's outputs")
+
+
+def test_layers_inside_a_module_pruned_as_one_unit_are_not_listed():
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(8, 32)
+            self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            return self.head((self.mha(h, h, h, need_weights=False)[0] + h).mean(1))
+
+    info = inspect_model(WithMHA().eval(), (torch.randn(1, 5, 8),))
+    assert "mha" in info.group("inp").coupled  # Torch-Pruning prunes it whole, out_proj included
+    assert [u.name for u in info.unprunable] == ["head"]
