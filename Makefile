@@ -5,12 +5,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup search test test-slow lint bench
+.PHONY: setup search test test-slow lint bench wheel-check
 
 setup: $(VENV)/.installed
 
 # torch==2.13.0 first: it is the CPU build on this machine; a bare `torch` pulls a CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev,ray]"
@@ -29,3 +29,18 @@ test-slow: setup
 
 lint: setup
 	$(BIN)/ruff check autoprune tests benchmarks examples
+
+# The package as users install it: the wheel, built and installed into a new virtual
+# environment (torch==2.13.0 first; pip's cache is reused), runs a 2-trial search outside the
+# source tree. build/lib is removed first: setuptools would ship stale modules left in it.
+WHEEL_CHECK := build/wheel-check
+wheel-check: setup
+	rm -rf $(WHEEL_CHECK) build/lib build/bdist.*
+	$(BIN)/pip wheel -q --no-deps -w $(WHEEL_CHECK) .
+	$(PY) -m venv $(WHEEL_CHECK)/venv
+	$(WHEEL_CHECK)/venv/bin/pip install -q --no-compile torch==2.13.0
+	$(WHEEL_CHECK)/venv/bin/pip install -q --no-compile $(WHEEL_CHECK)/autoprune-*.whl
+	bin=$(CURDIR)/$(WHEEL_CHECK)/venv/bin; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+	cd "$$dir" && env -u PYTHONPATH $$bin/autoprune --version && \
+	env -u PYTHONPATH $$bin/autoprune search --task digits --trials 2 --finetune-steps 5 \
+		--output run --quiet

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from autoprune.budget import Budget, parse_budget, parse_budgets
@@ -19,7 +20,10 @@ from autoprune.prune import apply_plan, bake_masks_, inspect_model
 from autoprune.stats import model_stats
 from autoprune.task import Metric, Task, accuracy, load_task
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("autoprune")  # the installed distribution's (pyproject.toml)
+except PackageNotFoundError:  # a source tree used without installing it
+    __version__ = "0+unknown"
 
 __all__ = [
     "AutopruneError",

@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from autoprune import __version__
 from autoprune.errors import AutopruneError, UsageError
 
 __all__ = ["main", "build_parser"]
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Runtime latency.",
         epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"autoprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:

@@ -20,7 +20,12 @@ from autoprune.plan import CRITERIA, MODES, QUANTIZE, LayerRule, PruningPlan
 __all__ = ["SearchSpace", "BoundSpace", "GroupInfo", "load_space", "builtin_spaces",
            "SPACES_DIR"]
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+# The shipped spaces: inside the package when installed from a wheel (setup.py maps
+# search_spaces/ to autoprune/_spaces), at the top of the source tree otherwise.
+SPACES_DIR = Path(__file__).resolve().parent / "_spaces"
+if not SPACES_DIR.is_dir():  # a source checkout or an editable install
+    SPACES_DIR = SPACES_DIR.parent.parent / "search_spaces"
+
 _SHARES = ("per_layer", "per_stage", "global")
 _UNSTRUCTURED_CRITERIA = ("l1", "l2", "taylor", "lamp", "random")
 
