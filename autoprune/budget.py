@@ -1,20 +1,23 @@
-"""Budgets ("latency<10ms", "accuracy>=0.97", "params<1M") and search objectives.
+"""Budgets ("latency<10ms", "latency<35%", "speedup>=3x", "accuracy>=0.97") and objectives.
 
 A budget is a hard constraint. Latency, params, FLOPs and size are known before fine-tuning, so
 a plan that breaks one of them is stopped early; task-metric budgets are checked at the end.
+A cost budget may be relative to the dense model on the same target (``latency<35%``,
+``latency<0.35x``, ``speedup>=3x``, ``params<50%``): the dense model's measurement resolves it
+to an absolute threshold before the first trial (:meth:`Budget.resolve`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from autoprune.errors import BudgetError
 
 __all__ = ["Budget", "Objective", "parse_budget", "parse_budgets", "parse_objectives",
-           "latency_key", "latency_metrics", "STATISTICS", "COST_METRICS"]
+           "resolve_budgets", "latency_key", "latency_metrics", "STATISTICS", "COST_METRICS"]
 
 STATISTICS = ("p50", "p90", "mean")
 COST_METRICS = ("latency", "params", "flops", "macs", "size")  # known before fine-tuning
@@ -22,6 +25,7 @@ COST_METRICS = ("latency", "params", "flops", "macs", "size")  # known before fi
 _TIME = {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}  # -> milliseconds
 _COUNT = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}  # params / flops / macs
 _BYTES = {"b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
         ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
 _PATTERN = re.compile(
@@ -29,8 +33,9 @@ _PATTERN = re.compile(
     r"(?P<number>[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*(?P<unit>[A-Za-zµ%]*)\s*"
     r"(?P<at>(@[\w.:/-]+)*)\s*$"
 )
-_EXAMPLES = ('latency<10ms, latency<=2.5ms@p90, latency<5ms@cpu-1t, accuracy>=0.97, '
-             'params<1M, flops<50M, size<4MB')
+_RELATIVE = {"%": 0.01, "x": 1.0}  # cost budgets relative to the dense model
+_EXAMPLES = ('latency<10ms, latency<35%, speedup>=3x, latency<=2.5ms@p90, latency<5ms@cpu-1t, '
+             'accuracy>=0.97, params<1M, params<50%, flops<50M, size<4MB')
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,9 @@ class Budget:
     statistic: str = "p50"  # latency statistic the budget is about
     target: str | None = None  # target name for latency budgets (None: the first target)
     text: str = ""  # what the user wrote
+    # Relative budgets: the threshold as a fraction of the dense model's value (0.35 for
+    # latency<35%, 1/3 for speedup>=3x); ``value`` is NaN until :meth:`resolve` sets it.
+    fraction: float | None = None
 
     @property
     def is_cost(self) -> bool:
@@ -65,7 +73,37 @@ class Budget:
             return latency_key(self.target or default_target, self.statistic)
         return "size_bytes" if self.metric == "size" else self.metric
 
+    @property
+    def resolved(self) -> bool:
+        return not math.isnan(self.value)
+
+    def resolve(self, reference: dict[str, float], primary: str) -> Budget:
+        """The absolute budget, from the dense model's metrics (``reference``) on ``primary``.
+
+        Example:
+            >>> b = parse_budget("speedup>=4x").resolve({"latency_p50_ms@cpu": 2.0}, "cpu")
+            >>> (b.op, b.value)
+            ('<=', 0.5)
+        """
+        if self.fraction is None:
+            return self
+        key = self.metric_key(primary)
+        if key not in reference:
+            raise BudgetError(f"budget {self.text!r} is relative to the dense model, whose "
+                              f"{key} was not measured")
+        return replace(self, value=self.fraction * reference[key])
+
+    def describe(self) -> str:
+        """What the user wrote and, for a relative budget, the absolute value it resolved to."""
+        if self.fraction is None or not self.resolved:
+            return str(self)
+        unit = {"latency": "ms", "size": " B"}.get(self.metric, "")
+        return f"{self} (= {self.metric}{self.op}{self.value:.4g}{unit})"
+
     def satisfied(self, measured: float | None) -> bool:
+        if not self.resolved:
+            raise BudgetError(f"budget {self.text!r} is relative to the dense model and was "
+                              f"not resolved (Budget.resolve)")
         return measured is not None and not math.isnan(measured) and _OPS[self.op](
             measured, self.value)
 
@@ -73,6 +111,8 @@ class Budget:
         """Optuna-style constraint value: <= 0 when satisfied, relative excess otherwise."""
         if measured is None or math.isnan(measured):
             return 1.0
+        if not self.resolved:
+            self.satisfied(measured)  # raises the explanation
         scale = abs(self.value) or 1.0
         excess = measured - self.value if self.op in ("<", "<=") else self.value - measured
         if self.satisfied(measured):
@@ -103,6 +143,13 @@ def parse_budget(text: str) -> Budget:
     number = float(m["number"])
     ats = [a for a in m["at"].split("@") if a]
     statistic, target = "p50", None
+    if metric == "speedup":  # speedup>=3x: latency <= dense / 3
+        if unit.lower() != "x":
+            raise BudgetError(f"budget {text!r}: speedup is a ratio to the dense model, "
+                              f"e.g. speedup>=3x")
+        if number <= 0:
+            raise BudgetError(f"budget {text!r}: a speed-up must be greater than 0x")
+        metric, op, unit, number = "latency", _FLIP[op], "x", 1 / number
     for a in ats:
         if a in STATISTICS:
             statistic = a
@@ -112,20 +159,27 @@ def parse_budget(text: str) -> Budget:
             target = a
         else:
             raise BudgetError(f"budget {text!r}: '@{a}' only applies to latency budgets")
-    if metric == "latency":
+    fraction = None
+    if metric in COST_METRICS and unit.lower() in _RELATIVE:
+        fraction = number * _RELATIVE[unit.lower()]
+        value = math.nan
+        if fraction <= 0 and op in ("<", "<="):
+            raise BudgetError(f"budget {text!r} can never be met: no plan costs nothing")
+    elif metric == "latency":
         if unit not in _TIME:
-            raise BudgetError(f"budget {text!r}: latency needs a time unit (ms, us or s), "
-                              f"e.g. latency<10ms")
+            raise BudgetError(f"budget {text!r}: latency needs a time unit (ms, us or s) or a "
+                              f"share of the dense model's, e.g. latency<10ms or latency<35%")
         value = number * _TIME[unit]
     elif metric in ("params", "flops", "macs"):
         if unit.lower() not in _COUNT:
             raise BudgetError(f"budget {text!r}: unknown unit {unit!r} for {metric}; use K, M "
-                              f"or G, e.g. {metric}<1.5M")
+                              f"or G, or % of the dense model, e.g. {metric}<1.5M or "
+                              f"{metric}<50%")
         value = number * _COUNT[unit.lower()]
     elif metric == "size":
         if unit.lower() not in _BYTES:
             raise BudgetError(f"budget {text!r}: size needs a unit (B, KB, MB, GB, KiB, MiB, "
-                              f"GiB), e.g. size<4MB")
+                              f"GiB) or % of the dense model, e.g. size<4MB or size<25%")
         value = number * _BYTES[unit.lower()]
     elif unit == "%":
         value = number / 100
@@ -135,7 +189,7 @@ def parse_budget(text: str) -> Budget:
         value = number
     if value < 0 or (metric in COST_METRICS and value == 0 and op in ("<", "<=")):
         raise BudgetError(f"budget {text!r} can never be met")
-    return Budget(metric, op, value, statistic, target, text.strip())
+    return Budget(metric, op, value, statistic, target, text.strip(), fraction)
 
 
 def parse_budgets(texts: list[str] | str | None) -> list[Budget]:
@@ -145,6 +199,22 @@ def parse_budgets(texts: list[str] | str | None) -> list[Budget]:
     if isinstance(texts, str):
         texts = [texts]
     return [parse_budget(part) for t in texts for part in t.split(",") if part.strip()]
+
+
+def resolve_budgets(budgets: list[Budget], reference: dict[str, float], primary: str
+                    ) -> tuple[list[Budget], list[str]]:
+    """Resolve relative budgets against the dense model's metrics.
+
+    Returns:
+        The absolute budgets, and a warning for every cost budget the dense model already
+        meets (it constrains nothing).
+    """
+    resolved = [b.resolve(reference, primary) for b in budgets]
+    warnings = [f"budget {b.describe()} is met by the dense model ({b.metric_key(primary)} "
+                f"{reference[b.metric_key(primary)]:.4g}): it prunes nothing away"
+                for b in resolved if b.is_cost and b.metric_key(primary) in reference
+                and b.op in ("<", "<=") and b.satisfied(reference[b.metric_key(primary)])]
+    return resolved, warnings
 
 
 @dataclass(frozen=True)

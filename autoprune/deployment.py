@@ -150,7 +150,7 @@ def _plan_for_target(config: RunConfig, results: list[TrialResult], target: dict
     lat = latency_key(name)
     measured = [r for r in results if lat in r.metrics]
     spec = str(target.get("spec", name))
-    plan = TargetPlan(name, spec, [b.text for b in budgets], False, None, None, dense,
+    plan = TargetPlan(name, spec, [b.describe() for b in budgets], False, None, None, dense,
                       remote=bool(target.get("remote")) or spec.startswith("remote://"))
     # Every plan measured on this target. Infeasible trials broke a budget (maybe on another
     # target) and were not fine-tuned; only the dense one has a metric (the trained model's),
@@ -268,7 +268,7 @@ def _markdown(plan: DeploymentPlan, run_dir: str | Path | None) -> str:
     where = f" ({run_dir})" if run_dir is not None else ""
     lines = [f"# Deployment plan{where}", "",
              f"Task {c.task}, space {c.space.get('name')}, {sum(plan.counts.values())} trials "
-             f"({counts}); budgets: {', '.join(c.budgets) or 'none'}.", ""]
+             f"({counts}); budgets: {c.budgets_text()}.", ""]
     header, rows = table_rows(plan)
     lines += [_table(rows, header), ""]
     dense = next((t.dense for t in plan.targets if t.dense), None)

@@ -42,7 +42,7 @@ def finalize_plan(
     calibration = task.calibration_batches(4)
     pruned = apply_plan(model, plan, task.example_inputs, calibration=calibration,
                         loss_fn=task.loss_fn, seed=seed)
-    settings = task.finetune.replace(**plan.finetune, seed=seed)
+    settings = task.finetune.with_overrides(plan.finetune).replace(seed=seed)
     if finetune_steps is not None:
         settings = settings.replace(steps=finetune_steps)
     teacher = model if settings.distill_weight > 0 else None

@@ -68,6 +68,22 @@ class FinetuneSettings:
         if problems:
             raise UsageError("invalid FinetuneSettings: " + "; ".join(problems))
 
+    def with_overrides(self, overrides: dict[str, Any]) -> FinetuneSettings:
+        """A plan's fine-tuning overrides applied: fields by name, and ``lr_scale``, a
+        multiplier of this (the task's) learning rate.
+
+        Example:
+            >>> FinetuneSettings(lr=0.01).with_overrides({"lr_scale": 0.5}).lr
+            0.005
+        """
+        changes = dict(overrides)
+        scale = changes.pop("lr_scale", None)
+        if scale is not None:
+            if "lr" in changes:
+                raise UsageError("fine-tuning overrides name both lr and lr_scale; keep one")
+            changes["lr"] = self.lr * float(scale)
+        return self.replace(**changes) if changes else self
+
     def replace(self, **changes: Any) -> FinetuneSettings:
         """A copy with some fields changed (validated)."""
         unknown = sorted(set(changes) - {f.name for f in fields(self)})

@@ -140,6 +140,13 @@ class PruningPlan:
             "fingerprint": self.fingerprint,
         }
 
+    def key(self) -> str:
+        """What the plan does, as text: equal keys prune a model the same way (the
+        fingerprint and format version are left out)."""
+        data = self.to_dict()
+        del data["version"], data["fingerprint"]
+        return json.dumps(data, sort_keys=True)
+
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> PruningPlan:
         """Build a plan from plain data, naming the offending field on any error."""

@@ -400,7 +400,7 @@ def render_html(run_dir: Path, config: RunConfig, results: list[TrialResult]) ->
         f'<p class="meta">Run <code>{_e(run_dir)}</code> &middot; space '
         f"<b>{_e(config.space.get('name'))}</b> &middot; backend {_e(config.backend)} / "
         f"{_e(config.sampler)} &middot; {len(results)} trials ({_e(counts)}) &middot; budgets: "
-        f"<b>{_e(', '.join(config.budgets) or 'none')}</b> &middot; targets: "
+        f"<b>{_e(config.budgets_text())}</b> &middot; targets: "
         f"<b>{_e(', '.join(config.target_names))}</b></p>",
         "<h2>Deployment plan</h2>",
         '<p class="note">Recommended plan per target: the best '

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,10 @@ class RunConfig:
     seed: int = 0  # sampler seed
     finetune_steps: int | None = None  # override of the task's fine-tuning steps
     screen_latency: bool = True  # trials timed with the screening protocol (front: full)
+    steer: bool = True  # scale sampled allocations onto the cost budgets (search/_steer.py)
+    # The dense model's cost metrics (full latency protocol) measured before the first trial:
+    # they resolve relative budgets ("latency<35%"), so verdicts do not move during a search.
+    reference: dict[str, float] = field(default_factory=dict)
 
     @property
     def target_names(self) -> list[str]:
@@ -52,7 +56,16 @@ class RunConfig:
         return self.targets[0]["name"]
 
     def parsed_budgets(self) -> list[Budget]:
-        return parse_budgets(self.budgets)
+        """The budgets, relative ones resolved against the dense model (``reference``)."""
+        budgets = parse_budgets(self.budgets)
+        if not self.reference:  # not measured yet: relative budgets stay unresolved
+            return budgets
+        return [b.resolve(self.reference, self.primary) for b in budgets]
+
+    def budgets_text(self, budgets: list[Budget] | None = None) -> str:
+        """Budgets as written, each relative one with the absolute value it resolved to."""
+        shown = self.parsed_budgets() if budgets is None else budgets
+        return ", ".join(b.describe() for b in shown) or "none"
 
     def parsed_objectives(self) -> list[Objective]:
         return [Objective(o["key"], o["direction"]) for o in self.objectives]
@@ -235,7 +248,7 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
               ("complete", "infeasible", "pruned", "failed")}
     lines = [f"# autoprune run: task {config.task}, space {config.space.get('name')}", "",
              f"{len(results)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())}); "
-             f"budgets: {', '.join(config.budgets) or 'none'}; targets: "
+             f"budgets: {config.budgets_text(budgets)}; targets: "
              f"{', '.join(config.target_names)}", ""]
     header = ["trial", "baseline", config.metric,
               *[f"p50 ms @{t}" for t in config.target_names], "params", "MACs", "size"]
@@ -258,7 +271,7 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
     for target in config.target_names:
         best = recommend(results, config, target)
         if best is None:
-            shown = ", ".join(b.text for b in target_budgets(config, target))
+            shown = config.budgets_text(target_budgets(config, target))
             lines.append(f"- {target}: no trial meets its budgets ({shown})")
             continue
         lat = best.metrics.get(latency_key(target), float("nan"))

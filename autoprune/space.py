@@ -67,7 +67,9 @@ class SearchSpace:
     criteria: tuple[str, ...] = ("l1",)  # criteria to choose from (once per plan)
     round_to: tuple[int | None, ...] = (None,)  # structured round_to choices
     quantize: tuple[str, ...] = ("none",)  # none | int8 (ONNX Runtime dynamic quantization)
-    finetune: dict[str, FloatRange] = field(default_factory=dict)  # e.g. lr: {low, high, log}
+    # Fine-tuning knobs: lr_scale (a multiplier of the task's own lr) or, explicitly, any
+    # FinetuneSettings field such as an absolute lr
+    finetune: dict[str, FloatRange] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "space") -> SearchSpace:
@@ -116,6 +118,18 @@ class SearchSpace:
         except re.error as e:
             raise SearchSpaceError(f"{source}.stage_pattern: invalid regular expression: {e}"
                                    ) from None
+        from autoprune.finetune_settings import FinetuneSettings
+
+        knobs = {"lr_scale", *FinetuneSettings.__dataclass_fields__}
+        for knob in self.finetune:
+            if knob not in knobs:
+                raise SearchSpaceError(
+                    f"{source}.finetune.{knob}: not a fine-tuning setting; use lr_scale (a "
+                    f"multiplier of the task's lr, e.g. {{low: 0.3, high: 3, log: true}}) or "
+                    f"one of {', '.join(sorted(knobs - {'lr_scale'}))}")
+        if "lr" in self.finetune and "lr_scale" in self.finetune:
+            raise SearchSpaceError(f"{source}.finetune: lr (absolute) and lr_scale (relative to "
+                                   f"the task's lr) exclude each other; keep one")
         for r in self.round_to:
             if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
                 raise SearchSpaceError(f"{source}.round_to: {r!r} must be a positive integer "
@@ -254,8 +268,9 @@ class BoundSpace:
         if len(sp.quantize) > 1:
             params["quantize"] = "none"
         for knob, r in sp.finetune.items():
+            # The task's own lr where the range allows it, else the middle of the range
             mid = math.sqrt(r.low * r.high) if r.log else (r.low + r.high) / 2
-            params[f"ft.{knob}"] = self._snap_to(mid, r)
+            params[f"ft.{knob}"] = self._snap_to(1.0 if knob == "lr_scale" else mid, r)
         for unit in self.units:
             if len(sp.modes) > 1:
                 params[f"mode.{unit}"] = mode

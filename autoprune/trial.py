@@ -66,6 +66,7 @@ class TrialResult:
     number: int | None = None  # trial number in the search
     params: dict[str, Any] = field(default_factory=dict)  # sampled search parameters
     baseline: str | None = None  # "dense" / "uniform-structured-0.5" for reference trials
+    reused_from: int | None = None  # the earlier trial of the same plan whose result this is
 
     def feasible(self, budgets: list[Budget], primary: str) -> bool:
         return self.status == "complete" and all(
@@ -85,6 +86,7 @@ class TrialResult:
             "number": self.number, "status": self.status, "reason": self.reason,
             "baseline": self.baseline, "metrics": self.metrics, "timings": self.timings,
             "params": self.params, "plan": self.plan.to_dict(),
+            **({"reused_from": self.reused_from} if self.reused_from is not None else {}),
         }
 
     @classmethod
@@ -92,7 +94,8 @@ class TrialResult:
         return cls(plan=PruningPlan.from_dict(d["plan"]), status=d["status"],
                    metrics=d.get("metrics", {}), reason=d.get("reason", ""),
                    timings=d.get("timings", {}), number=d.get("number"),
-                   params=d.get("params", {}), baseline=d.get("baseline"))
+                   params=d.get("params", {}), baseline=d.get("baseline"),
+                   reused_from=d.get("reused_from"))
 
 
 def _release_memory() -> None:
@@ -184,12 +187,23 @@ def _measure(task, model, plan: PruningPlan, settings: TrialSettings, targets: l
     return metrics
 
 
-def measure_plan(task: Any, plan: PruningPlan, settings: TrialSettings, targets: list
-                 ) -> dict[str, float]:
-    """Full-protocol latency of ``plan`` on ``targets`` (no fine-tuning: latency depends on the
-    pruned shapes only). The search re-measures its fronts with it."""
+def measure_plan(task: Any, plan: PruningPlan, settings: TrialSettings, targets: list,
+                 screen: bool = False) -> dict[str, float]:
+    """Cost metrics of ``plan``: size and MACs, and latency on ``targets`` (full protocol
+    unless ``screen``). No fine-tuning: cost depends on the pruned shapes only. The search
+    measures the dense model, its cost profile and its fronts' re-measurements with it."""
     _, pruned = _prune(task, plan, settings)
-    return _measure(task, pruned, plan, settings, targets, screen=False)
+    return {**_cost_metrics(pruned, task.example_inputs),
+            **_measure(task, pruned, plan, settings, targets, screen=screen)}
+
+
+def _cost_metrics(model: Any, example_inputs: tuple) -> dict[str, float]:
+    from autoprune.stats import model_stats
+
+    stats = model_stats(model, example_inputs)
+    return {"params": float(stats.params), "nonzero_params": float(stats.nonzero_params),
+            "macs": float(stats.macs), "flops": float(stats.flops),
+            "size_bytes": float(stats.size_bytes)}
 
 
 def _hopeless(settings: TrialSettings, metrics: dict[str, float]) -> list[Budget]:
@@ -247,14 +261,10 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
          metrics: dict[str, float], on_intermediate: Callable | None) -> tuple[str, str]:
     """The trial's work; fills ``metrics`` and returns (status, reason)."""
     from autoprune.finetune import finetune_
-    from autoprune.stats import model_stats
 
     with clock("prune"):
         model, pruned = _prune(task, plan, settings)
-        stats = model_stats(pruned, task.example_inputs)
-        metrics.update(params=float(stats.params), nonzero_params=float(stats.nonzero_params),
-                       macs=float(stats.macs), flops=float(stats.flops),
-                       size_bytes=float(stats.size_bytes))
+        metrics.update(_cost_metrics(pruned, task.example_inputs))
     with clock("latency"):
         metrics.update(_measure(task, pruned, plan, settings, settings.targets,
                                 settings.screen_latency))
@@ -269,9 +279,7 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
         return "infeasible", f"breaks {shown}; not fine-tuned"
 
     ft = settings.finetune or task.finetune
-    if plan.finetune:
-        ft = ft.replace(**plan.finetune)
-    ft = ft.replace(seed=settings.seed)
+    ft = ft.with_overrides(plan.finetune).replace(seed=settings.seed)
     with clock("finetune"):
         teacher = model if ft.distill_weight > 0 else None
         run = task.finetune_fn or finetune_

@@ -1,6 +1,12 @@
 import pytest
 
-from autoprune.budget import latency_key, parse_budget, parse_budgets, parse_objectives
+from autoprune.budget import (
+    latency_key,
+    parse_budget,
+    parse_budgets,
+    parse_objectives,
+    resolve_budgets,
+)
 from autoprune.errors import BudgetError
 
 
@@ -48,7 +54,12 @@ def test_satisfied_violation_and_keys():
         ("latency 10ms", r"cannot parse budget 'latency 10ms': expected METRIC OP VALUE"),
         ("latency=10ms", r"cannot parse budget"),
         ("<10ms", r"cannot parse budget"),
-        ("params<1X", r"unknown unit 'X' for params; use K, M or G"),
+        ("params<1Q", r"unknown unit 'Q' for params; use K, M or G, or % of the dense model"),
+        ("latency<0%", r"can never be met: no plan costs nothing"),
+        ("latency<=0x", r"can never be met"),
+        ("speedup>=0x", r"a speed-up must be greater than 0x"),
+        ("speedup>=3", r"speedup is a ratio to the dense model, e.g. speedup>=3x"),
+        ("speedup>=3ms", r"speedup is a ratio"),
         ("size<4", r"size needs a unit"),
         ("accuracy>=0.9@cpu", r"'@cpu' only applies to latency budgets"),
         ("latency<1ms@cpu@cpu-1t", r"names two targets"),
@@ -68,3 +79,57 @@ def test_objectives():
         ("params", "minimize"), ("size_bytes", "minimize")]
     with pytest.raises(BudgetError, match="unknown objective 'energy'"):
         parse_objectives(["energy"], "accuracy", "maximize", "cpu-1t")
+
+
+@pytest.mark.parametrize(
+    ("text", "op", "fraction", "statistic", "target"),
+    [
+        ("latency<35%", "<", 0.35, "p50", None),
+        ("latency<0.35x", "<", 0.35, "p50", None),
+        ("latency<=35%@p90@cpu", "<=", 0.35, "p90", "cpu"),
+        ("speedup>=4x", "<=", 0.25, "p50", None),
+        ("speedup>2x@cpu", "<", 0.5, "p50", "cpu"),
+        ("params<50%", "<", 0.5, "p50", None),
+        ("macs<30%", "<", 0.3, "p50", None),
+        ("flops<0.3x", "<", 0.3, "p50", None),
+        ("size<25%", "<", 0.25, "p50", None),
+    ],
+)
+def test_relative_budgets_parse(text, op, fraction, statistic, target):
+    b = parse_budget(text)
+    assert (b.op, b.fraction, b.statistic, b.target) == (op, pytest.approx(fraction), statistic,
+                                                         target)
+    assert not b.resolved and b.text == text
+
+
+def test_relative_budgets_resolve_against_the_dense_model():
+    dense = {"latency_p50_ms@cpu": 2.0, "latency_p90_ms@cpu": 3.0, "latency_p50_ms@edge": 8.0,
+             "params": 1000.0, "macs": 5e6, "flops": 1e7, "size_bytes": 4000.0}
+    budgets = parse_budgets("latency<35%, latency<50%@p90, speedup>=4x@edge, params<50%, "
+                            "flops<30%, size<25%, accuracy>=0.9")
+    resolved, warnings = resolve_budgets(budgets, dense, "cpu")
+    assert [b.value for b in resolved] == pytest.approx([0.7, 1.5, 2.0, 500, 3e6, 1000, 0.9])
+    assert warnings == []
+    assert resolved[0].satisfied(0.69) and not resolved[0].satisfied(0.71)
+    assert resolved[2].satisfied(2.0) and resolved[2].metric_key("cpu") == "latency_p50_ms@edge"
+    assert resolved[0].describe() == "latency<35% (= latency<0.7ms)"
+    assert resolved[6].describe() == "accuracy>=0.9"
+
+
+def test_a_relative_budget_is_not_used_unresolved():
+    b = parse_budget("latency<35%")
+    with pytest.raises(BudgetError, match="relative to the dense model and was not resolved"):
+        b.satisfied(1.0)
+    with pytest.raises(BudgetError, match="whose latency_p50_ms@cpu was not measured"):
+        b.resolve({"params": 1.0}, "cpu")
+
+
+def test_a_budget_the_dense_model_meets_gets_a_warning():
+    dense = {"latency_p50_ms@cpu": 2.0, "params": 1000.0}
+    _, warnings = resolve_budgets(parse_budgets("latency<150%, speedup>=0.5x, params<50%"),
+                                  dense, "cpu")
+    assert warnings == [
+        "budget latency<150% (= latency<3ms) is met by the dense model (latency_p50_ms@cpu 2): "
+        "it prunes nothing away",
+        "budget speedup>=0.5x (= latency<=4ms) is met by the dense model (latency_p50_ms@cpu "
+        "2): it prunes nothing away"]

@@ -2,6 +2,7 @@ import optuna
 import pytest
 
 from autoprune.errors import SearchSpaceError
+from autoprune.plan import PLAN_VERSION
 from autoprune.space import GroupInfo, SearchSpace, builtin_spaces, load_space
 
 GROUPS = [
@@ -24,7 +25,7 @@ def test_shipped_spaces_load_and_bind():
     for name in builtin_spaces():
         bound = load_space(name).bind(GROUPS)
         plan = bound.build(_sample(bound, 0))
-        assert plan.version == 1
+        assert plan.version == PLAN_VERSION
 
 
 def test_sampling_is_deterministic_under_a_seed():

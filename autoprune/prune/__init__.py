@@ -7,6 +7,7 @@ from autoprune.prune._apply import (
     bake_masks_,
     baked_copy,
     count_kept,
+    group_rule,
     has_masks,
     prune_model_,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "bake_masks_",
     "baked_copy",
     "count_kept",
+    "group_rule",
     "has_masks",
     "inspect_model",
     "prune_model_",

@@ -20,8 +20,7 @@ from autoprune.prune._groups import HEAD_COUNT_ATTRS, PrunableGroup, build_group
 
 __all__ = [
     "PruneReport", "WeightMask", "apply_plan", "prune_model_", "bake_masks_", "baked_copy",
-    "has_masks",
-    "count_kept",
+    "has_masks", "count_kept", "group_rule",
 ]
 
 _WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -73,7 +72,8 @@ def _check_rule_names(plan: PruningPlan, model: nn.Module) -> None:
             )
 
 
-def _group_rule(plan: PruningPlan, group: PrunableGroup) -> LayerRule:
+def group_rule(plan: PruningPlan, group: PrunableGroup) -> LayerRule:
+    """The rule ``plan`` applies to a structured group (anything with name and producers)."""
     # Exact names win, for the leading layer and then any layer producing the same channels;
     # patterns see the leading layer only, so one pattern never hits a group twice.
     for name in [group.name, *group.producers]:
@@ -124,7 +124,7 @@ def _prune_structured(
     report: PruneReport,
 ) -> None:
     dg, inspection = build_groups(model, example_inputs)
-    work = [(g, _group_rule(plan, g)) for g in inspection.groups]
+    work = [(g, group_rule(plan, g)) for g in inspection.groups]
     work += [(g, r) for g in inspection.hidden if (r := _named_rule(plan, g)) is not None]
     work = [(g, r) for g, r in work if r.mode == "structured" and r.sparsity > 0]
     if not work:

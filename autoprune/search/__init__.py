@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from autoprune.budget import latency_key, parse_budgets, parse_objectives
+from autoprune.budget import latency_key, parse_budgets, parse_objectives, resolve_budgets
+from autoprune.costmodel import CostModel, CostStructure
 from autoprune.errors import BudgetError, UsageError
 from autoprune.results import RunConfig, pareto_front, summarize, write_run
 from autoprune.search._base import (
@@ -22,8 +23,10 @@ from autoprune.search._base import (
     register_backend,
 )
 from autoprune.search._preflight import preflight
+from autoprune.plan import PruningPlan
+from autoprune.search._steer import Steering
 from autoprune.space import GroupInfo, SearchSpace, load_space
-from autoprune.trial import TrialResult, TrialSettings
+from autoprune.trial import TrialResult, TrialSettings, measure_plan
 
 __all__ = ["Backend", "EarlyStopper", "SearchContext", "SearchResult", "get_backend",
            "register_backend", "run_search", "search"]
@@ -85,6 +88,7 @@ def run_search(
     resume: bool = False,
     finetune_steps: int | None = None,
     screen_latency: bool = True,
+    steer: bool = True,
     workers: int = 1,
     backend_options: dict[str, Any] | None = None,
     progress: bool = True,
@@ -104,6 +108,7 @@ def run_search(
         budgets, backend, sampler, seed = saved.budgets, saved.backend, saved.sampler, saved.seed
         targets = [t["spec"] for t in saved.targets]
         finetune_steps, screen_latency = saved.finetune_steps, saved.screen_latency
+        steer = saved.steer
         objectives = [o["key"].replace("size_bytes", "size") for o in saved.objectives[2:]]
         trials = saved.trials if trials is None else trials
     elif (run_dir / "run.json").exists():
@@ -150,23 +155,52 @@ def run_search(
                  for t, s in zip(target_objs, target_specs)],
         objectives=[asdict(o) for o in objective_objs], metric=task_obj.metric.name,
         metric_direction=task_obj.metric.direction, backend=backend, sampler=sampler,
-        trials=trials, seed=seed, finetune_steps=finetune_steps, screen_latency=screen_latency)
-    config.save(run_dir)
+        trials=trials, seed=seed, finetune_steps=finetune_steps, screen_latency=screen_latency,
+        steer=steer, reference=saved.reference if resume else {})
     settings = TrialSettings(
         targets=target_objs, budgets=budget_objs, finetune=ft,
         latency_cache=LatencyCache(run_dir / "latency_cache.json"),
         screen_latency=screen_latency, seed=seed)
+    say = (lambda text: print(text, flush=True)) if progress else (lambda _: None)
+    if not config.reference:  # the dense model, timed in full: it resolves relative budgets
+        say("measuring the dense model (full latency protocol)")
+        config.reference = measure_plan(task_obj, PruningPlan(), settings, target_objs)
+    config.save(run_dir)
+    settings.budgets, warnings = resolve_budgets(budget_objs, config.reference, names[0])
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     ctx = SearchContext(
         task_spec=task_spec, task=task_obj, space=bound, settings=settings,
         objectives=objective_objs, config=config, run_dir=run_dir, trials=trials,
         resume=resume, workers=workers, backend_options=backend_options or {},
-        progress=_progress_printer(trials, config) if progress else None)
+        progress=_progress_printer(trials, config) if progress else None,
+        steering=_steering(task_obj, model, inspection, bound, settings, config, run_dir, say))
     results = backend_obj.run(ctx)
     try:
         backend_obj.confirm(ctx, results)
     finally:  # Ctrl-C while re-measuring still leaves the run directory (--resume finishes it)
         front = write_run(run_dir, config, results)
     return SearchResult(front, results, run_dir, summarize(results, config))
+
+
+def _steering(task: Any, model: Any, inspection: Any, space: Any, settings: TrialSettings,
+              config: RunConfig, run_dir: Path, say: Any) -> Steering | None:
+    """The cost model and steering of a search with an upper cost budget (else None), its
+    latency fit started from the dense model and a cheap profile."""
+    if not config.steer:
+        return None
+    statistics = tuple(dict.fromkeys(
+        ["p50", *(b.statistic for b in settings.budgets if b.metric == "latency")]))
+    structure = CostStructure.from_model(model, task.example_inputs, inspection,
+                                         config.reference)
+    steering = Steering(space, CostModel(structure, config.target_names, statistics),
+                        settings.budgets, config.primary)
+    if not steering.active:
+        return None
+    steering.model.observe(PruningPlan(), config.reference)
+    steering.profile(lambda plan: measure_plan(task, plan, settings, settings.targets,
+                                               screen=True), run_dir, say)
+    return steering
 
 
 def report_every(steps: int) -> int:

@@ -12,6 +12,8 @@ from typing import Any
 from autoprune.budget import Objective
 from autoprune.fingerprint import architecture_signature
 from autoprune.results import RunConfig
+from autoprune.plan import PruningPlan
+from autoprune.search._steer import UNIFORM_FIT, Steering
 from autoprune.space import BoundSpace
 from autoprune.trial import TrialResult, TrialSettings
 
@@ -34,10 +36,45 @@ class SearchContext:
     workers: int = 1  # concurrent trials (Ray)
     progress: Callable[[TrialResult, list[TrialResult]], None] | None = None  # after each trial
     backend_options: dict[str, Any] = field(default_factory=dict)  # e.g. Ray address
+    steering: Steering | None = None  # scales allocations onto the cost budgets (or None)
+    # plan key -> the first finished trial of that plan: a repeat reuses its result
+    recorded: dict[str, TrialResult] = field(default_factory=dict)
 
     def plan_for(self, params: dict[str, Any]):
         """The plan for sampled parameters, stamped with the model's architecture signature."""
         return self.space.build(params).with_fingerprint(self._signature)
+
+    def steer(self, params: dict[str, Any], baseline: str | None = None
+              ) -> tuple[dict[str, Any], dict[str, float]]:
+        """The parameters to build the plan from, and the plan's predicted costs: sampled
+        ``params`` steered onto the budgets, except for fixed baselines (dense, uniform-*)
+        that mean what they say."""
+        if self.steering is None:
+            return params, {}
+        return self.steering.project(params, steer=not baseline or baseline == UNIFORM_FIT)
+
+    def prepare(self, params: dict[str, Any], baseline: str | None = None
+                ) -> tuple[PruningPlan, dict[str, float]]:
+        """The plan to try for sampled ``params`` (see :meth:`steer`) and its predicted
+        costs."""
+        steered, predicted = self.steer(params, baseline)
+        return self.plan_for(steered), predicted
+
+    def reuse(self, plan: PruningPlan) -> TrialResult | None:
+        """A copy of the result recorded for ``plan``, if it was tried already."""
+        earlier = self.recorded.get(plan.key())
+        if earlier is None:
+            return None
+        return TrialResult(plan, earlier.status, dict(earlier.metrics), earlier.reason,
+                           reused_from=earlier.number)
+
+    def record(self, result: TrialResult) -> None:
+        """Remember a finished trial (for reuse) and refit the cost model from it."""
+        if result.status == "failed" or result.reused_from is not None:
+            return
+        self.recorded.setdefault(result.plan.key(), result)
+        if self.steering is not None:
+            self.steering.observe(result.plan, result.metrics)
 
     @property
     def _signature(self) -> list[str]:
@@ -46,7 +83,12 @@ class SearchContext:
         return self._sig
 
     def baselines(self) -> dict[str, dict[str, Any]]:
-        return self.space.baselines()
+        """Reference plans tried first: dense, uniform ones and, when steering, the uniform
+        allocation scaled onto the budget (what a person would pick by hand)."""
+        out = self.space.baselines()
+        if self.steering is not None:
+            out[UNIFORM_FIT] = self.space.uniform_params(self.space.space.sparsity.high)
+        return out
 
 
 class Backend(abc.ABC):

@@ -63,5 +63,5 @@ def confirm_fronts(
                 continue
             for name in names:
                 result.metrics.pop(SCREENED + name, None)
-            result.metrics.update({k: v for k, v in fresh.items() if k != "size_bytes"})
+            result.metrics.update({k: v for k, v in fresh.items() if k.startswith("latency_")})
     return len(tried)

@@ -74,6 +74,17 @@ def _describe(study, ctx: SearchContext) -> None:
         study.set_user_attr(key, value)
 
 
+def _previous_trials(storage) -> list:
+    """The trials of the study already in ``storage`` (none if there is no study yet)."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=STUDY_NAME, storage=storage).get_trials(
+            deepcopy=False)
+    except KeyError:
+        return []
+
+
 def _result_of(trial) -> TrialResult | None:
     data = trial.user_attrs.get("result")
     return TrialResult.from_dict(json.loads(data)) if data else None
@@ -91,7 +102,10 @@ class OptunaBackend(Backend):
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = _storage(ctx.run_dir / "study.db")
-        sampler = make_sampler(ctx.config.sampler, ctx.config.seed)
+        # A resumed study goes on with a fresh seed: restarting the sampler from the original
+        # seed would propose the plans it already tried.
+        done = len(_previous_trials(storage)) if ctx.resume else 0
+        sampler = make_sampler(ctx.config.sampler, ctx.config.seed + done)
         study = optuna.create_study(
             study_name=STUDY_NAME, storage=storage, sampler=sampler, load_if_exists=ctx.resume,
             directions=[o.direction for o in ctx.objectives])
@@ -100,9 +114,11 @@ class OptunaBackend(Backend):
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)
         results = [r for t in study.get_trials(deepcopy=False) if (r := _result_of(t))]
+        for r in results:
+            ctx.record(r)
         if not ctx.resume:
             for name, params in ctx.baselines().items():
-                study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+                study.enqueue_trial(params, user_attrs={"baseline": name})
         stopper = EarlyStopper(ctx.task.metric.direction,
                                min_step=max(1, (ctx.settings.finetune or ctx.task.finetune).steps
                                             // 3))
@@ -120,7 +136,17 @@ class OptunaBackend(Backend):
 
     def _run_one(self, ctx: SearchContext, trial, stopper: EarlyStopper) -> TrialResult:
         params = ctx.space.sample(trial)
-        plan = ctx.plan_for(params)
+        baseline = trial.user_attrs.get("baseline")
+        plan, predicted = ctx.prepare(params, baseline)
+        result = ctx.reuse(plan)
+        if result is None:
+            result = self._try(ctx, trial, plan, stopper)
+        result.metrics.update(predicted)
+        result.number, result.params, result.baseline = trial.number, params, baseline
+        ctx.record(result)
+        return result
+
+    def _try(self, ctx: SearchContext, trial, plan, stopper: EarlyStopper) -> TrialResult:
         curve: list[tuple[int, float]] = []
 
         def on_intermediate(step: int, value: float) -> bool:
@@ -137,8 +163,6 @@ class OptunaBackend(Backend):
         if result.status == "complete":
             stopper.record(curve)
         trial.set_user_attr("curve", curve)
-        result.number, result.params = trial.number, params
-        result.baseline = trial.user_attrs.get("baseline")
         return result
 
     def _tell(self, study, trial, result: TrialResult, ctx: SearchContext) -> None:

@@ -27,14 +27,17 @@ class _Sample:
         params = self.space.sample(trial)
         baseline = trial.user_attrs.get("baseline")
         session = _active()
+        steered, predicted = params, {}
         if session is not None:
             session.on_suggest(trial.number, params, baseline)
-        return {CONFIG_KEY: {"number": trial.number, "baseline": baseline, "params": params}}
+            steered, predicted = session.ctx.steer(params, baseline)
+        return {CONFIG_KEY: {"number": trial.number, "baseline": baseline, "params": params,
+                             "steered": steered, "predicted": predicted}}
 
 
 def _make_searcher(ctx: SearchContext):
     return _searcher_class()(
-        ctx.baselines(), [b.text for b in ctx.settings.budgets], ctx.settings.primary,
+        ctx.baselines(), list(ctx.settings.budgets), ctx.settings.primary,
         list(ctx.objectives), space=_Sample(ctx.space),
         metric=[o.key for o in ctx.objectives],
         mode=["max" if o.direction == "maximize" else "min" for o in ctx.objectives],
@@ -55,10 +58,10 @@ def _searcher_class() -> type:
         Baselines are enqueued with their names; on restore, suggestions made after Ray's last
         snapshot are replayed from the journal so trial numbers keep their parameters."""
 
-        def __init__(self, baselines: dict[str, dict], budgets: list[str], primary: str,
+        def __init__(self, baselines: dict[str, dict], budgets: list, primary: str,
                      objectives: list, **kwargs: Any):
             self._baselines = baselines  # plain data only: Tune pickles the searcher
-            self._budget_texts = budgets
+            self._budgets = budgets  # resolved Budgets (frozen dataclasses)
             self._primary = primary
             self._objectives = objectives
             super().__init__(**kwargs)
@@ -67,8 +70,7 @@ def _searcher_class() -> type:
             super()._setup_study(mode)
             if not self._replay():
                 for name, params in self._baselines.items():
-                    self._ot_study.enqueue_trial(params, user_attrs={"baseline": name},
-                                                 skip_if_exists=True)
+                    self._ot_study.enqueue_trial(params, user_attrs={"baseline": name})
 
         def restore(self, checkpoint_path: str) -> None:
             super().restore(checkpoint_path)
@@ -92,8 +94,6 @@ def _searcher_class() -> type:
                               error: bool = False) -> None:
             from optuna.trial import TrialState
 
-            from autoprune.budget import parse_budgets
-
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
             self._completed_trials.add(trial_id)
@@ -102,7 +102,7 @@ def _searcher_class() -> type:
                 self._ot_study.tell(trial, state=TrialState.FAIL)
                 return
             tell_result(self._ot_study, trial, _parse(result),
-                        parse_budgets(self._budget_texts), self._primary, self._objectives,
+                        self._budgets, self._primary, self._objectives,
                         keep_result=False)
 
     _Searcher.__qualname__ = "_Searcher"

@@ -85,6 +85,7 @@ class _Session:
     def _add(self, result: TrialResult, curve: list, show: bool) -> None:
         self.results[result.number] = result
         self.order.append(result)
+        self.ctx.record(result)
         if result.status == "complete" and curve and self.stopper is not None:
             self.stopper.record.remote([tuple(c) for c in curve])
         if show and self.ctx.progress:

@@ -114,7 +114,7 @@ def _trainable(config: dict[str, Any], job: _Job) -> None:
         tune.report(done["payload"])
         return
     task, settings, node = _worker_state(job)
-    plan = job.space.build(params).with_fingerprint(job.fingerprint)
+    plan = job.space.build(meta.get("steered", params)).with_fingerprint(job.fingerprint)
     stopper = None
     if job.stopper:
         with contextlib.suppress(ValueError):  # the actor is gone: run without early stopping
@@ -133,6 +133,7 @@ def _trainable(config: dict[str, Any], job: _Job) -> None:
     with node.trial() if node is not None else contextlib.nullcontext():
         result = run_trial(task, plan, settings, on_intermediate=on_intermediate)
     result.number, result.params, result.baseline = number, params, meta.get("baseline")
+    result.metrics.update(meta.get("predicted", {}))
     tune.report(_payload(result, curve, job.objectives))
 
 

@@ -1,0 +1,171 @@
+"""Steering: each sampled allocation is scaled onto the tightest cost budget before it is tried.
+
+AMC clips its actions so that every plan meets the FLOPs budget; NetAdapt reads per-layer
+latency from a table measured on the device. Here the sampler picks each unit's *share* of the
+pruning (its ``s.UNIT`` parameters, plus criteria, modes and fine-tuning as usual), and one
+factor, found by bisection on the cost model, scales the shares so that the predicted cost
+lands just inside the tightest upper cost budget. The sampler learns in allocation space,
+every trial lands near the budget, and the plan is then measured for real: the cost model
+only steers. Its margin below the budget follows its own recent errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoprune.budget import Budget
+from autoprune.costmodel import PREDICTED, CostModel
+from autoprune.plan import PruningPlan
+from autoprune.space import BoundSpace
+
+__all__ = ["Steering", "UNIFORM_FIT"]
+
+UNIFORM_FIT = "uniform-fit"  # baseline: one sparsity for every unit, scaled onto the budget
+_EXACT_MARGIN = 0.002  # MACs / params / size are predicted from the structure (rounding only)
+_PROFILE_FILE = "cost_profile.jsonl"
+
+
+class Steering:
+    """Projects sampled parameters onto the cost budgets with a :class:`CostModel`.
+
+    Example:
+        >>> steering = Steering(space, cost_model, budgets, "cpu-1t")  # doctest: +SKIP
+        >>> params, predicted = steering.project(trial_params)  # doctest: +SKIP
+    """
+
+    def __init__(self, space: BoundSpace, model: CostModel, budgets: list[Budget],
+                 primary: str):
+        self.space = space
+        self.model = model
+        self.primary = primary
+        # Upper bounds on costs: what the scale is fitted to
+        self.budgets = [b for b in budgets if b.is_cost and b.op in ("<", "<=")]
+        self._errors: list[float] = []  # measured / predicted - 1 of steered latencies
+
+    @property
+    def active(self) -> bool:
+        return bool(self.budgets)
+
+    # -- projection -----------------------------------------------------------------------
+    def _structured_units(self, params: dict[str, Any]) -> list[str]:
+        sp = self.space.space
+        return [u for u in self.space.units
+                if params.get(f"mode.{u}", sp.modes[0]) == "structured" and f"s.{u}" in params]
+
+    def _scaled(self, params: dict[str, Any], units: list[str], shares: dict[str, float],
+                t: float) -> dict[str, Any]:
+        r = self.space.space.sparsity
+        out = dict(params)
+        for u in units:
+            out[f"s.{u}"] = round(min(max(t * shares[u], r.low), r.high), 4)
+        return out
+
+    def _margin(self, budget: Budget) -> float:
+        if budget.metric != "latency":
+            return _EXACT_MARGIN
+        recent = self._errors[-12:]
+        if len(recent) < 3:
+            return 0.05
+        return float(np.clip(np.percentile(recent, 80), 0.01, 0.25))
+
+    def project(self, params: dict[str, Any], steer: bool = True
+                ) -> tuple[dict[str, Any], dict[str, float]]:
+        """``params`` with each structured unit's sparsity scaled by one factor so that the
+        predicted cost just meets the tightest budget, and the plan's predicted metrics.
+
+        Units keep their sampled proportions (an all-zero allocation counts as uniform); each
+        sparsity stays inside the space's range. A budget the dense model already meets, or
+        one whose cost the model cannot predict yet, does not steer. With ``steer=False``
+        only the prediction is made.
+        """
+        units = self._structured_units(params)
+        if not units or not self.active or not steer:
+            return params, self._predicted(params)
+        shares = {u: float(params[f"s.{u}"]) for u in units}
+        if not any(shares.values()):
+            shares = dict.fromkeys(units, 1.0)
+        t = self._scale(params, units, shares)
+        if t is None:  # out of reach while some units keep everything: they take a share too
+            least = min(v for v in shares.values() if v > 0)
+            shares = {u: v or least for u, v in shares.items()}
+            t = self._scale(params, units, shares)
+        if t is None:  # the budget is out of the space's reach: prune as much as it allows
+            t = self.space.space.sparsity.high / min(v for v in shares.values() if v > 0)
+        if not t:
+            return params, self._predicted(params)
+        steered = self._scaled(params, units, shares, t)
+        return steered, self._predicted(steered)
+
+    def _scale(self, params: dict[str, Any], units: list[str], shares: dict[str, float]
+               ) -> float | None:
+        """The smallest factor whose predicted costs meet every budget (bisection), 0 if no
+        budget needs one, None if even the largest factor does not meet them."""
+        t_max = self.space.space.sparsity.high / min(v for v in shares.values() if v > 0)
+        t = 0.0
+        for budget in self.budgets:
+            key = budget.metric_key(self.primary)
+            limit = budget.value * (1 - self._margin(budget))
+
+            def cost(scale: float, key: str = key) -> float:
+                return self._predict(self._scaled(params, units, shares, scale)).get(
+                    key, math.nan)
+
+            if not math.isfinite(cost(0.0)) or cost(0.0) <= limit:
+                continue
+            if cost(t_max) > limit:
+                return None
+            lo, hi = 0.0, t_max
+            for _ in range(30):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if cost(mid) <= limit else (mid, hi)
+            t = max(t, hi)
+        return t
+
+    def _predict(self, params: dict[str, Any]) -> dict[str, float]:
+        return self.model.predict(self.space.build(params))
+
+    def _predicted(self, params: dict[str, Any]) -> dict[str, float]:
+        return {PREDICTED + k: v for k, v in self._predict(params).items()}
+
+    # -- learning -------------------------------------------------------------------------
+    def observe(self, plan: PruningPlan, metrics: dict[str, float]) -> None:
+        """Refit from a real measurement; track the error of the latency it had predicted."""
+        from autoprune.budget import latency_key
+
+        key = latency_key(self.primary)
+        if PREDICTED + key in metrics and metrics.get(key):
+            self._errors.append(metrics[key] / metrics[PREDICTED + key] - 1)
+        if any(k.startswith("latency_p") for k in metrics):
+            self.model.observe(plan, metrics)
+
+    def profile(self, measure: Callable[[PruningPlan], dict[str, float]], run_dir: Path,
+                say: Callable[[str], None]) -> None:
+        """Start the latency fit from a cheap profile: uniform plans at four levels and each
+        unit alone at the space's highest sparsity, screened, without fine-tuning. Kept in
+        ``cost_profile.jsonl`` so a resumed search does not measure it again."""
+        path = run_dir / _PROFILE_FILE
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                point = json.loads(line)
+                self.model.observe(PruningPlan.from_dict(point["plan"]), point["metrics"])
+            return
+        high = self.space.space.sparsity.high
+        base = self.space.uniform_params(high, "structured")
+        units = self._structured_units(base)
+        plans = [self.space.build({**base, **{f"s.{u}": level * high for u in units}})
+                 for level in (0.25, 0.5, 0.75, 1.0)]
+        plans += [self.space.build({**base, **{f"s.{v}": (high if v == u else 0.0)
+                                               for v in units}})
+                  for u in units[:12]] if len(units) > 1 else []
+        say(f"cost profile: measuring {len(plans)} plans (screened, no fine-tuning)")
+        with path.open("w") as f:
+            for plan in plans:
+                metrics = measure(plan)
+                self.model.observe(plan, metrics)
+                f.write(json.dumps({"plan": plan.to_dict(), "metrics": metrics}) + "\n")
