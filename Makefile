@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 # A new run directory each time (runs/digits-DATE-TIME); `autoprune show` it afterwards.
 search: setup
-	$(BIN)/autoprune search --task digits --budget "latency<0.3ms" --trials 40 \
+	$(BIN)/autoprune search --task digits --budget "latency<20%" --trials 40 \
 		--finetune-steps 40 --output runs/digits-$(shell date +%Y%m%d-%H%M%S)
 
 test: setup

@@ -43,7 +43,7 @@ def _search(args: argparse.Namespace) -> int:
             output=args.output, backend=args.backend, sampler=args.sampler,
             objectives=args.objectives, seed=args.seed, resume=args.resume,
             finetune_steps=args.finetune_steps, screen_latency=not args.full_latency,
-            workers=args.workers,
+            steer=not args.no_steer, workers=args.workers,
             backend_options=options, progress=not args.quiet, token_file=args.token_file)
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are saved; continue with --resume "
@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time every trial with the target's full protocol (default: a quick "
                         "screening protocol during the search, then the full one for the "
                         "front and the baselines)")
+    p.add_argument("--no-steer", action="store_true",
+                   help="sample sparsities as they are (default: each sampled allocation is "
+                        "scaled by the cost model so its predicted cost just meets the "
+                        "tightest cost budget)")
     p.add_argument("--workers", type=int, default=1, help="concurrent trials (ray backend)")
     p.add_argument("--address", help="ray: address of an existing cluster ('auto'); default: "
                                      "start a local Ray")

@@ -1,0 +1,115 @@
+import json
+import random
+
+import pytest
+
+from autoprune.budget import latency_key, parse_budget
+from autoprune.costmodel import PREDICTED, CostModel, CostStructure
+from autoprune.plan import PruningPlan
+from autoprune.prune import inspect_model
+from autoprune.results import load_run
+from autoprune.search import _optuna, run_search
+from autoprune.search._steer import UNIFORM_FIT, Steering
+from autoprune.space import GroupInfo, load_space
+from autoprune.stats import model_stats
+from autoprune.testing import create_test_model
+
+SYNTHETIC = "autoprune.testing.tasks:synthetic_task"
+KEY = latency_key("cpu")
+
+
+@pytest.fixture(scope="module")
+def steering():
+    model = create_test_model("resnet_tiny")
+    example = model.example_inputs()
+    inspection = inspect_model(model, example)
+    dense = model_stats(model, example)
+    structure = CostStructure.from_model(
+        model, example, inspection,
+        {"macs": dense.macs, "params": dense.params, "size_bytes": dense.size_bytes})
+    space = load_space("per_layer_structured").bind(
+        [GroupInfo(g.name, tuple(g.producers)) for g in inspection.groups])
+    cost = CostModel(structure, ["cpu"])
+    dense_ms = 0.05 + 2e-6 * structure.features(PruningPlan())["lat_macs"]
+    for s in (0.0, 0.3, 0.6):  # a machine whose latency the fit can learn exactly
+        plan = space.build(space.uniform_params(s))
+        cost.observe(plan, {KEY: 0.05 + 2e-6 * structure.features(plan)["lat_macs"]})
+    budget = parse_budget("latency<70%").resolve({KEY: dense_ms}, "cpu")
+    return Steering(space, cost, [budget], "cpu"), budget
+
+
+def _sample(space, seed: int) -> dict:
+    rng = random.Random(seed)
+    r = space.space.sparsity
+    params = {f"s.{u}": rng.choice([r.low + i * r.step for i in range(15)]) for u in space.units}
+    return {"criterion": "l1", "ft.lr_scale": 1.0, **params}
+
+
+def test_projection_lands_predicted_latency_just_inside_the_budget(steering):
+    steer, budget = steering
+    for seed in range(6):
+        sampled = _sample(steer.space, seed)
+        steered, predicted = steer.project(sampled)
+        # inside by the 5 % margin, and no further than the channel blocks' granularity
+        assert budget.value * 0.8 <= predicted[PREDICTED + KEY] <= budget.value * 0.95 + 1e-9
+        # one factor for every unit: the sampled proportions survive where nothing is clipped
+        free = [u for u in steer.space.units if 0 < steered[f"s.{u}"] < 0.75]
+        ratios = [steered[f"s.{u}"] / sampled[f"s.{u}"] for u in free]
+        assert max(ratios) == pytest.approx(min(ratios), rel=0.01)
+        assert steered["criterion"] == sampled["criterion"]
+
+
+def test_an_all_zero_allocation_counts_as_uniform_and_baselines_are_not_steered(steering):
+    steer, budget = steering
+    zero = {**_sample(steer.space, 0), **{f"s.{u}": 0.0 for u in steer.space.units}}
+    steered, predicted = steer.project(zero)
+    assert len({steered[f"s.{u}"] for u in steer.space.units}) == 1
+    assert predicted[PREDICTED + KEY] <= budget.value
+    fixed, predicted = steer.project(zero, steer=False)
+    assert fixed == zero and predicted[PREDICTED + KEY] > budget.value
+
+
+def test_steered_search_measures_every_plan_and_lands_inside_the_budget(tmp_path, fast_target,
+                                                                        monkeypatch):
+    real = Steering.project
+
+    def wrong_prediction(self, params, steer=True):  # the model's numbers are never recorded
+        params, predicted = real(self, params, steer)
+        return params, {**predicted, PREDICTED + latency_key("fast"): 1e6}
+
+    monkeypatch.setattr(Steering, "project", wrong_prediction)
+    result = run_search(SYNTHETIC, "per_layer_structured", ["latency<60%"],
+                        targets=[fast_target], trials=9, finetune_steps=3,
+                        output=tmp_path / "r", progress=False)
+    config, results = load_run(result.run_dir)
+    budget = config.parsed_budgets()[0]
+    assert budget.fraction == pytest.approx(0.6)
+    assert budget.value == pytest.approx(0.6 * config.reference[latency_key("fast")])
+    assert [r.baseline for r in results[:5]][-1] == UNIFORM_FIT
+    lat = latency_key("fast")
+    for r in results:
+        assert 0 < r.metrics[lat] < 1000 and r.metrics[PREDICTED + lat] == 1e6
+    assert (result.run_dir / "cost_profile.jsonl").is_file()
+    assert "latency<60% (= latency<" in result.summary
+
+
+def test_a_repeated_plan_reuses_its_result(tmp_path, fast_target, monkeypatch):
+    calls = []
+    real = _optuna.run_trial
+
+    def counted(task, plan, *args, **kwargs):
+        calls.append(plan.key())
+        return real(task, plan, *args, **kwargs)
+
+    monkeypatch.setattr(_optuna, "run_trial", counted)
+    # One sparsity for all groups, steered onto the budget: every searched sample is one plan.
+    result = run_search(SYNTHETIC, "uniform_structured", ["params<40%"], targets=[fast_target],
+                        trials=9, finetune_steps=3, output=tmp_path / "r", progress=False)
+    searched = [r for r in result.results if not r.baseline]
+    assert len(searched) == 4 and len(calls) == len(set(calls)) == 5
+    first = next(r for r in result.results if r.baseline == UNIFORM_FIT)
+    for r in searched:
+        assert r.reused_from == first.number and r.plan.key() == first.plan.key()
+        assert r.metrics["params"] == first.metrics["params"]
+    rows = [json.loads(line) for line in (result.run_dir / "trials.jsonl").read_text().splitlines()]
+    assert sum("reused_from" in row for row in rows) == 4
