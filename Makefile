@@ -32,15 +32,16 @@ lint: setup
 
 # The package as users install it: the wheel, built and installed into a new virtual
 # environment (torch==2.13.0 first; pip's cache is reused), runs a 2-trial search outside the
-# source tree. build/lib is removed first: setuptools would ship stale modules left in it.
+# source tree, then its deployment plan and HTML report. build/lib is removed first:
+# setuptools would ship stale modules left in it.
 WHEEL_CHECK := build/wheel-check
 wheel-check: setup
 	rm -rf $(WHEEL_CHECK) build/lib build/bdist.*
 	$(BIN)/pip wheel -q --no-deps -w $(WHEEL_CHECK) .
 	$(PY) -m venv $(WHEEL_CHECK)/venv
 	$(WHEEL_CHECK)/venv/bin/pip install -q --no-compile torch==2.13.0
-	$(WHEEL_CHECK)/venv/bin/pip install -q --no-compile $(WHEEL_CHECK)/autoprune-*.whl
+	$(WHEEL_CHECK)/venv/bin/pip install -q --no-compile "$$(echo $(WHEEL_CHECK)/*.whl)[report]"
 	bin=$(CURDIR)/$(WHEEL_CHECK)/venv/bin; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
-	cd "$$dir" && env -u PYTHONPATH $$bin/autoprune --version && \
-	env -u PYTHONPATH $$bin/autoprune search --task digits --trials 2 --finetune-steps 5 \
-		--output run --quiet
+	cd "$$dir" && unset PYTHONPATH && $$bin/autoprune --version && \
+	$$bin/autoprune search --task digits --trials 2 --finetune-steps 5 --output run --quiet && \
+	$$bin/autoprune plan run > /dev/null && $$bin/autoprune report run
