@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.budget import Budget, latency_key
+from autoprune.busy import BusyMeasurement, busy_lines, busy_measurements
 from autoprune.results import RunConfig, load_run, target_budgets
 from autoprune.trial import TrialResult
 
@@ -89,6 +90,8 @@ class DeploymentPlan:
     shared: TrialResult | None  # the best plan meeting every budget on every target, if any
     shared_file: str | None  # its plan file
     counts: dict[str, int]  # trials by status
+    busy: list[BusyMeasurement] = field(default_factory=list)  # busy-machine measurements
+    busy_lines: list[str] = field(default_factory=list)  # ... as a Markdown section
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
@@ -99,6 +102,7 @@ class DeploymentPlan:
             "targets": [t.to_dict(c.metric) for t in self.targets],
             "all_targets": {"trial": self.shared.number if self.shared else None,
                             "plan_file": self.shared_file},
+            "busy_measurements": [b.to_dict() for b in self.busy],
         }
 
     def to_markdown(self, run_dir: str | Path | None = None) -> str:
@@ -207,7 +211,8 @@ def deployment_plan(config: RunConfig, results: list[TrialResult]) -> Deployment
              and all(latency_key(t) in r.metrics for t in config.target_names)]
     counts = {s: sum(r.status == s for r in results)
               for s in ("complete", "infeasible", "pruned", "failed")}
-    return DeploymentPlan(config, targets, _best(every, config, config.primary), None, counts)
+    return DeploymentPlan(config, targets, _best(every, config, config.primary), None, counts,
+                          busy_measurements(results, config), busy_lines(results, config))
 
 
 def _value(v: float | None, unit: str = "") -> str:
@@ -290,6 +295,8 @@ def _markdown(plan: DeploymentPlan, run_dir: str | Path | None) -> str:
         else:
             lines += ["", "No single plan meets every budget on every target: ship a plan per "
                           "target."]
+    if plan.busy_lines:
+        lines += ["", *plan.busy_lines]
     shipped = [t for t in plan.targets if t.plan_file]
     if shipped:
         lines += ["", "## Apply", "", "```"]

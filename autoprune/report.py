@@ -375,6 +375,19 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text)
 
 
+def _lines_html(lines: list[str]) -> str:
+    """Markdown lines of headings (##), bullets (- ) and paragraphs as HTML."""
+    html = []
+    for line in lines:
+        if line.startswith("## "):
+            html.append(f"<h2>{_e(line[3:])}</h2>")
+        elif line.startswith("- "):
+            html.append(f"<ul><li>{_e(line[2:])}</li></ul>")
+        elif line:
+            html.append(f"<p>{_e(line)}</p>")
+    return "\n".join(html).replace("</ul>\n<ul>", "")
+
+
 def render_html(run_dir: Path, config: RunConfig, results: list[TrialResult]) -> str:
     """The report as one HTML string (plotly.js inlined)."""
     _plotly()
@@ -411,6 +424,7 @@ def render_html(run_dir: Path, config: RunConfig, results: list[TrialResult]) ->
     body.append(_html_table(header, rows, bad=[not t.met for t in plan.targets]))
     body.append("<ul>" + "".join(f"<li><b>{_e(t.target)}</b>: {_e(t.note)}</li>"
                                  for t in plan.targets) + "</ul>")
+    body.append(_lines_html(plan.busy_lines))
     body.append("<h2>Pareto front per target</h2>")
     body.append('<p class="note">Accuracy depends only on the plan, latency on the plan and the '
                 "target: each target keeps its own front. Star: the dense model; diamonds: "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.budget import Budget, Objective, latency_key, parse_budgets
+from autoprune.busy import busy_lines
 from autoprune.trial import TrialResult
 
 __all__ = ["RunConfig", "pareto_front", "write_run", "load_run", "summarize",
@@ -281,6 +282,9 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
         lines.append(f"- {target}: pareto/trial_{best.number}.json - {config.metric} "
                      f"{best.metrics[config.metric]:.4f}, {lat:.3f} ms{speed}; "
                      f"{_baseline_gain(results, config, best)}")
+    busy = busy_lines(results, config)
+    if busy:
+        lines += ["", *busy]
     failed = [r for r in results if r.status in ("failed", "infeasible")]
     if failed:
         lines += ["", f"## Failed and infeasible trials ({len(failed)})", ""]

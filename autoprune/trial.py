@@ -22,7 +22,7 @@ from autoprune.errors import AutopruneError, TrialFailure
 from autoprune.plan import PruningPlan
 
 __all__ = ["TrialSettings", "TrialResult", "run_trial", "measure_plan", "STATUSES",
-           "SCREENED"]
+           "SCREENED", "BUSY", "FASTEST"]
 
 # complete: fine-tuned and evaluated; infeasible: broke a cost budget, stopped before
 # fine-tuning; pruned: stopped early by the search's pruner; failed: an error, see reason.
@@ -30,6 +30,10 @@ STATUSES = ("complete", "infeasible", "pruned", "failed")
 # Metrics key prefix marking a latency from the quick screening protocol ("screened@cpu-1t");
 # the search re-measures its fronts with the full protocol and drops the mark.
 SCREENED = "latency_screened@"
+# Metrics key prefixes of the busy-machine flag (1.0 when the measurement's p90 was more than
+# 1.5x its median, see LatencyStats.busy, else 0.0) and of the fastest timed run (ms).
+BUSY = "latency_busy@"
+FASTEST = "latency_min_ms@"
 
 
 @dataclass
@@ -148,7 +152,10 @@ def _p50_limit(settings: TrialSettings, target: Any) -> float | None:
 def _near_other_budget(settings: TrialSettings, target: Any, stats: Any) -> bool:
     """A p90 / mean budget on ``target`` that a screened value is too close to call (within
     5 %): the stopping rule decides p50 budgets only, so these are measured in full."""
-    return any(abs(stats.value(b.statistic) / b.value - 1) < 0.05 for b in settings.budgets
+    from autoprune.latency._measure import SCREENING_TOLERANCE
+
+    return any(abs(stats.value(b.statistic) / b.value - 1) < SCREENING_TOLERANCE
+               for b in settings.budgets
                if b.limits_latency_on(target.name, settings.primary) and b.statistic != "p50"
                and b.value > 0)
 
@@ -182,6 +189,8 @@ def _measure(task, model, plan: PruningPlan, settings: TrialSettings, targets: l
             metrics.update(latency_metrics(target.name, stats))
             metrics[f"latency_cv@{target.name}"] = stats.cv
             metrics[f"latency_ci@{target.name}"] = stats.ci_rel  # 95 % CI half-width / median
+            metrics[FASTEST + target.name] = stats.min_ms
+            metrics[BUSY + target.name] = float(stats.busy)
             if stats.screened:
                 metrics[SCREENED + target.name] = 1.0
     return metrics

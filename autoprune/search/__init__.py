@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.budget import latency_key, parse_budgets, parse_objectives, resolve_budgets
+from autoprune.busy import busy_note
 from autoprune.costmodel import CostModel, CostStructure
 from autoprune.errors import BudgetError, UsageError
 from autoprune.results import RunConfig, pareto_front, summarize, write_run
@@ -60,6 +61,7 @@ def _progress_printer(total: int, config: RunConfig, stream=sys.stdout):
         m = result.metrics
         value = f"{config.metric}={m[config.metric]:.4f} " if config.metric in m else ""
         latency = f"p50={m[lat]:.3f}ms " if lat in m else ""
+        latency += f"{busy} " if (busy := busy_note(result, config.target_names)) else ""
         front = pareto_front(results, config.parsed_objectives(), config.parsed_budgets(),
                              config.primary)
         best = ", ".join(f"{r.metrics[config.metric]:.3f}@{r.metrics[lat]:.2f}ms"
