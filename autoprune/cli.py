@@ -85,19 +85,24 @@ def _bench(args: argparse.Namespace) -> int:
     from autoprune.latency import compare_latency, format_latency_table, load_target
     from autoprune.plan import PruningPlan
     from autoprune.prune import apply_plan
+    from autoprune.quantize import quantize_model
     from autoprune.task import load_task
 
     task = load_task(args.task)
     dense = task.build_model()
     models = {"dense": dense}
+    shipped = {}  # label -> the quantized ONNX model a quantizing plan ships
     for path in args.plan or []:
         plan = PruningPlan.load(path)
         calibration = task.calibration_batches(4)
-        models[path] = apply_plan(dense, plan, task.example_inputs, calibration=calibration,
-                                  loss_fn=task.loss_fn)
+        label = path if plan.quantize == "none" else f"{path} ({plan.quantize})"
+        models[label] = apply_plan(dense, plan, task.example_inputs, calibration=calibration,
+                                   loss_fn=task.loss_fn)
+        if plan.quantize != "none":
+            shipped[label] = quantize_model(task, models[label], plan.quantize)
     for spec in args.target:
         target = load_target(spec, token_file=args.token_file)
-        rows = compare_latency(models, task.example_inputs, target)
+        rows = compare_latency(models, task.example_inputs, target, onnx_models=shipped)
         print(f"target {target.name}")
         print(format_latency_table(rows, statistic=target.statistic))
     return 0
@@ -223,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("layers", _layers, "list prunable groups and layers that cannot be pruned")
     _add_task(p)
 
-    p = command("bench", _bench, "latency of the dense and pruned models, side by side")
+    p = command("bench", _bench, "latency of the dense and pruned models, side by side (a "
+                                 "quantizing plan is timed as its quantized ONNX model)")
     _add_task(p)
     p.add_argument("--plan", action="append", help="plan file to compare (repeatable)")
     _add_targets(p)

@@ -22,7 +22,7 @@ from typing import Any
 
 from autoprune.budget import Budget, latency_key
 from autoprune.busy import BusyMeasurement, busy_lines, busy_measurements
-from autoprune.results import RunConfig, load_run, target_budgets
+from autoprune.results import RunConfig, load_run, metric_cell, target_budgets
 from autoprune.trial import TrialResult
 
 __all__ = ["TargetPlan", "DeploymentPlan", "deployment_plan",
@@ -67,7 +67,8 @@ class TargetPlan:
         if t is not None:
             out.update({
                 "status": t.status, "baseline": t.baseline, "quantize": t.plan.quantize,
-                metric: t.metrics.get(metric), "latency_p50_ms": self.latency("p50"),
+                metric: t.metrics.get(metric), f"{metric}_fp32": t.metrics.get(f"{metric}_fp32"),
+                "latency_p50_ms": self.latency("p50"),
                 "latency_p90_ms": self.latency("p90"), "speedup_vs_dense": self.speedup,
                 "params": t.metrics.get("params"), "macs": t.metrics.get("macs"),
                 "size_bytes": t.metrics.get("size_bytes"),
@@ -260,8 +261,8 @@ def table_rows(plan: DeploymentPlan) -> tuple[list[str], list[list[str]]]:
         label = f"{r.number}" + (f" ({r.baseline})" if r and r.baseline else "") if r else "-"
         rows.append([
             t.target, ", ".join(t.budgets) or "none", status, t.plan_file or "-", label,
-            f"{r.metrics[metric]:.4f}" if r and metric in r.metrics else "-",
-            _value(t.latency("p50")), _value(t.latency("p90")),
+            metric_cell(r, metric) if r else "-", _value(t.latency("p50")),
+            _value(t.latency("p90")),
             f"{t.speedup:.2f}x" if t.speedup else "-", params,
             _size(r.metrics.get("size_bytes")) if r else "-", r.plan.quantize if r else "-"])
     return header, rows

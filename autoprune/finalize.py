@@ -25,13 +25,15 @@ def finalize_plan(
 ) -> dict[str, Any]:
     """Apply ``plan`` to the task's model, fine-tune, export and measure; write ``output/``.
 
-    Writes ``model.onnx`` (masks baked, INT8 if the plan says so), ``plan.json`` and
+    Writes ``model.onnx`` (masks baked, quantized if the plan says so), ``plan.json`` and
     ``metrics.json`` (task metric, latency per target, params, MACs, size). Returns the metrics.
+    The metric and the latency are those of ``model.onnx``: for a quantizing plan, the metric
+    of the quantized model run by ONNX Runtime, with the fp32 value as ``<metric>_fp32``.
     """
     from autoprune.finetune import finetune_
     from autoprune.latency import export_onnx, load_target, measure_latency
     from autoprune.prune import apply_plan, bake_masks_
-    from autoprune.quantize import quantize_dynamic_int8
+    from autoprune.quantize import evaluate_shipped, quantize_model
     from autoprune.stats import model_stats
 
     output = Path(output)
@@ -48,23 +50,21 @@ def finalize_plan(
     teacher = model if settings.distill_weight > 0 else None
     (task.finetune_fn or finetune_)(pruned, task, settings, teacher=teacher)
     bake_masks_(pruned.eval())
-    value = task.evaluate(pruned)
     exported = export_onnx(pruned, task.example_inputs, dynamic_batch=True)
-    onnx_bytes = exported.onnx_bytes
-    if plan.quantize == "int8":
-        onnx_bytes = quantize_dynamic_int8(onnx_bytes)
+    shipped = None if plan.quantize == "none" else quantize_model(task, pruned, plan.quantize)
+    onnx_bytes = shipped or exported.onnx_bytes
     (output / "model.onnx").write_bytes(onnx_bytes)
     plan.save(output / "plan.json")
     stats = model_stats(pruned, task.example_inputs)
     metrics: dict[str, Any] = {
-        task.metric.name: value, "finetune_steps": settings.steps,
+        **evaluate_shipped(task, pruned, shipped), "finetune_steps": settings.steps,
         "params": stats.params, "nonzero_params": stats.nonzero_params, "macs": stats.macs,
         "size_bytes": len(onnx_bytes), "dense_params": dense_stats.params,
         "dense_macs": dense_stats.macs, "onnx_max_abs_diff": exported.max_abs_diff,
     }
     for spec in targets or ["cpu-1t"]:
         target = load_target(spec, token_file=token_file)
-        subject = onnx_bytes if plan.quantize == "int8" else pruned
+        subject = onnx_bytes if shipped else pruned
         pruned_lat = measure_latency(subject, task.example_inputs, target)
         dense_lat = measure_latency(model, task.example_inputs, target)
         metrics.update(latency_metrics(target.name, pruned_lat))

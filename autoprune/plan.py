@@ -17,12 +17,16 @@ from autoprune.errors import PlanError
 
 __all__ = ["PLAN_VERSION", "MODES", "CRITERIA", "QUANTIZE", "LayerRule", "PruningPlan"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: quantize names the scheme; version 1's "int8" was dynamic INT8
 MODES = ("structured", "unstructured", "skip")
 CRITERIA = ("l1", "l2", "taylor", "fpgm", "bn_scale", "lamp", "random")
 # Criteria that score whole channels only, so they have no meaning for single weights.
 _STRUCTURED_ONLY = ("fpgm", "bn_scale")
-QUANTIZE = ("none", "int8")
+# none: fp32; int8: static INT8 (QDQ, calibrated); int8-dynamic: INT8 weights, activations
+# quantized at run time. See autoprune.quantize.
+QUANTIZE = ("none", "int8", "int8-dynamic")
+# Plan format versions read by from_dict, and how their quantize values map to this version's.
+_QUANTIZE_OF_VERSION = {1: {"none": "none", "int8": "int8-dynamic"}, 2: {}}
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class PruningPlan:
 
     default: LayerRule = field(default_factory=LayerRule)  # rule for names no other rule matches
     rules: dict[str, LayerRule] = field(default_factory=dict)  # exact name or "re:pattern" -> rule
-    quantize: str = "none"  # post-training quantization after pruning: none | int8 (dynamic)
+    quantize: str = "none"  # post-training quantization: none | int8 | int8-dynamic
     finetune: dict[str, Any] = field(default_factory=dict)  # fine-tuning overrides (e.g. lr)
     fingerprint: list[str] | None = None  # architecture signature of the model it was made for
     version: int = PLAN_VERSION  # plan format version
@@ -162,9 +166,13 @@ class PruningPlan:
             raise PlanError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: "
                             f"{', '.join(sorted(known))}")
         version = data.get("version", PLAN_VERSION)
-        if version != PLAN_VERSION:
+        if type(version) is not int or version not in _QUANTIZE_OF_VERSION:
             raise PlanError(f"{source}.version: plan format {version!r} is not supported "
-                            f"(this autoprune reads version {PLAN_VERSION})")
+                            f"(this autoprune reads versions "
+                            f"{', '.join(map(str, _QUANTIZE_OF_VERSION))})")
+        quantize = data.get("quantize", "none")
+        # An older plan's value keeps its meaning under this version's name.
+        quantize = _QUANTIZE_OF_VERSION[version].get(quantize, quantize)
         rules = data.get("rules") or {}
         if not isinstance(rules, dict):
             raise PlanError(f"{source}.rules: expected a mapping of layer name -> rule")
@@ -179,10 +187,9 @@ class PruningPlan:
         return cls(
             default=_rule_from(data.get("default", {}), f"{source}.default"),
             rules={str(k): _rule_from(v, f"{source}.rules[{k!r}]") for k, v in rules.items()},
-            quantize=data.get("quantize", "none"),
+            quantize=quantize,
             finetune=finetune,
             fingerprint=fingerprint,
-            version=version,
         )
 
     def to_json(self, indent: int | None = 2) -> str:

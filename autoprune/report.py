@@ -23,7 +23,7 @@ from typing import Any
 from autoprune.budget import Budget, latency_key
 from autoprune.deployment import deployment_plan, table_rows
 from autoprune.errors import UsageError
-from autoprune.results import RunConfig, load_run, target_budgets, target_front
+from autoprune.results import RunConfig, load_run, metric_cell, target_budgets, target_front
 from autoprune.trial import TrialResult
 
 __all__ = ["write_report", "build_figures"]
@@ -72,6 +72,8 @@ def _hover(r: TrialResult, config: RunConfig) -> dict[str, Any]:
         if key in m:
             attrs[key] = int(m[key])
     attrs["quantize"] = r.plan.quantize
+    if f"{config.metric}_fp32" in m:  # a quantized plan: its metric is the quantized model's
+        attrs[f"{config.metric} fp32"] = round(m[f"{config.metric}_fp32"], 5)
     if r.reason:
         attrs["reason"] = r.reason[:200]
     return attrs
@@ -225,7 +227,7 @@ def sparsity_figure(config: RunConfig, plans: dict[int, tuple[TrialResult, list[
         text.append(row_text)
         custom.append(row_custom)
         name = f"trial {number}" + (f" ({_short(r.baseline)})" if r.baseline else "")
-        name += " int8" if r.plan.quantize == "int8" else ""
+        name += f" {r.plan.quantize}" if r.plan.quantize != "none" else ""
         labels.append(f"{name} [{', '.join(targets)}]")
     fig = go.Figure(go.Heatmap(
         z=z, x=columns, y=labels, text=text, texttemplate="%{text}", customdata=custom,
@@ -354,8 +356,7 @@ def _front_table(config: RunConfig, front: list[TrialResult], target: str,
         speed = f"{dense_lat / m[lat]:.2f}x" if dense_lat and m.get(lat) else "-"
         plan_file = f"pareto/trial_{r.number}.json"
         rows.append([str(r.number), r.baseline or "",
-                     f"{m.get(config.metric, float('nan')):.4f}",
-                     f"{m[lat]:.4g}" if lat in m else "-",
+                     metric_cell(r, config.metric), f"{m[lat]:.4g}" if lat in m else "-",
                      f"{m[lat90]:.4g}" if lat90 in m else "-", speed,
                      f"{m.get('params', 0) / 1e3:.1f}K", f"{m.get('size_bytes', 0) / 1e3:.1f} KB",
                      r.plan.quantize,

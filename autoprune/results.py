@@ -225,13 +225,21 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, list[TrialResult]]:
     return config, results
 
 
+def metric_cell(r: TrialResult, metric: str) -> str:
+    """The metric of what ships; for a quantized plan, the fp32 model's value beside it."""
+    if metric not in r.metrics:
+        return "-"
+    fp32 = r.metrics.get(f"{metric}_fp32")
+    return f"{r.metrics[metric]:.4f}" + (f" (fp32 {fp32:.4f})" if fp32 is not None else "")
+
+
 def _fmt_row(r: TrialResult, config: RunConfig) -> list[str]:
     m = r.metrics
-    cells = [str(r.number), r.baseline or "", f"{m.get(config.metric, float('nan')):.4f}"]
+    cells = [str(r.number), r.baseline or "", metric_cell(r, config.metric)]
     cells += [f"{m[latency_key(t)]:.3f}" if latency_key(t) in m else "-"
               for t in config.target_names]
     cells += [f"{m.get('params', 0) / 1e3:.1f}K", f"{m.get('macs', 0) / 1e6:.2f}M",
-              f"{m.get('size_bytes', 0) / 1e6:.2f}MB"]
+              f"{m.get('size_bytes', 0) / 1e6:.2f}MB", r.plan.quantize]
     return cells
 
 
@@ -252,7 +260,8 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
              f"budgets: {config.budgets_text(budgets)}; targets: "
              f"{', '.join(config.target_names)}", ""]
     header = ["trial", "baseline", config.metric,
-              *[f"p50 ms @{t}" for t in config.target_names], "params", "MACs", "size"]
+              *[f"p50 ms @{t}" for t in config.target_names], "params", "MACs", "size",
+              "quantize"]
     # The dense model is a reference even when it breaks a budget (then not fine-tuned).
     dense = next((r for r in results if r.baseline == "dense"
                   and latency_key(config.primary) in r.metrics), None)

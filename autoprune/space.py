@@ -66,7 +66,7 @@ class SearchSpace:
     modes: tuple[str, ...] = ("structured",)  # modes to choose from (per unit if several)
     criteria: tuple[str, ...] = ("l1",)  # criteria to choose from (once per plan)
     round_to: tuple[int | None, ...] = (None,)  # structured round_to choices
-    quantize: tuple[str, ...] = ("none",)  # none | int8 (ONNX Runtime dynamic quantization)
+    quantize: tuple[str, ...] = ("none",)  # none | int8 (static) | int8-dynamic, see quantize.py
     # Fine-tuning knobs: lr_scale (a multiplier of the task's own lr) or, explicitly, any
     # FinetuneSettings field such as an absolute lr
     finetune: dict[str, FloatRange] = field(default_factory=dict)

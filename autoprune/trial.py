@@ -2,6 +2,7 @@
 
 Order of work (cheap first): prune -> params/FLOPs/size -> latency on every target -> stop if a
 cost budget is broken -> fine-tune (intermediate reports for early stopping) -> evaluate.
+A quantizing plan is timed and evaluated as the quantized ONNX model it ships.
 """
 
 from __future__ import annotations
@@ -160,21 +161,30 @@ def _near_other_budget(settings: TrialSettings, target: Any, stats: Any) -> bool
                and b.value > 0)
 
 
+def _shipped(task: Any, model: Any, plan: PruningPlan) -> bytes | None:
+    """The quantized ONNX model a quantizing plan ships (None for an fp32 plan)."""
+    from autoprune.quantize import quantize_model
+
+    return None if plan.quantize == "none" else quantize_model(task, model, plan.quantize)
+
+
 def _measure(task, model, plan: PruningPlan, settings: TrialSettings, targets: list,
-             screen: bool) -> dict[str, float]:
-    """Latency (and the INT8 size) of a pruned model on ``targets``, as metrics.
+             screen: bool, shipped: bytes | None = None) -> dict[str, float]:
+    """Latency (and the quantized size) of a pruned model on ``targets``, as metrics.
+
+    A quantizing plan is timed as its quantized ONNX model: ``shipped`` if given, else
+    quantized here.
 
     Screening times a plan briefly, stops as soon as it surely breaks the target's p50 budget,
     and times on to full precision while the budget is inside the median's CI; a value within
     5 % of a p90 or mean budget is measured again in full.
     """
-    from autoprune.latency import export_onnx, measure_latency
-    from autoprune.quantize import quantize_dynamic_int8
+    from autoprune.latency import measure_latency
 
     metrics: dict[str, float] = {}
     subject: Any = model
-    if plan.quantize == "int8":
-        subject = quantize_dynamic_int8(export_onnx(model, task.example_inputs).onnx_bytes)
+    if plan.quantize != "none":
+        subject = shipped if shipped is not None else _shipped(task, model, plan)
         metrics["size_bytes"] = float(len(subject))
     # Only one process on this machine times a model at a time (timings would interfere).
     lock = file_lock(settings.measure_lock) if settings.measure_lock else contextlib.nullcontext()
@@ -270,19 +280,22 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
          metrics: dict[str, float], on_intermediate: Callable | None) -> tuple[str, str]:
     """The trial's work; fills ``metrics`` and returns (status, reason)."""
     from autoprune.finetune import finetune_
+    from autoprune.quantize import evaluate_shipped
 
     with clock("prune"):
         model, pruned = _prune(task, plan, settings)
         metrics.update(_cost_metrics(pruned, task.example_inputs))
+    with clock("quantize"):
+        shipped = _shipped(task, pruned, plan)
     with clock("latency"):
         metrics.update(_measure(task, pruned, plan, settings, settings.targets,
-                                settings.screen_latency))
+                                settings.screen_latency, shipped))
     broken = _hopeless(settings, metrics)
     if broken:
         prunes = any(r.active for r in [plan.default, *plan.rules.values()])
         if settings.evaluate_infeasible or not prunes:
-            with clock("evaluate"):
-                metrics[task.metric.name] = float(task.evaluate(pruned))
+            with clock("evaluate"):  # not fine-tuned: the quantized model timed is the one
+                metrics.update(evaluate_shipped(task, pruned, shipped))
         shown = ", ".join(f"{b} (measured {metrics.get(b.metric_key(settings.primary)):.4g})"
                           for b in broken)
         return "infeasible", f"breaks {shown}; not fine-tuned"
@@ -298,9 +311,12 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
         last = outcome.history[-1] if outcome.history else (0, float("nan"))
         metrics[task.metric.name] = float(last[1])
         return "pruned", f"stopped early at step {last[0]} ({task.metric.name} {last[1]:.4g})"
+    with clock("quantize"):  # the fine-tuned weights, quantized as they ship
+        shipped = _shipped(task, pruned, plan)
     with clock("evaluate"):
-        value = float(task.evaluate(pruned))
+        values = evaluate_shipped(task, pruned, shipped)
+    value = values[task.metric.name]
     if not math.isfinite(value):
         return "failed", f"{task.metric.name} is {value} after fine-tuning"
-    metrics[task.metric.name] = value
+    metrics.update(values)
     return "complete", ""

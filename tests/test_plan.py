@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from autoprune.errors import PlanError
@@ -54,7 +56,7 @@ def test_search_result_file_with_metrics_loads_as_plan(tmp_path):
         ('{"rules": {"re:(": {}}}', r"rules\['re:\('\]: invalid regular expression"),
         ('{"rules": ["fc"]}', r"plan\.rules: expected a mapping"),
         ('{"version": 9}', r"plan\.version: plan format 9 is not supported"),
-        ('{"quantize": "int4"}', r"quantize: 'int4' is not one of none, int8"),
+        ('{"quantize": "int4"}', r"quantize: 'int4' is not one of none, int8, int8-dynamic"),
         ('{"defaults": {}}', r"unknown field\(s\) defaults"),
         ('[1, 2]', r"expected a mapping with 'default' and 'rules'"),
         ('{"default": ', r"not valid JSON"),
@@ -72,3 +74,27 @@ def test_malformed_yaml_file_names_the_file(tmp_path):
         PruningPlan.load(f)
     with pytest.raises(PlanError, match="does not exist"):
         PruningPlan.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(("version", "saved", "loaded"), [
+    (1, "int8", "int8-dynamic"),  # version 1's int8 was ONNX Runtime dynamic quantization
+    (1, "none", "none"),
+    (2, "int8", "int8"),  # static INT8 since version 2
+    (2, "int8-dynamic", "int8-dynamic"),
+])
+def test_plans_of_an_older_version_keep_their_quantization(tmp_path, version, saved, loaded):
+    data = {**PLAN.to_dict(), "version": version, "quantize": saved}
+    plan = PruningPlan.from_dict(data)
+    assert (plan.quantize, plan.version) == (loaded, 2)
+    assert plan.rules == PLAN.rules and plan.fingerprint == PLAN.fingerprint
+    f = tmp_path / "old.json"
+    f.write_text(json.dumps(data))
+    assert PruningPlan.load(f) == plan  # saved again, it is a version 2 plan
+    assert json.loads(plan.to_json())["version"] == 2
+
+
+def test_unsupported_plan_versions_are_named():
+    for version in (0, 3, "2", True):
+        with pytest.raises(PlanError, match=r"plan format .* is not supported \(this autoprune "
+                                            r"reads versions 1, 2\)"):
+            PruningPlan.from_dict({"version": version})

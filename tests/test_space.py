@@ -101,7 +101,7 @@ def test_include_exclude():
         ({"modes": ["unstructured"], "criteria": ["fpgm"]}, r"unstructured mode needs one of"),
         ({"finetune": {"lr": {"low": 0, "high": 1, "log": True}}}, r"finetune\.lr: need low"),
         ({"round_to": [0]}, r"round_to: 0 must be a positive integer"),
-        ({"quantize": ["int4"]}, r"quantize: 'int4' is not one of none, int8"),
+        ({"quantize": ["int4"]}, r"quantize: 'int4' is not one of none, int8, int8-dynamic"),
         ({"sparsity_range": [0, 1]}, r"unknown field\(s\) sparsity_range"),
     ],
 )

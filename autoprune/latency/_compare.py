@@ -137,12 +137,15 @@ def compare_latency(
     target: Target | str = "cpu-1t",
     *,
     repeats: int = 1,
+    onnx_models: Mapping[str, bytes] | None = None,
 ) -> list[LatencyRow]:
     """Latency of several models (e.g. dense and pruned) on one target, side by side.
 
     Local targets are measured interleaved in fresh sessions (:func:`measure_interleaved`);
     remote targets one after the other, ``repeats`` rounds, pooled by median. Speed-ups are
-    relative to the first model, on the target's statistic.
+    relative to the first model, on the target's statistic. ``onnx_models`` names the ONNX
+    model to time instead of a model's own export (e.g. the quantized model a plan ships);
+    params and MACs are still counted on the PyTorch model.
 
     Example:
         >>> rows = compare_latency({"dense": dense, "pruned": pruned}, inputs)  # doctest: +SKIP
@@ -156,8 +159,10 @@ def compare_latency(
     inputs = prepare_inputs(example_inputs, target)
     arrays = [t.numpy() for t in inputs]
     baked = {name: baked_copy(m) for name, m in models.items()}
+    given = onnx_models or {}
     onnx_models = {
-        name: export_onnx(m, inputs, opset=DEFAULT_OPSET).onnx_bytes for name, m in baked.items()
+        name: given.get(name) or export_onnx(m, inputs, opset=DEFAULT_OPSET).onnx_bytes
+        for name, m in baked.items()
     }
     if target.is_remote:
         from autoprune.latency._client import measure_remote

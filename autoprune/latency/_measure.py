@@ -209,7 +209,12 @@ def create_session(onnx_model: bytes, target: Target) -> ort.InferenceSession:
 def _feeds(
     session: ort.InferenceSession, arrays: Sequence[np.ndarray]
 ) -> dict[str, np.ndarray]:
-    graph_inputs = [i.name for i in session.get_inputs()]
+    return input_feeds([i.name for i in session.get_inputs()], arrays)
+
+
+def input_feeds(graph_inputs: Sequence[str], arrays: Sequence[np.ndarray]
+                ) -> dict[str, np.ndarray]:
+    """ONNX Runtime feeds: the model's positional input arrays by graph input name."""
     named = {f"input_{i}": a for i, a in enumerate(arrays)}
     if all(n in named for n in graph_inputs):  # our own exports (unused inputs dropped)
         return {n: named[n] for n in graph_inputs}

@@ -1,6 +1,7 @@
 """Hugging Face attention: whole heads removed, head attributes updated, ONNX Runtime agrees.
 
-Tiny random-init BertModel, DistilBertModel and ViTModel built from configs (no download):
+Tiny random-init BertModel, RobertaModel, DistilBertModel and ViTModel built from configs (no
+download):
 2 layers, hidden 48, 6 heads of 8, FFN 96.
 """
 
@@ -26,6 +27,13 @@ def _bert(cls=None, **kw):
     return (cls or transformers.BertModel)(config), (torch.randint(0, 128, (1, 8)),)
 
 
+def _roberta():
+    config = transformers.RobertaConfig(vocab_size=128, hidden_size=HIDDEN,
+                                        num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                        intermediate_size=FFN)
+    return transformers.RobertaModel(config), (torch.randint(3, 128, (1, 8)),)
+
+
 def _distilbert():
     config = transformers.DistilBertConfig(vocab_size=128, dim=HIDDEN, n_layers=LAYERS,
                                            n_heads=HEADS, hidden_dim=FFN)
@@ -43,6 +51,8 @@ def _vit():
 FAMILIES = {
     "bert": (_bert, "BertSelfAttention", "num_attention_heads", ("query", "key", "value"),
              "intermediate.dense"),
+    "roberta": (_roberta, "RobertaSelfAttention", "num_attention_heads",
+                ("query", "key", "value"), "intermediate.dense"),
     "distilbert": (_distilbert, "DistilBertSelfAttention", "n_heads", ("q_lin", "k_lin", "v_lin"),
                    "ffn.lin1"),
     "vit": (_vit, "ViTAttention", "num_attention_heads", ("q_proj", "k_proj", "v_proj"),
@@ -90,7 +100,7 @@ def test_structured_plans_keep_whole_heads_and_match_onnx_runtime(family, sparsi
     for attn in _attention(pruned, family):
         assert getattr(attn, attr) == heads and isinstance(getattr(attn, attr), int)
         assert [getattr(attn, n).out_features for n in qkv] == [heads * HEAD_DIM] * 3
-        if family == "bert":
+        if family in ("bert", "roberta"):
             assert attn.all_head_size == heads * HEAD_DIM
     ffn = [m for n, m in pruned.named_modules() if n.endswith(ffn_name)]
     assert [m.out_features for m in ffn] == [count_kept(FFN, sparsity)] * LAYERS
