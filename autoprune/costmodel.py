@@ -187,7 +187,7 @@ class CostStructure:
 
 @dataclass
 class _LatencyFit:
-    """latency ~ factor[scheme] * (c0 + c_macs * blocked MACs + c_acts * activations), per target."""
+    """latency ~ factor[scheme] * (c0 + c_macs * blocked MACs + c_acts * activations)."""
 
     coef: np.ndarray = field(default_factory=lambda: np.zeros(3))  # c0, c_macs, c_acts
     factors: dict[str, float] = field(default_factory=dict)  # quantize scheme -> factor

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,13 +251,51 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
                       *(line(r) for r in rows)])
 
 
+def _reused(results: list[TrialResult]) -> str:
+    n = sum(r.reused_from is not None for r in results)
+    return f"; {n} reused the result of an earlier trial of the same plan" if n else ""
+
+
+def _steering_lines(results: list[TrialResult], config: RunConfig,
+                    dense: TrialResult | None) -> list[str]:
+    """How well the cost model predicted, how many searched plans met the cost budgets, and
+    how the dense model's latency moved between the start and the end of the search."""
+    lines = []
+    searched = [r for r in results if not r.baseline and r.reused_from is None
+                and r.status != "failed"]
+    cost = [b for b in config.parsed_budgets() if b.is_cost]
+    if searched and cost:
+        inside = sum(all(b.satisfied(r.metrics.get(b.metric_key(config.primary))) for b in cost)
+                     for r in searched)
+        lines.append(f"- {inside} of {len(searched)} searched plans met the cost budgets")
+    for target in config.target_names:
+        key = latency_key(target)
+        errors = [abs(r.metrics["predicted_" + key] / r.metrics[key] - 1) for r in results
+                  if r.reused_from is None and r.metrics.get(key) and
+                  r.metrics.get("predicted_" + key)]
+        if errors:
+            late = errors[10:]
+            lines.append(f"- cost model on {target}: median |predicted / measured - 1| "
+                         f"{100 * statistics.median(errors):.1f} % over {len(errors)} trials"
+                         + (f", {100 * statistics.median(late):.1f} % after the first 10"
+                            if late else ""))
+        start, end = config.reference.get(key), dense.metrics.get(f"dense_end_ms@{target}") \
+            if dense else None
+        if start and end:
+            lines.append(f"- dense model on {target}: {start:.3f} ms at the start, {end:.3f} ms "
+                         f"at the end, timed side by side with the front "
+                         f"({100 * (end / start - 1):+.1f} %)")
+    return ["", "## Steering and measurement", "", *lines] if lines else []
+
+
 def summarize(results: list[TrialResult], config: RunConfig) -> str:
     """Markdown summary: counts, the front, the recommended plan, the gain over baselines."""
     budgets = config.parsed_budgets()
     counts = {s: sum(r.status == s for r in results) for s in
               ("complete", "infeasible", "pruned", "failed")}
     lines = [f"# autoprune run: task {config.task}, space {config.space.get('name')}", "",
-             f"{len(results)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())}); "
+             f"{len(results)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())}"
+             f"{_reused(results)}); "
              f"budgets: {config.budgets_text(budgets)}; targets: "
              f"{', '.join(config.target_names)}", ""]
     header = ["trial", "baseline", config.metric,
@@ -286,11 +325,15 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
             continue
         lat = best.metrics.get(latency_key(target), float("nan"))
         speed = ""
-        if dense and latency_key(target) in dense.metrics:
+        if f"speedup@{target}" in best.metrics:
+            speed = (f", {best.metrics[f'speedup@{target}']:.2f}x faster than dense (timed "
+                     f"side by side)")
+        elif dense and latency_key(target) in dense.metrics:
             speed = f", {dense.metrics[latency_key(target)] / lat:.2f}x faster than dense"
         lines.append(f"- {target}: pareto/trial_{best.number}.json - {config.metric} "
                      f"{best.metrics[config.metric]:.4f}, {lat:.3f} ms{speed}; "
                      f"{_baseline_gain(results, config, best)}")
+    lines += _steering_lines(results, config, dense)
     busy = busy_lines(results, config)
     if busy:
         lines += ["", *busy]

@@ -11,8 +11,8 @@ from typing import Any
 
 from autoprune.budget import Objective
 from autoprune.fingerprint import architecture_signature
-from autoprune.results import RunConfig
 from autoprune.plan import PruningPlan
+from autoprune.results import RunConfig
 from autoprune.search._steer import UNIFORM_FIT, Steering
 from autoprune.space import BoundSpace
 from autoprune.trial import TrialResult, TrialSettings
@@ -105,13 +105,15 @@ class Backend(abc.ABC):
         """Run (or resume) the search; return every finished trial, earlier ones included."""
 
     def confirm(self, ctx: SearchContext, results: list[TrialResult]) -> None:
-        """Re-measure the fronts' screened latencies with the full protocol, in place.
+        """Re-measure the fronts' screened latencies with the full protocol, in place, then
+        time them side by side with the dense model.
 
         Here, on this machine (the one the trials were measured on)."""
-        from autoprune.search._confirm import confirm_fronts
+        from autoprune.search._confirm import confirm_fronts, time_side_by_side
 
-        confirm_fronts(ctx.task, results, ctx.config, ctx.settings,
-                       say=None if ctx.progress else lambda _: None)
+        say = None if ctx.progress else lambda _: None
+        confirm_fronts(ctx.task, results, ctx.config, ctx.settings, say=say)
+        time_side_by_side(ctx.task, results, ctx.config, ctx.settings, say=say)
 
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}

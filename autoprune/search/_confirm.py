@@ -6,6 +6,11 @@ ships must carry full measurements, so at the end of a search every plan on a fr
 baseline the summary compares with and every plan `autoprune plan` picks is measured again
 with the target's own protocol. A re-measured plan can leave the front (or break its budget),
 which puts other screened plans on it: repeat until every front holds full measurements only.
+
+Medians taken minutes apart drift with the machine (the dense digits model measured 2.02 ms
+and 1.53 ms in two processes on one idle VM), so the speed-ups a search reports are measured
+side by side: the dense model is timed again, interleaved with the plans a user sees
+(:func:`time_side_by_side`), and the start and end values of the dense model are compared.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from collections.abc import Callable
 from autoprune.results import RunConfig, front_plans
 from autoprune.trial import SCREENED, TrialResult, TrialSettings, measure_plan
 
-__all__ = ["confirm_fronts", "screened"]
+__all__ = ["confirm_fronts", "screened", "time_side_by_side", "SPEEDUP", "DENSE_END"]
+
+SPEEDUP = "speedup@"  # metrics key prefix: dense / plan latency, timed side by side at the end
+DENSE_END = "dense_end_ms@"  # dense model's latency (target statistic) timed in that same run
 
 
 def screened(results: list[TrialResult], config: RunConfig,
@@ -65,3 +73,40 @@ def confirm_fronts(
                 result.metrics.pop(SCREENED + name, None)
             result.metrics.update({k: v for k, v in fresh.items() if k.startswith("latency_")})
     return len(tried)
+
+
+def time_side_by_side(task, results: list[TrialResult], config: RunConfig,
+                      settings: TrialSettings, say: Callable[[str], None] | None = None) -> None:
+    """Time the dense model interleaved with every plan on a front (and the baselines) on
+    each local target; store ``speedup@T`` in each plan's metrics and ``dense_end_ms@T`` in
+    the dense trial's. A plan that quantizes is timed as the ONNX model it ships."""
+    from autoprune.latency import compare_latency
+    from autoprune.plan import PruningPlan
+    from autoprune.quantize import quantize_model
+    from autoprune.trial import _prune
+
+    say = say or (lambda text: print(text, flush=True))
+    dense = next((r for r in results if r.baseline == "dense"), None)
+    for target in settings.targets:
+        if target.is_remote or dense is None:
+            continue
+        shown = {id(r): r for r in [*front_plans(results, config, target.name).values(),
+                                     *(r for r in results if r.baseline and r is not dense)]}
+        if not shown:
+            continue
+        say(f"timing the dense model side by side with {len(shown)} plan(s) on {target.name}")
+        models, shipped = {"dense": _prune(task, PruningPlan(), settings)[1]}, {}
+        for r in shown.values():
+            label = f"trial {r.number}"
+            models[label] = _prune(task, r.plan, settings)[1]
+            if r.plan.quantize != "none":
+                shipped[label] = quantize_model(task, models[label], r.plan.quantize)
+        try:
+            rows = compare_latency(models, task.example_inputs, target, onnx_models=shipped)
+        except Exception as e:  # the search's own measurements still stand
+            say(f"side-by-side timing on {target.name} failed ({type(e).__name__}: "
+                f"{str(e)[:200]}); speed-ups come from separate medians")
+            continue
+        dense.metrics[DENSE_END + target.name] = rows[0].stats.value(target.statistic)
+        for r, row in zip(shown.values(), rows[1:]):
+            r.metrics[SPEEDUP + target.name] = row.speedup

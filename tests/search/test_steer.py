@@ -111,5 +111,6 @@ def test_a_repeated_plan_reuses_its_result(tmp_path, fast_target, monkeypatch):
     for r in searched:
         assert r.reused_from == first.number and r.plan.key() == first.plan.key()
         assert r.metrics["params"] == first.metrics["params"]
-    rows = [json.loads(line) for line in (result.run_dir / "trials.jsonl").read_text().splitlines()]
+    rows = (result.run_dir / "trials.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in rows]
     assert sum("reused_from" in row for row in rows) == 4
