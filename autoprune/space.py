@@ -64,7 +64,8 @@ class SearchSpace:
     share: str = "per_layer"  # per_layer | per_stage | global: how many sparsities are sampled
     stage_pattern: str = r"^(.*?\d+)\."  # per_stage: first capture group names a group's stage
     modes: tuple[str, ...] = ("structured",)  # modes to choose from (per unit if several)
-    criteria: tuple[str, ...] = ("l1",)  # criteria to choose from (once per plan)
+    criteria: tuple[str, ...] = ("l1",)  # criteria to choose from
+    criteria_share: str = "global"  # per_layer | per_stage | global: how many are sampled
     round_to: tuple[int | None, ...] = (None,)  # structured round_to choices
     quantize: tuple[str, ...] = ("none",)  # none | int8 (static) | int8-dynamic, see quantize.py
     # Fine-tuning knobs: lr_scale (a multiplier of the task's own lr) or, explicitly, any
@@ -76,7 +77,7 @@ class SearchSpace:
         if not isinstance(data, dict):
             raise SearchSpaceError(f"{source}: expected a mapping, got {type(data).__name__}")
         known = {"name", "description", "groups", "sparsity", "share", "stage_pattern", "modes",
-                 "criteria", "round_to", "quantize", "finetune"}
+                 "criteria", "criteria_share", "round_to", "quantize", "finetune"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SearchSpaceError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: "
@@ -96,6 +97,7 @@ class SearchSpace:
             modes=tuple(_choices(data.get("modes", ["structured"]), MODES, f"{source}.modes")),
             criteria=tuple(_choices(data.get("criteria", ["l1"]), CRITERIA,
                                     f"{source}.criteria")),
+            criteria_share=data.get("criteria_share", "global"),
             round_to=tuple(data.get("round_to", [None]) or [None]),
             quantize=tuple(_choices(data.get("quantize", ["none"]), QUANTIZE,
                                     f"{source}.quantize")),
@@ -110,9 +112,10 @@ class SearchSpace:
         if not 0 <= s.low <= s.high < 1:
             raise SearchSpaceError(f"{source}.sparsity: need 0 <= low <= high < 1, got "
                                    f"low={s.low}, high={s.high}")
-        if self.share not in _SHARES:
-            raise SearchSpaceError(f"{source}.share: {self.share!r} is not one of "
-                                   f"{', '.join(_SHARES)}")
+        for name in ("share", "criteria_share"):
+            if getattr(self, name) not in _SHARES:
+                raise SearchSpaceError(f"{source}.{name}: {getattr(self, name)!r} is not one of "
+                                       f"{', '.join(_SHARES)}")
         try:
             re.compile(self.stage_pattern)
         except re.error as e:
@@ -153,11 +156,15 @@ class SearchSpace:
             elif self.share == "global":
                 key = "all"
             else:
-                m = re.search(self.stage_pattern, g.name)
-                key = m.group(1) if m and m.groups() else (m.group(0) if m else g.name)
+                key = self.stage_of(g.name)
             units.setdefault(key, []).append(g)
         skipped = [g for g in groups if g not in chosen]
         return BoundSpace(self, units, skipped)
+
+    def stage_of(self, group: str) -> str:
+        """The stage a group belongs to: ``stage_pattern``'s first capture group."""
+        m = re.search(self.stage_pattern, group)
+        return m.group(1) if m and m.groups() else (m.group(0) if m else group)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -212,7 +219,7 @@ class BoundSpace:
         """Define-by-run sampling with an Optuna trial; returns the parameters."""
         sp, s = self.space, self.space.sparsity
         crit_all = list(sp.criteria)
-        if len(crit_all) > 1:
+        if len(crit_all) > 1 and sp.criteria_share == "global":
             trial.suggest_categorical("criterion", crit_all)
         if len(sp.round_to) > 1:
             trial.suggest_categorical("round_to", list(sp.round_to))
@@ -220,33 +227,47 @@ class BoundSpace:
             trial.suggest_categorical("quantize", list(sp.quantize))
         for knob, r in sp.finetune.items():
             trial.suggest_float(f"ft.{knob}", r.low, r.high, step=r.step, log=r.log)
-        for unit in self.units:
+        for unit, groups in self.units.items():
             mode = sp.modes[0]
             if len(sp.modes) > 1:
                 mode = trial.suggest_categorical(f"mode.{unit}", list(sp.modes))
             if mode != "skip":
                 trial.suggest_float(f"s.{unit}", s.low, s.high, step=s.step)
+                if len(crit_all) > 1 and sp.criteria_share != "global":  # a stage's: once
+                    for key in dict.fromkeys(self._criterion_key(g.name) for g in groups):
+                        trial.suggest_categorical(key, crit_all)
         return dict(trial.params)
+
+    def _criterion_key(self, group: str) -> str:
+        """The parameter that picks ``group``'s criterion."""
+        share = self.space.criteria_share
+        if share == "global":
+            return "criterion"
+        return "criterion." + (group if share == "per_layer" else self.space.stage_of(group))
+
+    def _rule(self, params: dict[str, Any], group: str, mode: str, sparsity: float,
+              round_to: int | None) -> LayerRule:
+        crit = params.get(self._criterion_key(group), self.space.criteria[0])
+        if mode == "unstructured" and crit not in _UNSTRUCTURED_CRITERIA:
+            crit = "l1"  # fpgm / bn_scale score channels only
+        return LayerRule(mode, round(sparsity, 6), crit,
+                         round_to if mode == "structured" else None)
 
     def build(self, params: dict[str, Any]) -> PruningPlan:
         """Turn sampled parameters into a plan (pure and deterministic)."""
         sp = self.space
-        criterion = params.get("criterion", sp.criteria[0])
         round_to = params.get("round_to", sp.round_to[0])
         rules: dict[str, LayerRule] = {g.name: LayerRule("skip") for g in self.skipped}
         default = LayerRule("skip")
         for unit, groups in self.units.items():
             mode = params.get(f"mode.{unit}", sp.modes[0])
             sparsity = float(params.get(f"s.{unit}", 0.0)) if mode != "skip" else 0.0
-            crit = criterion
-            if mode == "unstructured" and crit not in _UNSTRUCTURED_CRITERIA:
-                crit = "l1"  # fpgm / bn_scale score channels only
-            rule = LayerRule(mode, round(sparsity, 6), crit,
-                             round_to if mode == "structured" else None)
             if sp.share == "global" and mode == "unstructured" and not self.skipped:
-                default = rule  # global unstructured: every Conv/Linear, output layer included
+                # global unstructured: every Conv/Linear, output layer included
+                default = self._rule(params, groups[0].name, mode, sparsity, round_to)
                 continue
             for g in groups:
+                rule = self._rule(params, g.name, mode, sparsity, round_to)
                 if mode == "unstructured":  # masks go on the layers producing the channels
                     rules.update({p: rule for p in g.producers})
                 else:
@@ -262,7 +283,9 @@ class BoundSpace:
         s = self._snap(sparsity)
         params: dict[str, Any] = {}
         if len(sp.criteria) > 1:
-            params["criterion"] = sp.criteria[0]
+            keys = ["criterion"] if sp.criteria_share == "global" else [
+                self._criterion_key(g.name) for groups in self.units.values() for g in groups]
+            params.update(dict.fromkeys(keys, sp.criteria[0]))
         if len(sp.round_to) > 1:
             params["round_to"] = sp.round_to[0]
         if len(sp.quantize) > 1:
