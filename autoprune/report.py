@@ -23,7 +23,14 @@ from typing import Any
 from autoprune.budget import Budget, latency_key
 from autoprune.deployment import deployment_plan, table_rows
 from autoprune.errors import UsageError
-from autoprune.results import RunConfig, load_run, metric_cell, target_budgets, target_front
+from autoprune.results import (
+    RunConfig,
+    load_run,
+    metric_cell,
+    steering_lines,
+    target_budgets,
+    target_front,
+)
 from autoprune.trial import TrialResult
 
 __all__ = ["write_report", "build_figures"]
@@ -426,6 +433,7 @@ def render_html(run_dir: Path, config: RunConfig, results: list[TrialResult]) ->
     body.append("<ul>" + "".join(f"<li><b>{_e(t.target)}</b>: {_e(t.note)}</li>"
                                  for t in plan.targets) + "</ul>")
     body.append(_lines_html(plan.busy_lines))
+    body.append(_lines_html(steering_lines(results, config, dense)))
     body.append("<h2>Pareto front per target</h2>")
     body.append('<p class="note">Accuracy depends only on the plan, latency on the plan and the '
                 "target: each target keeps its own front. Star: the dense model; diamonds: "

@@ -21,10 +21,10 @@ from typing import Any
 
 from autoprune.budget import Budget, Objective, latency_key, parse_budgets
 from autoprune.busy import busy_lines
-from autoprune.trial import TrialResult
+from autoprune.trial import DENSE_END, SPEEDUP, TrialResult
 
 __all__ = ["RunConfig", "pareto_front", "write_run", "load_run", "summarize",
-           "recommend", "target_budgets", "target_front", "front_plans"]
+           "recommend", "target_budgets", "target_front", "front_plans", "steering_lines"]
 
 
 @dataclass
@@ -256,7 +256,7 @@ def _reused(results: list[TrialResult]) -> str:
     return f"; {n} reused the result of an earlier trial of the same plan" if n else ""
 
 
-def _steering_lines(results: list[TrialResult], config: RunConfig,
+def steering_lines(results: list[TrialResult], config: RunConfig,
                     dense: TrialResult | None) -> list[str]:
     """How well the cost model predicted, how many searched plans met the cost budgets, and
     how the dense model's latency moved between the start and the end of the search."""
@@ -279,7 +279,7 @@ def _steering_lines(results: list[TrialResult], config: RunConfig,
                          f"{100 * statistics.median(errors):.1f} % over {len(errors)} trials"
                          + (f", {100 * statistics.median(late):.1f} % after the first 10"
                             if late else ""))
-        start, end = config.reference.get(key), dense.metrics.get(f"dense_end_ms@{target}") \
+        start, end = config.reference.get(key), dense.metrics.get(DENSE_END + target) \
             if dense else None
         if start and end:
             lines.append(f"- dense model on {target}: {start:.3f} ms at the start, {end:.3f} ms "
@@ -325,15 +325,15 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
             continue
         lat = best.metrics.get(latency_key(target), float("nan"))
         speed = ""
-        if f"speedup@{target}" in best.metrics:
-            speed = (f", {best.metrics[f'speedup@{target}']:.2f}x faster than dense (timed "
-                     f"side by side)")
+        if SPEEDUP + target in best.metrics:
+            speed = (f", {best.metrics[SPEEDUP + target]:.2f}x faster than dense (timed side "
+                     f"by side)")
         elif dense and latency_key(target) in dense.metrics:
             speed = f", {dense.metrics[latency_key(target)] / lat:.2f}x faster than dense"
         lines.append(f"- {target}: pareto/trial_{best.number}.json - {config.metric} "
                      f"{best.metrics[config.metric]:.4f}, {lat:.3f} ms{speed}; "
                      f"{_baseline_gain(results, config, best)}")
-    lines += _steering_lines(results, config, dense)
+    lines += steering_lines(results, config, dense)
     busy = busy_lines(results, config)
     if busy:
         lines += ["", *busy]

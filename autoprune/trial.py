@@ -31,6 +31,10 @@ STATUSES = ("complete", "infeasible", "pruned", "failed")
 # Metrics key prefix marking a latency from the quick screening protocol ("screened@cpu-1t");
 # the search re-measures its fronts with the full protocol and drops the mark.
 SCREENED = "latency_screened@"
+# Set at the end of a search (search/_confirm.py): dense / plan latency timed side by side, and
+# the dense model's latency (the target's statistic) in that same run.
+SPEEDUP = "speedup@"
+DENSE_END = "dense_end_ms@"
 # Metrics key prefixes of the busy-machine flag (1.0 when the measurement's p90 was more than
 # 1.5x its median, see LatencyStats.busy, else 0.0) and of the fastest timed run (ms).
 BUSY = "latency_busy@"

@@ -18,12 +18,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from autoprune.results import RunConfig, front_plans
-from autoprune.trial import SCREENED, TrialResult, TrialSettings, measure_plan
+from autoprune.trial import (
+    DENSE_END,
+    SCREENED,
+    SPEEDUP,
+    TrialResult,
+    TrialSettings,
+    measure_plan,
+)
 
-__all__ = ["confirm_fronts", "screened", "time_side_by_side", "SPEEDUP", "DENSE_END"]
-
-SPEEDUP = "speedup@"  # metrics key prefix: dense / plan latency, timed side by side at the end
-DENSE_END = "dense_end_ms@"  # dense model's latency (target statistic) timed in that same run
+__all__ = ["confirm_fronts", "screened", "time_side_by_side"]
 
 
 def screened(results: list[TrialResult], config: RunConfig,
@@ -91,7 +95,7 @@ def time_side_by_side(task, results: list[TrialResult], config: RunConfig,
         if target.is_remote or dense is None:
             continue
         shown = {id(r): r for r in [*front_plans(results, config, target.name).values(),
-                                     *(r for r in results if r.baseline and r is not dense)]}
+                                     *(r for r in results if r.baseline)] if r is not dense}
         if not shown:
             continue
         say(f"timing the dense model side by side with {len(shown)} plan(s) on {target.name}")
