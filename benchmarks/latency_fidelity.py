@@ -14,6 +14,11 @@ unstructured 50 % / 80 % and structured 25 % / 50 % / 75 % (uniform L1 plans), a
   measured ``--repeats`` times with each, alternating, in fresh sessions: median p50s, their
   difference and the wall time one measurement takes.
 
+- INT8 (``--int8-task``, default ``digits``: the trained ``resnet_1m``), dense and structured
+  50 % (fine-tuned with the task's settings), each as fp32, static INT8 (``int8``) and dynamic
+  INT8 (``int8-dynamic``): p50, speed-up over dense fp32 and over the same model in fp32, and
+  the task metric of each ONNX model run by ONNX Runtime over the validation data.
+
 ``--sequential`` also measures each model ``--repeats`` times back to back (no interleaving), to
 show what interleaving buys on a busy machine.
 
@@ -31,6 +36,7 @@ import numpy as np
 import torch_pruning as tp
 
 from autoprune.latency import (
+    Target,
     export_onnx,
     load_target,
     measure_interleaved,
@@ -49,6 +55,8 @@ CONFIGS = [
     ("structured 50%", PruningPlan.uniform(0.5, "structured")),
     ("structured 75%", PruningPlan.uniform(0.75, "structured")),
 ]
+# INT8 rows (``--int8-task``): the task's trained model, dense and structured 50 %.
+INT8_CONFIGS = [("dense", None), ("structured 50%", PruningPlan.uniform(0.5, "structured"))]
 # Rows of a second model with grouped 3x3 convolutions (``--grouped-model``, ResNeXt-style with
 # squeeze-excite), measured in the same interleaved run against its own dense row.
 GROUPED = [
@@ -70,6 +78,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--grouped-model", default="resnext_1m",
                         help="model with grouped convolutions for the 'grouped' rows ('' = none)")
+    parser.add_argument("--int8-task", default="digits",
+                        help="task whose trained model the INT8 rows use ('' = none)")
     parser.add_argument(
         "--sequential", action="store_true", help="also measure back to back, not interleaved"
     )
@@ -162,6 +172,9 @@ def main() -> None:
               f"+-{spread(medians['screen']):.1f}%")
     print(f"  worst difference of medians: {100 * worst:.1f}%")
 
+    if args.int8_task:
+        int8_rows(args.int8_task, target, args.repeats)
+
     if args.sequential:
         print(f"\nfor contrast, {args.repeats} fresh sessions per model back to back "
               "(not interleaved):")
@@ -170,6 +183,48 @@ def main() -> None:
                        for _ in range(args.repeats)]
             print(f"  {name:<17} p50 ms {' '.join(f'{m:.4f}' for m in medians)}   "
                   f"spread +-{spread(medians):.1f}%")
+
+
+def int8_rows(task_name: str, target: Target, repeats: int) -> None:
+    """fp32, static and dynamic INT8 of a trained model, dense and structured 50 %: speed-up and
+    task metric side by side, both measured on the ONNX model that would ship."""
+    from autoprune.finetune import finetune_
+    from autoprune.quantize import CALIBRATION_BATCHES, evaluate_shipped, quantize_model
+    from autoprune.task import load_task
+
+    task = load_task(task_name)
+    trained = task.build_model()
+    onnx_models, metric, fp32_of = {}, {}, {}
+    for label, plan in INT8_CONFIGS:
+        model = trained
+        if plan is not None:
+            model = apply_plan(trained, plan, task.example_inputs)
+            finetune_(model, task, task.finetune)
+        model = baked_copy(model).eval()
+        fp32 = export_onnx(model, task.example_inputs, dynamic_batch=True).onnx_bytes
+        for scheme in ("fp32", "int8", "int8-dynamic"):
+            name = f"{label} {scheme}"
+            onnx_models[name] = fp32 if scheme == "fp32" else quantize_model(task, model, scheme)
+            metric[name] = evaluate_shipped(task, model, onnx_models[name])[task.metric.name]
+            fp32_of[name] = f"{label} fp32"
+    arrays = [t.numpy() for t in prepare_inputs(task.example_inputs, target)]
+    results = measure_interleaved(onnx_models, arrays, target, repeats=repeats)
+    p50 = {name: float(np.median([s.p50_ms for s in runs])) for name, runs in results.items()}
+    base = next(iter(p50))
+    print(f"\nINT8 on task {task_name} ({task.description}); static int8: QDQ, per-channel "
+          f"INT8 weights, UINT8 activations, calibrated on {CALIBRATION_BATCHES} training "
+          f"batches; structured 50 % fine-tuned {task.finetune.steps} steps; "
+          f"{task.metric.name} of each ONNX model run by ONNX Runtime; {repeats} fresh sessions "
+          "per model, interleaved")
+    header = (f"{'model':<28} {'size KB':>8} {'p50 ms':>7} {'vs dense fp32':>13} "
+              f"{'vs own fp32':>11} {task.metric.name:>9} {'vs own fp32':>12}")
+    print(header)
+    print("-" * len(header))
+    for name in onnx_models:
+        own = fp32_of[name]
+        print(f"{name:<28} {len(onnx_models[name]) / 1e3:>8.1f} {p50[name]:>7.3f} "
+              f"{p50[base] / p50[name]:>12.2f}x {p50[own] / p50[name]:>10.2f}x "
+              f"{metric[name]:>9.4f} {100 * (metric[name] - metric[own]):>+9.2f} pt")
 
 
 if __name__ == "__main__":
