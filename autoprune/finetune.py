@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,8 @@ from autoprune.errors import NonFiniteLossError, TaskError, UsageError
 from autoprune.finetune_settings import FinetuneSettings
 from autoprune.task import Task, _to_device, call_model, iterate_seeded
 
-__all__ = ["FinetuneSettings", "FinetuneResult", "finetune_", "distillation_loss"]
+__all__ = ["FinetuneSettings", "FinetuneResult", "finetune_", "distillation_loss",
+           "recalibrate_bn_"]
 
 @dataclass
 class FinetuneResult:
@@ -48,6 +49,57 @@ def distillation_loss(
         * t
         * t
     )
+
+
+def recalibrate_bn_(model: nn.Module, batches: Iterable[tuple[Any, Any]]) -> int:
+    """Re-estimate the BatchNorm running statistics of ``model`` from ``batches`` of
+    ``(inputs, targets)`` in place; return the number of batches used.
+
+    EagleEye (Li et al., ECCV 2020): after pruning (or brief fine-tuning, whose momentum
+    updates leave the statistics of the unpruned model mostly in place) the running means and
+    variances no longer match the activations, and a model evaluated with them can score at
+    chance. The statistics are reset and re-estimated as the cumulative average over the
+    batches in train mode, without gradients; weights do not change.
+    The model's mode is restored. Without BatchNorm layers or batches, nothing changes.
+
+    Example:
+        >>> recalibrate_bn_(pruned, task.calibration_batches(8))  # doctest: +SKIP
+        8
+    """
+    batches = list(batches)
+    norms = _batch_norms(model)
+    if not norms or not batches:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    device = next(iter(model.parameters())).device
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches seen
+    used = 0
+    model.train()
+    try:
+        with torch.no_grad():
+            for inputs, _ in batches:
+                call_model(model, _to_device(inputs, device))
+                used += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return used
+
+
+def _batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _recalibration_batches(model: nn.Module, task: Task, s: FinetuneSettings) -> list:
+    """The batches BatchNorm statistics are re-estimated on ([] if off or nothing to do)."""
+    if not s.bn_recalibration or not _batch_norms(model):
+        return []
+    return task.calibration_batches(s.bn_recalibration, s.seed)
 
 
 def finetune_(
@@ -110,7 +162,9 @@ def _finetune_loop(
     start: float,
 ) -> FinetuneResult:
     result = FinetuneResult(steps_done=0, final_loss=math.nan)
+    calibration = _recalibration_batches(model, task, settings)
     if settings.steps == 0:
+        recalibrate_bn_(model, calibration)
         model.eval()
         return result
 
@@ -174,11 +228,14 @@ def _finetune_loop(
             result.steps_done = step
             result.final_loss = loss.item()
             if settings.eval_every and step % settings.eval_every == 0:
+                recalibrate_bn_(model, calibration)
                 metric = task.evaluate(model)  # restores train mode
                 result.history.append((step, metric))
                 if on_eval is not None and on_eval(step, metric):
                     result.stopped_early = True
                     break
+        else:
+            recalibrate_bn_(model, calibration)
     finally:
         model.eval()
         result.seconds = time.perf_counter() - start

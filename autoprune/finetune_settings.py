@@ -40,6 +40,9 @@ class FinetuneSettings:
     distill_weight: float = 0.0  # weight of the distillation loss in [0, 1]; 0 = off
     temperature: float = 4.0  # softmax temperature of the distillation loss
     eval_every: int = 0  # evaluate (and call on_eval) every N steps; 0 = never
+    # Training batches over which BatchNorm statistics are re-estimated (reset, cumulative
+    # average, no gradients) before every evaluation, as EagleEye's adaptive BN; 0 = off
+    bn_recalibration: int = 0
     seed: int = 0  # seeds torch and the training data order
 
     def __post_init__(self) -> None:
@@ -64,6 +67,7 @@ class FinetuneSettings:
         number("distill_weight", lambda v: 0 <= v <= 1, "in [0, 1]")
         number("temperature", lambda v: 0 < v < math.inf, "a number > 0")
         number("eval_every", lambda v: v >= 0, "an int >= 0", integer=True)
+        number("bn_recalibration", lambda v: v >= 0, "an int >= 0", integer=True)
         number("seed", lambda v: True, "an int", integer=True)
         if problems:
             raise UsageError("invalid FinetuneSettings: " + "; ".join(problems))
