@@ -44,7 +44,8 @@ def _search(args: argparse.Namespace) -> int:
             objectives=args.objectives, seed=args.seed, resume=args.resume,
             finetune_steps=args.finetune_steps, screen_latency=not args.full_latency,
             steer=not args.no_steer, workers=args.workers,
-            backend_options=options, progress=not args.quiet, token_file=args.token_file)
+            backend_options=options, progress=not args.quiet, token_file=args.token_file,
+            verify=args.verify)
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are saved; continue with --resume "
               f"--output {args.output or 'RUN_DIR'}", file=sys.stderr)
@@ -110,9 +111,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from autoprune.results import load_run, summarize
+    from autoprune.search._verify import verify_section
 
     config, results = load_run(args.run)
-    print(summarize(results, config))
+    print(summarize(results, config) + verify_section(args.run))
     return 0
 
 
@@ -215,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ray: node (default) = a measurement has the node to itself; "
                         "measurements = only measurements are serialized")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="at the end, fine-tune the front's top K plans and K others with the "
+                        "task's full budget and report the Kendall tau between the search's "
+                        "metric and theirs (summary, verify.json; default: 0 = off)")
 
     p = command("apply", _apply, "apply a plan: prune, fine-tune, export ONNX, re-measure")
     p.add_argument("plan", help="plan file (.json/.yaml), e.g. RUN/pareto/trial_12.json")

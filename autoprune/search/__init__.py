@@ -95,13 +95,20 @@ def run_search(
     backend_options: dict[str, Any] | None = None,
     progress: bool = True,
     token_file: str | None = None,
+    verify: int = 0,
 ) -> SearchResult:
-    """Run a pruning-plan search and write its run directory; see ``autoprune search --help``."""
+    """Run a pruning-plan search and write its run directory; see ``autoprune search --help``.
+
+    ``verify=K`` fine-tunes the front's top K plans and K others with the task's full budget
+    at the end and reports how well the search's metric predicted theirs (search/_verify.py).
+    """
     from autoprune.latency import LatencyCache, load_target
     from autoprune.prune import inspect_model
     from autoprune.task import load_task
 
     run_dir = Path(output) if output else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
+        raise UsageError(f"--verify takes a number of plans >= 0, got {verify!r}")
     if resume:
         if not (run_dir / "run.json").is_file():
             raise UsageError(f"--resume: {run_dir} holds no run to resume (no run.json)")
@@ -182,7 +189,14 @@ def run_search(
         backend_obj.confirm(ctx, results)
     finally:  # Ctrl-C while re-measuring still leaves the run directory (--resume finishes it)
         front = write_run(run_dir, config, results)
-    return SearchResult(front, results, run_dir, summarize(results, config))
+    summary = summarize(results, config)
+    if verify:  # proxy vs the task's full fine-tuning, on the top plans and a sample of others
+        from autoprune.search._verify import verify_search
+
+        summary += verify_search(task_obj, results, config, settings, verify, run_dir,
+                                 say).section()
+        (run_dir / "summary.md").write_text(summary)
+    return SearchResult(front, results, run_dir, summary)
 
 
 def _steering(task: Any, model: Any, inspection: Any, space: Any, settings: TrialSettings,
