@@ -95,28 +95,17 @@ class CostStructure:
                    reference: dict[str, float]) -> CostStructure:
         """Trace ``model`` once; ``inspection`` from ``inspect_model``, ``reference`` the
         dense model's metrics (params, macs, size_bytes)."""
-        import torch
         from torch import nn
 
+        from autoprune.prune import layer_costs
+
         roots = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-        seen: dict[nn.Module, tuple[float, float]] = {}
-
-        def hook(module: nn.Module, _inp: Any, out: Any) -> None:
-            per_image = out.numel() // out.shape[0]
-            macs, acts = seen.get(module, (0.0, 0.0))
-            seen[module] = (macs + per_image * module.weight[0].numel(), acts + per_image)
-
         modules = dict(model.named_modules())
-        handles = [m.register_forward_hook(hook) for m in modules.values()
-                   if isinstance(m, roots)]
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                model(*example_inputs)
+            seen = layer_costs(model, example_inputs)
         finally:
-            for h in handles:
-                h.remove()
             model.train(was_training)
         outs: dict[str, list[tuple[str, int]]] = {}
         ins: dict[str, list[tuple[str, int]]] = {}

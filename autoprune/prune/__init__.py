@@ -16,6 +16,7 @@ from autoprune.prune._groups import (
     PrunableGroup,
     Unprunable,
     inspect_model,
+    layer_costs,
 )
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "group_rule",
     "has_masks",
     "inspect_model",
+    "layer_costs",
     "prune_model_",
 ]

@@ -12,7 +12,8 @@ from torch import nn
 
 from autoprune.prune._diagnose import tensors, why_unreached
 
-__all__ = ["PrunableGroup", "Unprunable", "ModelInspection", "inspect_model", "build_groups"]
+__all__ = ["PrunableGroup", "Unprunable", "ModelInspection", "inspect_model", "build_groups",
+           "layer_costs"]
 
 _ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Python-int head counts attention modules keep (timm/ours, BERT/RoBERTa/ViT, DistilBERT).
@@ -100,14 +101,15 @@ class ModelInspection:
         return "\n".join(lines)
 
 
-def _layer_macs(model: nn.Module, example_inputs: tuple) -> dict[nn.Module, int]:
-    macs: dict[nn.Module, int] = {}
+def layer_costs(model: nn.Module, example_inputs: tuple) -> dict[nn.Module, tuple[int, int]]:
+    """(MACs, output elements) per sample of every Conv/Linear layer in one forward pass."""
+    costs: dict[nn.Module, tuple[int, int]] = {}
 
     def hook(module: nn.Module, _inp, out) -> None:
-        w = module.weight
-        per_out = w[0].numel()  # in_channels/groups * kernel, or in_features
+        per_out = module.weight[0].numel()  # in_channels/groups * kernel, or in_features
         n_out = out.numel() // out.shape[0]
-        macs[module] = macs.get(module, 0) + n_out * per_out
+        macs, outputs = costs.get(module, (0, 0))
+        costs[module] = (macs + n_out * per_out, outputs + n_out)
 
     layers = [m for m in model.modules() if isinstance(m, _ROOT_TYPES)]
     handles = [m.register_forward_hook(hook) for m in layers]
@@ -117,7 +119,7 @@ def _layer_macs(model: nn.Module, example_inputs: tuple) -> dict[nn.Module, int]
     finally:
         for h in handles:
             h.remove()
-    return macs
+    return costs
 
 
 def head_count(module: nn.Module) -> int | None:
@@ -262,7 +264,7 @@ def build_groups(
         dg = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, forward_fn=forward,
             output_transform=tensors)  # dicts (e.g. a transformers ModelOutput) flattened
-    macs = _layer_macs(model, example_inputs)
+    macs = {m: c[0] for m, c in layer_costs(model, example_inputs).items()}
     total_macs = sum(macs.values()) or 1
     attn = _attention_linears(model)
     output_layers = _output_layers(dg, {t.grad_fn for t in outputs if t.grad_fn is not None})
