@@ -213,3 +213,33 @@ def test_static_int8_costs_at_most_half_a_point_on_digits():
     assert values["accuracy_fp32"] > 0.98
     assert values["accuracy"] >= values["accuracy_fp32"] - 0.005
     assert np.isfinite(values["accuracy"])
+
+
+def test_plan_and_summary_show_the_scheme_and_the_fp32_metric_beside_it():
+    from autoprune.budget import latency_key
+    from autoprune.deployment import deployment_plan, table_rows
+    from autoprune.results import RunConfig, summarize
+    from autoprune.trial import TrialResult
+
+    lat = latency_key("cpu-1t")
+    config = RunConfig(task=TASK, space={"name": "mixed"}, budgets=[],
+                       targets=[{"name": "cpu-1t", "spec": "cpu-1t"}],
+                       objectives=[{"key": "accuracy", "direction": "maximize"},
+                                   {"key": lat, "direction": "minimize"}],
+                       metric="accuracy", metric_direction="maximize")
+    results = [
+        TrialResult(PruningPlan(), "complete", {"accuracy": 0.95, lat: 2.0}, number=0,
+                    baseline="dense"),
+        TrialResult(PruningPlan(quantize="int8"), "complete",
+                    {"accuracy": 0.96, "accuracy_fp32": 0.97, lat: 1.0}, number=1),
+    ]
+    plan = deployment_plan(config, results)
+    header, rows = table_rows(plan)
+    row = dict(zip(header, rows[0]))
+    assert (row["accuracy"], row["quantize"]) == ("0.9600 (fp32 0.9700)", "int8")
+    entry = plan.to_dict()["targets"][0]
+    assert (entry["accuracy"], entry["accuracy_fp32"], entry["quantize"]) == (0.96, 0.97, "int8")
+    front_rows = [line.split("|")[1:-1] for line in summarize(results, config).splitlines()
+                  if line.startswith("| 1 ")]
+    assert [(r[2].strip(), r[-1].strip()) for r in front_rows] == [
+        ("0.9600 (fp32 0.9700)", "int8")]
