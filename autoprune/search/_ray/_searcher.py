@@ -13,7 +13,7 @@ from typing import Any
 from autoprune.search._base import SearchContext
 from autoprune.search._optuna import make_sampler, tell_result
 from autoprune.search._ray._session import _active
-from autoprune.search._ray._trainable import CONFIG_KEY, RESULT_KEY, _parse
+from autoprune.search._ray._trainable import CONFIG_KEY, RESULT_KEY, _parse, _payload
 
 
 class _Sample:
@@ -27,12 +27,16 @@ class _Sample:
         params = self.space.sample(trial)
         baseline = trial.user_attrs.get("baseline")
         session = _active()
-        steered, predicted = params, {}
+        meta = {"number": trial.number, "baseline": baseline, "params": params}
         if session is not None:
             session.on_suggest(trial.number, params, baseline)
-            steered, predicted = session.ctx.steer(params, baseline)
-        return {CONFIG_KEY: {"number": trial.number, "baseline": baseline, "params": params,
-                             "steered": steered, "predicted": predicted}}
+            meta["steered"], meta["predicted"] = session.ctx.steer(params, baseline)
+            earlier = session.ctx.reuse(session.ctx.plan_for(meta["steered"]))
+            if earlier is not None:  # a plan tried already: its result, without a new run
+                earlier.number, earlier.params, earlier.baseline = trial.number, params, baseline
+                earlier.metrics.update(meta["predicted"])
+                meta["reused"] = _payload(earlier, [], session.ctx.objectives)
+        return {CONFIG_KEY: meta}
 
 
 def _make_searcher(ctx: SearchContext):

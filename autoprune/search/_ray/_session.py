@@ -61,7 +61,8 @@ class _Session:
         if reason is None:
             reason = (f"Ray worker failed {trial.num_failures} time(s), retries exhausted: "
                       f"{_error_line(trial)}")
-        result = TrialResult(self._plan(meta["params"]), "failed", reason=reason,
+        result = TrialResult(self._plan(meta.get("steered", meta["params"])), "failed",
+                             reason=reason,
                              number=meta["number"], params=meta["params"],
                              baseline=meta.get("baseline"))
         self._finish(meta, _payload(result, [], self.ctx.objectives), [])

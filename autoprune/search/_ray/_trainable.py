@@ -113,6 +113,9 @@ def _trainable(config: dict[str, Any], job: _Job) -> None:
     if done is not None and done["params"] == params:  # finished before the driver died
         tune.report(done["payload"])
         return
+    if "reused" in meta:  # the driver found the plan's result among finished trials
+        tune.report(meta["reused"])
+        return
     task, settings, node = _worker_state(job)
     plan = job.space.build(meta.get("steered", params)).with_fingerprint(job.fingerprint)
     stopper = None
