@@ -14,6 +14,7 @@ from autoprune.budget import latency_key, parse_budgets, parse_objectives, resol
 from autoprune.busy import busy_note
 from autoprune.costmodel import CostModel, CostStructure
 from autoprune.errors import BudgetError, UsageError
+from autoprune.plan import PruningPlan
 from autoprune.results import RunConfig, pareto_front, summarize, write_run
 from autoprune.search._base import (
     Backend,
@@ -24,7 +25,6 @@ from autoprune.search._base import (
     register_backend,
 )
 from autoprune.search._preflight import preflight
-from autoprune.plan import PruningPlan
 from autoprune.search._steer import Steering
 from autoprune.space import GroupInfo, SearchSpace, load_space
 from autoprune.trial import TrialResult, TrialSettings, measure_plan
