@@ -41,8 +41,10 @@ class FinetuneSettings:
     temperature: float = 4.0  # softmax temperature of the distillation loss
     eval_every: int = 0  # evaluate (and call on_eval) every N steps; 0 = never
     # Training batches over which BatchNorm statistics are re-estimated (reset, cumulative
-    # average, no gradients) before every evaluation, as EagleEye's adaptive BN; 0 = off
-    bn_recalibration: int = 0
+    # average, no gradients) before every evaluation, as EagleEye's adaptive BN; 0 = off.
+    # On by default: it raised the Kendall tau of brief fine-tuning against the final metric
+    # on every digits setting of benchmarks/search_quality.py, for about 8 forward passes
+    bn_recalibration: int = 8
     seed: int = 0  # seeds torch and the training data order
 
     def __post_init__(self) -> None:
