@@ -24,7 +24,7 @@ from autoprune.search._base import (
     get_backend,
     register_backend,
 )
-from autoprune.search._preflight import preflight
+from autoprune.search._preflight import check_budgets, check_targets, check_trials
 from autoprune.search._steer import Steering
 from autoprune.space import GroupInfo, SearchSpace, load_space
 from autoprune.trial import TrialResult, TrialSettings, measure_plan
@@ -124,8 +124,7 @@ def run_search(
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it or "
                          f"--output NEW_DIR for a new one")
     trials = 40 if trials is None else trials
-    task_spec = task if isinstance(task, str) else getattr(task, "name", "custom")
-    task_obj = load_task(task) if isinstance(task, str) else task
+    check_trials(trials)
     space_obj = load_space(space)
     budget_objs = parse_budgets(budgets)
     target_specs = list(targets or ["cpu-1t"])
@@ -133,6 +132,9 @@ def run_search(
     names = [t.name for t in target_objs]
     if len(set(names)) != len(names):
         raise UsageError(f"targets must have distinct names, got {', '.join(names)}")
+    check_targets(target_objs)  # an unreachable device fails before the task is loaded
+    task_spec = task if isinstance(task, str) else getattr(task, "name", "custom")
+    task_obj = load_task(task) if isinstance(task, str) else task
     for b in budget_objs:
         if b.target and b.target not in names:
             raise BudgetError(f"budget {b.text!r} names target {b.target!r}, which is not "
@@ -150,7 +152,7 @@ def run_search(
     bound = space_obj.bind([GroupInfo(g.name, tuple(g.producers)) for g in inspection.groups])
 
     backend_obj = get_backend(backend)
-    preflight(trials, budget_objs, target_objs, task_obj.metric)  # before any output
+    check_budgets(budget_objs, task_obj.metric, names[0])  # before any output
     backend_obj.check()  # e.g. Ray's install hint, before a run directory is written
     run_dir.mkdir(parents=True, exist_ok=True)
     ft = task_obj.finetune

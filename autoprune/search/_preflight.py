@@ -17,23 +17,9 @@ from typing import Any
 from autoprune.budget import Budget
 from autoprune.errors import BudgetError, TargetError, UsageError
 
-__all__ = ["preflight", "check_trials", "check_budgets", "check_targets", "REMOTE_TIMEOUT"]
+__all__ = ["check_trials", "check_budgets", "check_targets", "REMOTE_TIMEOUT"]
 
 REMOTE_TIMEOUT = 4.0  # seconds to connect to and hear from a latency server's /info
-
-
-def preflight(trials: int, budgets: list[Budget], targets: list, metric: Any) -> None:
-    """Every check, cheapest first; raises a :class:`UsageError` at the first failure.
-
-    Args:
-        trials: trials requested.
-        budgets: parsed budgets (relative ones may still be unresolved).
-        targets: the search's :class:`~autoprune.latency.Target` list, primary first.
-        metric: the task's :class:`~autoprune.task.Metric` (``name``, ``bounds``).
-    """
-    check_trials(trials)
-    check_budgets(budgets, metric, targets[0].name if targets else "")
-    check_targets(targets)
 
 
 def check_trials(trials: int) -> None:
