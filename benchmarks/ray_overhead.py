@@ -168,11 +168,12 @@ def _isolation_actor(ray):
         def probe(self, locked: bool) -> tuple[float, float]:
             """A trial's latency measurement: the probe model, timed under the lock (and,
             as a trial of isolation=node does, marked pending first)."""
+            from autoprune._filelock import file_lock
             from autoprune.latency import measure_latency
-            from autoprune.trial import measurement_lock
 
             pending = self.node.trial() if locked else contextlib.nullcontext()
-            with pending, measurement_lock(self.lock if locked else None):
+            lock = file_lock(self.lock) if locked else contextlib.nullcontext()
+            with pending, lock:
                 stats = measure_latency(self.probe_model, self.inputs, self.target)
             return stats.p50_ms, stats.ci_rel
 
