@@ -77,7 +77,7 @@ def main() -> None:
                            f"plans re-measured in full")
             extend = extend_ray_search(work / "extend")
             print(f"\nRay search of {extend.first} trials resumed with --trials {extend.asked}: "
-                  f"{extend.trials} trials, exits {extend.exit_codes}; {extend.note}")
+                  f"{extend.trials} trials, exits {extend.exit_codes}")
             summary.append(f"restored Ray search extended: {extend.trials > extend.first} "
                            f"({extend.first} -> {extend.trials} trials, asked {extend.asked})")
         with MalformedRunner() as runner:

@@ -39,8 +39,7 @@ def test_two_node_cluster_measures_under_each_nodes_lock(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.xfail(strict=True, reason="a restored Ray search keeps the trial count it started "
-                                       "with (autoprune/search/_ray.py _Session)")
 def test_restored_ray_search_extends_its_trial_count(tmp_path):
-    report = extend_ray_search(tmp_path, first=2, then=4)
-    assert report.exit_codes == [0, 0] and report.trials == 4
+    report = extend_ray_search(tmp_path, first=3, then=6)
+    assert report.exit_codes == [0, 0] and report.trials == 6
+    assert report.repeated == []

@@ -327,7 +327,7 @@ class ExtendReport:
     asked: int = 0  # --trials of the resumed run
     trials: int = 0  # trials in the run directory at the end
     exit_codes: list[int | None] = field(default_factory=list)  # of both runs
-    note: str = ""  # what the resumed run said about the trial count
+    repeated: list[int] = field(default_factory=list)  # trials that ran an earlier trial's plan
 
 
 def extend_ray_search(workdir: str | Path, *, first: int = 3, then: int = 5,
@@ -345,7 +345,7 @@ def extend_ray_search(workdir: str | Path, *, first: int = 3, then: int = 5,
             if proc.poll() is None:
                 _kill(proc)
         report.exit_codes.append(proc.returncode)
-    report.trials = len(_final_trials(out))
-    report.note = next((ln.strip() for ln in log.read_text(errors="replace").splitlines()
-                        if "trial count" in ln), "")
+    final = _final_trials(out)
+    report.trials = len(final)
+    report.repeated, _ = repeated_plans(final)
     return report

@@ -28,7 +28,9 @@ keeps failing is recorded as ``failed`` and the search goes on. Ray's experiment
 ``RUN/ray/tune`` and ``--resume`` continues it with ``Tuner.restore``. Ray snapshots its state
 every few seconds, so the driver also appends every suggestion and every finished trial to
 ``RUN/ray/journal.jsonl`` (fsync'd): on resume, suggestions made after the last snapshot are
-replayed with the same trial numbers, and trials that had finished are not run again.
+replayed with the same trial numbers, and trials that had finished are not run again. Resumed
+with another ``--trials``, the search starts a new experiment (``RUN/ray/tune-2``, ...) that
+replays the journal and then samples the rest (Tune cannot change a restored trial count).
 
 Ray is imported lazily: ``import autoprune`` and the Optuna backend work without it.
 """

@@ -12,7 +12,7 @@ from autoprune.errors import UsageError
 from autoprune.search._base import Backend, EarlyStopper, SearchContext, register_backend
 from autoprune.search._ray._cluster import _check_ray, _connected, _env, _log_level
 from autoprune.search._ray._isolation import _isolation_mode
-from autoprune.search._ray._journal import EXPERIMENT, _Journal, _restorable
+from autoprune.search._ray._journal import _Journal, _restorable
 from autoprune.search._ray._searcher import _make_searcher
 from autoprune.search._ray._session import _activate, _active, _callback_class, _Session
 from autoprune.search._ray._trainable import (
@@ -112,7 +112,7 @@ class RayBackend(Backend):
                                            for n, r in session.finished.items()})
         trainable = tune.with_resources(tune.with_parameters(_trainable, job=job),
                                         {"cpu": cpus, "gpu": gpus})
-        exp_dir = ray_dir / EXPERIMENT
+        exp_dir = ray_dir / session.experiment
         if ctx.resume and _restorable(exp_dir):
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable,
                                        resume_unfinished=True, resume_errored=False)
@@ -124,11 +124,12 @@ class RayBackend(Backend):
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=_make_searcher(ctx), num_samples=session.trials,
+                    search_alg=_make_searcher(ctx, len(session.finished)),
+                    num_samples=session.trials,
                     max_concurrent_trials=max(1, int(ctx.workers or 1)), reuse_actors=True,
                     trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(
-                    name=EXPERIMENT, storage_path=str(ray_dir), verbose=0,
+                    name=session.experiment, storage_path=str(ray_dir), verbose=0,
                     callbacks=[_callback_class()()],
                     failure_config=tune.FailureConfig(
                         max_failures=int(opts.get("max_failures", DEFAULT_MAX_FAILURES)))))

@@ -1,7 +1,11 @@
 """Journal and resume: what the driver must not forget when it is killed.
 
 Ray snapshots its experiment (``RUN/ray/tune``) every few seconds; ``--resume`` continues it
-with ``Tuner.restore``. Between snapshots the driver appends every suggestion and every finished
+with ``Tuner.restore``. Tune cannot change a restored experiment's trial count, so ``--resume``
+with another ``--trials`` starts a new experiment (``RUN/ray/tune-2``, ...) that replays the
+journal's suggestions (finished trials report their recorded results) and then samples the rest.
+
+Between snapshots the driver appends every suggestion and every finished
 trial to ``RUN/ray/journal.jsonl``: on resume, suggestions made after the last snapshot are
 replayed with the same trial numbers (``_Searcher``), and trials that had finished are not run
 again (``_trainable``).
@@ -40,20 +44,25 @@ class _Journal:
                 records.append(json.loads(line))
         return records
 
-    def state(self) -> tuple[int | None, dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
-        """What the journal holds: the trial count the search started with (None: a new
-        journal), the suggestions by number ({params, baseline}) and the finished trials by
-        number ({params, payload, curve})."""
-        trials, suggested, finished = None, {}, {}
+    def starts(self) -> int:
+        """How many times the search started with a new trial count."""
+        return sum(rec.get("event") == "start" for rec in self.read())
+
+    def state(self) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]],
+                             dict[int, dict[str, Any]]]:
+        """What the journal holds: the last start ({trials, experiment}; None: a new journal),
+        the suggestions by number ({params, baseline}) and the finished trials by number
+        ({params, payload, curve})."""
+        start, suggested, finished = None, {}, {}
         for rec in self.read():
             if rec.get("event") == "start":
-                trials = rec["trials"]
+                start = {"trials": rec["trials"], "experiment": rec.get("experiment", EXPERIMENT)}
             elif rec.get("event") == "suggest":
                 suggested[rec["number"]] = {"params": rec["params"],
                                             "baseline": rec.get("baseline")}
             elif rec.get("event") == "finish":
                 finished[rec["number"]] = rec
-        return trials, suggested, finished
+        return start, suggested, finished
 
 
 def _restorable(exp_dir: Path) -> bool:

@@ -39,13 +39,15 @@ class _Sample:
         return {CONFIG_KEY: meta}
 
 
-def _make_searcher(ctx: SearchContext):
+def _make_searcher(ctx: SearchContext, done: int = 0):
+    """The searcher of a new Tune experiment; ``done`` trials already finished (a resumed
+    search goes on with a fresh seed, as the Optuna backend's does)."""
     return _searcher_class()(
         ctx.baselines(), list(ctx.settings.budgets), ctx.settings.primary,
         list(ctx.objectives), space=_Sample(ctx.space),
         metric=[o.key for o in ctx.objectives],
         mode=["max" if o.direction == "maximize" else "min" for o in ctx.objectives],
-        sampler=make_sampler(ctx.config.sampler, ctx.config.seed))
+        sampler=make_sampler(ctx.config.sampler, ctx.config.seed + done))
 
 
 @functools.cache

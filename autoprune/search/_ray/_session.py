@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.search._base import SearchContext
-from autoprune.search._ray._journal import _Journal
+from autoprune.search._ray._journal import EXPERIMENT, _Journal
 from autoprune.search._ray._trainable import CONFIG_KEY, RESULT_KEY, _parse, _payload
 from autoprune.trial import TrialResult
 
@@ -29,16 +29,16 @@ class _Session:
         self.stopper = stopper  # EarlyStopper actor handle, or None
         self.results: dict[int, TrialResult] = {}  # finished trials by number
         self.order: list[TrialResult] = []  # the same, in the order they finished
-        self.trials = ctx.trials  # trials Ray runs (a restored experiment keeps its own)
-        started, suggested, finished = journal.state()
+        self.trials = ctx.trials
+        start, suggested, finished = journal.state()
         self.suggested: dict[int, dict[str, Any]] = suggested  # number -> {params, baseline}
         self.finished: dict[int, dict[str, Any]] = finished  # number -> {params, payload, curve}
-        if started is None:
-            journal.append({"event": "start", "trials": ctx.trials})
-        elif started != ctx.trials:
-            self.trials = started
-            print(f"note: a Ray search resumes with the trial count it started with "
-                  f"({started}), not {ctx.trials}", file=sys.stderr)
+        self.experiment = start["experiment"] if start else EXPERIMENT  # RUN/ray/<experiment>
+        if start is None or start["trials"] != ctx.trials:
+            if start is not None:  # another trial count: a new experiment replays the journal
+                self.experiment = f"{EXPERIMENT}-{journal.starts() + 1}"
+            journal.append({"event": "start", "trials": ctx.trials,
+                            "experiment": self.experiment})
         for _, rec in sorted(self.finished.items()):
             self._add(_parse(rec["payload"]), rec.get("curve", []), show=False)
 
