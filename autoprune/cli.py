@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (default: runs/<date-time>)")
     p.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
                    help="optuna: embedded, one machine (default); ray: Ray Tune cluster")
-    p.add_argument("--sampler", choices=["nsga2", "tpe", "random"], default="nsga2",
-                   help="Optuna sampler (default: nsga2)")
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe",
+                   help="Optuna sampler (default: tpe)")
     p.add_argument("--objectives", action="append",
                    help="extra objectives besides the task metric and latency: params, flops, "
                         "size (e.g. --objectives params,size)")

@@ -39,7 +39,7 @@ class RunConfig:
     metric: str  # the task metric's name
     metric_direction: str  # maximize | minimize
     backend: str = "optuna"  # optuna | ray
-    sampler: str = "nsga2"  # nsga2 | tpe | random
+    sampler: str = "tpe"  # tpe | nsga2 | random
     trials: int = 40  # trials requested
     seed: int = 0  # sampler seed
     finetune_steps: int | None = None  # override of the task's fine-tuning steps

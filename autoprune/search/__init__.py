@@ -84,7 +84,7 @@ def run_search(
     trials: int | None = None,
     output: str | Path | None = None,
     backend: str = "optuna",
-    sampler: str = "nsga2",
+    sampler: str = "tpe",
     objectives: list[str] | None = None,
     seed: int = 0,
     resume: bool = False,

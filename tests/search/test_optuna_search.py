@@ -71,7 +71,7 @@ def test_study_reads_in_optuna_dashboard(run):
     assert attrs["task"] == SYNTHETIC and attrs["space"] == "per_layer_structured"
     assert attrs["budgets"] == ["latency<1s", "params<15k"] and attrs["targets"] == ["fast"]
     assert attrs["trials"] == 7 and attrs["finetune_steps"] == 6
-    assert attrs["sampler"] == "nsga2" and attrs["seed"] == 0
+    assert attrs["sampler"] == "tpe" and attrs["seed"] == 0
     assert attrs["task_description"] == ("10 noisy class templates, 16x16; a tiny CNN trained "
                                          "in memory")
 
