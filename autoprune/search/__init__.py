@@ -27,7 +27,7 @@ from autoprune.search._base import (
 from autoprune.search._preflight import check_budgets, check_targets, check_trials
 from autoprune.search._steer import Steering
 from autoprune.space import GroupInfo, SearchSpace, load_space
-from autoprune.trial import TrialResult, TrialSettings, measure_plan
+from autoprune.trial import TrialResult, TrialSettings
 
 __all__ = ["Backend", "EarlyStopper", "SearchContext", "SearchResult", "get_backend",
            "register_backend", "run_search", "search"]
@@ -173,19 +173,20 @@ def run_search(
         latency_cache=LatencyCache(run_dir / "latency_cache.json"),
         screen_latency=screen_latency, seed=seed)
     say = (lambda text: print(text, flush=True)) if progress else (lambda _: None)
-    if not config.reference:  # the dense model, timed in full: it resolves relative budgets
-        say("measuring the dense model (full latency protocol)")
-        config.reference = measure_plan(task_obj, PruningPlan(), settings, target_objs)
-    config.save(run_dir)
-    settings.budgets, warnings = resolve_budgets(budget_objs, config.reference, names[0])
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
     ctx = SearchContext(
         task_spec=task_spec, task=task_obj, space=bound, settings=settings,
         objectives=objective_objs, config=config, run_dir=run_dir, trials=trials,
         resume=resume, workers=workers, backend_options=backend_options or {},
-        progress=_progress_printer(trials, config) if progress else None,
-        steering=_steering(task_obj, model, inspection, bound, settings, config, run_dir, say))
+        progress=_progress_printer(trials, config) if progress else None)
+    if not config.reference:  # the dense model, timed in full: it resolves relative budgets
+        say("measuring the dense model (full latency protocol)")
+        config.reference = backend_obj.measure(ctx, [PruningPlan()])[0]
+    config.save(run_dir)
+    settings.budgets, warnings = resolve_budgets(budget_objs, config.reference, names[0])
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    ctx.steering = _steering(task_obj, model, inspection, bound, settings, config, run_dir,
+                             lambda plans: backend_obj.measure(ctx, plans, screen=True), say)
     results = backend_obj.run(ctx)
     try:
         backend_obj.confirm(ctx, results)
@@ -202,9 +203,9 @@ def run_search(
 
 
 def _steering(task: Any, model: Any, inspection: Any, space: Any, settings: TrialSettings,
-              config: RunConfig, run_dir: Path, say: Any) -> Steering | None:
+              config: RunConfig, run_dir: Path, measure: Any, say: Any) -> Steering | None:
     """The cost model and steering of a search with an upper cost budget (else None), its
-    latency fit started from the dense model and a cheap profile."""
+    latency fit started from the dense model and a cheap profile (screened by ``measure``)."""
     if not config.steer:
         return None
     statistics = tuple(dict.fromkeys(
@@ -216,8 +217,7 @@ def _steering(task: Any, model: Any, inspection: Any, space: Any, settings: Tria
     if not steering.active:
         return None
     steering.model.observe(PruningPlan(), config.reference)
-    steering.profile(lambda plan: measure_plan(task, plan, settings, settings.targets,
-                                               screen=True), run_dir, say)
+    steering.profile(measure, run_dir, say)
     return steering
 
 

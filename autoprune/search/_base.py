@@ -104,6 +104,17 @@ class Backend(abc.ABC):
     def run(self, ctx: SearchContext) -> list[TrialResult]:
         """Run (or resume) the search; return every finished trial, earlier ones included."""
 
+    def measure(self, ctx: SearchContext, plans: list[PruningPlan], screen: bool = False
+                ) -> list[dict[str, float]]:
+        """Cost metrics of ``plans`` without fine-tuning (``measure_plan``), measured where
+        the trials measure: the dense model that resolves relative budgets, the cost profile.
+
+        Here, on this machine."""
+        from autoprune.trial import measure_plan
+
+        return [measure_plan(ctx.task, plan, ctx.settings, ctx.settings.targets, screen=screen)
+                for plan in plans]
+
     def confirm(self, ctx: SearchContext, results: list[TrialResult]) -> None:
         """Re-measure the fronts' screened latencies with the full protocol, in place, then
         time them side by side with the dense model.

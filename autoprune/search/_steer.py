@@ -144,8 +144,8 @@ class Steering:
         if any(k.startswith("latency_p") for k in metrics):
             self.model.observe(plan, metrics)
 
-    def profile(self, measure: Callable[[PruningPlan], dict[str, float]], run_dir: Path,
-                say: Callable[[str], None]) -> None:
+    def profile(self, measure: Callable[[list[PruningPlan]], list[dict[str, float]]],
+                run_dir: Path, say: Callable[[str], None]) -> None:
         """Start the latency fit from a cheap profile: uniform plans at four levels and each
         unit alone at the space's highest sparsity, screened, without fine-tuning. Kept in
         ``cost_profile.jsonl`` so a resumed search does not measure it again."""
@@ -165,7 +165,6 @@ class Steering:
                   for u in units[:12]] if len(units) > 1 else []
         say(f"cost profile: measuring {len(plans)} plans (screened, no fine-tuning)")
         with path.open("w") as f:
-            for plan in plans:
-                metrics = measure(plan)
+            for plan, metrics in zip(plans, measure(plans)):
                 self.model.observe(plan, metrics)
                 f.write(json.dumps({"plan": plan.to_dict(), "metrics": metrics}) + "\n")

@@ -114,3 +114,27 @@ def test_a_repeated_plan_reuses_its_result(tmp_path, fast_target, monkeypatch):
     rows = (result.run_dir / "trials.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in rows]
     assert sum("reused_from" in row for row in rows) == 4
+
+
+def test_the_backend_measures_the_dense_model_and_the_cost_profile(tmp_path, fast_target,
+                                                                    monkeypatch):
+    # Where the trials measure (on a Ray cluster: a trial node), not always on the driver.
+    calls = []
+    real = _optuna.OptunaBackend.measure
+
+    def recorded(self, ctx, plans, screen=False):
+        metrics = real(self, ctx, plans, screen)
+        calls.append(([p.key() for p in plans], screen, metrics))
+        return metrics
+
+    monkeypatch.setattr(_optuna.OptunaBackend, "measure", recorded)
+    result = run_search(SYNTHETIC, "per_layer_structured", ["latency<60%"],
+                        targets=[fast_target], trials=2, finetune_steps=2,
+                        output=tmp_path / "r", progress=False)
+    config, _ = load_run(result.run_dir)
+    assert len(calls) == 2
+    (dense, screen, metrics), (profiled, profile_screen, _) = calls
+    assert dense == [PruningPlan().key()] and screen is False
+    assert config.reference == metrics[0]
+    profile = (result.run_dir / "cost_profile.jsonl").read_text().splitlines()
+    assert profile_screen is True and len(profiled) == len(profile) >= 4

@@ -20,6 +20,7 @@ from autoprune.search._ray._trainable import (
     RESULT_KEY,
     _confirm_on_worker,
     _job,
+    _measure_on_worker,
     _trainable,
     _trial_dirname,
 )
@@ -76,6 +77,14 @@ class RayBackend(Backend):
             raise KeyboardInterrupt
         return [session.results[n] for n in sorted(session.results)]
 
+    def measure(self, ctx: SearchContext, plans: list, screen: bool = False
+                ) -> list[dict[str, float]]:
+        """On a cluster (``--address``), the dense model and the cost profile are measured by
+        a Ray task on a node that can run trials, as the trials are (see :meth:`confirm`)."""
+        if not ctx.backend_options.get("address"):
+            return super().measure(ctx, plans, screen)
+        return _on_a_trial_node(ctx, _measure_on_worker, [p.to_dict() for p in plans], screen)
+
     def confirm(self, ctx: SearchContext, results: list[TrialResult]) -> None:
         """On a cluster (``--address``), the fronts are re-measured by a Ray task that asks
         for the same resources as a trial, so it runs on a node that can run trials (Ray
@@ -87,12 +96,9 @@ class RayBackend(Backend):
             return
         if not screened(results, ctx.config):
             return
-        cpus = float(ctx.backend_options.get("cpus_per_trial") or 1.0)
         try:
-            with _connected(ctx) as ray:
-                remote = ray.remote(num_cpus=cpus)(_confirm_on_worker)
-                metrics = ray.get(remote.remote(_job(ctx, None, {}),
-                                                [r.to_dict() for r in results], ctx.config))
+            metrics = _on_a_trial_node(ctx, _confirm_on_worker, [r.to_dict() for r in results],
+                                       ctx.config)
         except Exception as e:  # every trial is done: keep their screening latencies, marked
             print(f"re-measuring the front on the cluster failed ({type(e).__name__}: "
                   f"{str(e)[:200]}); its plans keep their screening latencies", flush=True)
@@ -146,3 +152,11 @@ class RayBackend(Backend):
                 continue
             if RESULT_KEY in (res.metrics or {}):
                 session._finish(meta, res.metrics, res.metrics.get("curve", []))
+
+
+def _on_a_trial_node(ctx: SearchContext, fn: Any, *args: Any) -> Any:
+    """``fn(job, *args)`` as a Ray task that asks for a trial's resources, so it runs on a node
+    that can run trials (Ray picks which one)."""
+    cpus = float(ctx.backend_options.get("cpus_per_trial") or 1.0)
+    with _connected(ctx) as ray:
+        return ray.get(ray.remote(num_cpus=cpus)(fn).remote(_job(ctx, None, {}), *args))

@@ -140,6 +140,16 @@ def _trainable(config: dict[str, Any], job: _Job) -> None:
     tune.report(_payload(result, curve, job.objectives))
 
 
+def _measure_on_worker(job: _Job, plans: list[dict], screen: bool) -> list[dict[str, float]]:
+    """``measure_plan`` on a worker: the cost metrics of each plan, in order."""
+    from autoprune.plan import PruningPlan
+    from autoprune.trial import measure_plan
+
+    task, settings, _ = _worker_state(job)
+    return [measure_plan(task, PruningPlan.from_dict(d), settings, settings.targets,
+                         screen=screen) for d in plans]
+
+
 def _confirm_on_worker(job: _Job, results: list[dict], config: Any) -> dict[int, dict]:
     """``confirm_fronts`` on a worker: the trials' metrics by number, fronts re-measured."""
     from autoprune.search._confirm import confirm_fronts
