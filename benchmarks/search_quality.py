@@ -8,13 +8,13 @@ sequences@25 is a setting where even the full fine-tuning does not recover).
 load on a shared machine falls on all of them): the default search (``run_search``'s defaults:
 TPE, steered), NSGA-II (steered, population 20), random sampling without steering, and the
 best uniform plan (the best of the uniform baselines inside the budget, ``uniform-fit``
-included, by final metric). Optional
-variants help choose defaults: ``random-steered``, ``nsga2-pN`` (population N),
-``per-layer-criteria`` (``criteria_share: per_layer``). Per setting it prints mean ± sd over the
-seeds of: the FINAL metric of each method's recommended plan (re-fine-tuned with the task's
-full budget, what ``autoprune apply`` gives; the headline), the search's own (proxy) metric of
-that plan, the fraction of searched trials inside the cost budget, and the hypervolume of the
-proxy-metric / latency front under the budget (normalized: 1 = metric 1 at zero latency).
+included, by final metric). Optional variants help choose defaults: ``random-steered``,
+``nsga2-pN`` (population N), ``per-layer-criteria`` (``criteria_share: per_layer``). Per
+setting it prints mean ± sd over the seeds of: the FINAL metric of each method's recommended
+plan (re-fine-tuned with the task's full budget, what ``autoprune apply`` gives; the headline),
+the search's own (proxy) metric of that plan, the fraction of searched trials inside the cost
+budget, and the hypervolume of the proxy-metric / latency front under the budget (normalized:
+1 = metric 1 at zero latency).
 
 ``proxies`` part: a pool of plans near each budget (a cheap steered random search without
 fine-tuning), each scored with every proxy (brief fine-tuning, BN recalibration, distillation
