@@ -134,20 +134,36 @@ def recommend(results: list[TrialResult], config: RunConfig, target: str | None 
     return min(ok, key=lambda r: (sign * r.metrics[config.metric], r.metrics.get(lat, 0.0)))
 
 
+def _completed_uniform(results: list[TrialResult], config: RunConfig) -> list[TrialResult]:
+    lat = latency_key(config.primary)
+    return [r for r in results if r.baseline and r.baseline.startswith("uniform")
+            and r.status == "complete" and lat in r.metrics]
+
+
+def uniform_reference(results: list[TrialResult], config: RunConfig, best: TrialResult
+                      ) -> TrialResult | None:
+    """The best completed uniform baseline at equal (or lower, +2 %) latency than ``best`` on
+    the primary target: the hand-picked plan ``best`` is compared with (None: there is none)."""
+    lat = latency_key(config.primary)
+    if lat not in best.metrics:
+        return None
+    sign = 1.0 if config.metric_direction == "maximize" else -1.0
+    at_latency = [r for r in _completed_uniform(results, config)
+                  if r.metrics[lat] <= best.metrics[lat] * 1.02]
+    return max(at_latency, key=lambda r: sign * r.metrics[config.metric], default=None)
+
+
 def _baseline_gain(results: list[TrialResult], config: RunConfig, best: TrialResult) -> str:
     """Compare a plan with the best uniform baseline at equal (or lower) latency."""
     lat = latency_key(config.primary)
-    uniform = [r for r in results if r.baseline and r.baseline.startswith("uniform")
-               and r.status == "complete" and lat in r.metrics]
+    uniform = _completed_uniform(results, config)
     if not uniform or lat not in best.metrics:
         return "no uniform baseline completed"
-    sign = 1.0 if config.metric_direction == "maximize" else -1.0
-    at_latency = [r for r in uniform if r.metrics[lat] <= best.metrics[lat] * 1.02]
-    if not at_latency:
+    ref = uniform_reference(results, config, best)
+    if ref is None:
         fastest = min(uniform, key=lambda r: r.metrics[lat])
         return (f"faster than every uniform baseline (fastest: {fastest.baseline} at "
                 f"{fastest.metrics[lat]:.3f} ms)")
-    ref = max(at_latency, key=lambda r: sign * r.metrics[config.metric])
     gain = best.metrics[config.metric] - ref.metrics[config.metric]
     return (f"{config.metric} {gain:+.4f} vs best uniform baseline at equal latency "
             f"({ref.baseline}: {ref.metrics[config.metric]:.4f} at {ref.metrics[lat]:.3f} ms)")

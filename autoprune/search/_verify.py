@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.budget import latency_key
-from autoprune.results import RunConfig, target_front
+from autoprune.results import RunConfig, recommend, target_front, uniform_reference
 from autoprune.trial import TrialResult, TrialSettings, run_trial
 
 __all__ = ["Verification", "kendall_tau", "pick_plans", "final_result", "verify_search",
@@ -37,6 +37,8 @@ class Verification:
     plans: list[dict[str, Any]] = field(default_factory=list)  # trial, baseline, proxy, final, ms
     tau: float = math.nan  # Kendall tau-b between proxy and final metric (nan: < 2 plans)
     noise: float = math.nan  # |final(seed) - final(seed + 1)| of the best plan
+    recommended: int | None = None  # trial number of the recommended plan (among ``plans``)
+    uniform: int | None = None  # the best uniform baseline at its latency (among ``plans``)
 
     @property
     def spread(self) -> float:
@@ -68,7 +70,21 @@ class Verification:
                   "|---|---|---|---|---|"]
         lines += [f"| {p['trial']} | {p['baseline'] or ''} | {p['proxy']:.4f} | "
                   f"{p['final']:.4f} | {p['latency_ms']:.3f} |" for p in self.plans]
-        return "\n".join(lines) + "\n"
+        return "\n".join([*lines, *self._against_uniform()]) + "\n"
+
+    def _against_uniform(self) -> list[str]:
+        """The product's claim checked on the final metric: the recommended plan against the
+        best uniform baseline at equal latency, both fully fine-tuned."""
+        by_trial = {p["trial"]: p for p in self.plans}
+        best, ref = by_trial.get(self.recommended), by_trial.get(self.uniform)
+        if best is None or ref is None:
+            return []
+        m = self.metric
+        return ["", f"After the task's full fine-tuning, the recommended plan (trial "
+                    f"{best['trial']}) reaches {m} {best['final']:.4f} and the best uniform "
+                    f"baseline at equal latency ({ref['baseline']}, trial {ref['trial']}) "
+                    f"{ref['final']:.4f}: {best['final'] - ref['final']:+.4f} (noise "
+                    f"{self.noise:.4f})."]
 
 
 _FIELDS = {f.name for f in fields(Verification)}
@@ -125,6 +141,14 @@ def verify_search(task: Any, results: list[TrialResult], config: RunConfig,
     plans = pick_plans(results, config, k)
     proxy = settings.finetune or task.finetune
     out = Verification(config.metric, proxy.steps, task.finetune.steps)
+    best = recommend(results, config)
+    ref = uniform_reference(results, config, best) if best is not None else None
+    if best is not None and ref is not None and best.baseline != "dense":
+        for r in (best, ref):  # compared on the final metric too
+            if r.plan.key() not in {p.plan.key() for p in plans}:
+                plans.append(r)
+        numbers = {p.plan.key(): p.number for p in plans}
+        out.recommended, out.uniform = numbers[best.plan.key()], numbers[ref.plan.key()]
     say(f"verifying the proxy: {len(plans)} plan(s) fine-tuned with the task's full budget "
         f"({task.finetune.steps} steps)")
     lat = latency_key(config.primary)

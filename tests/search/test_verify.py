@@ -65,3 +65,28 @@ def test_verify_must_not_be_negative(tmp_path, capsys):
                  "--output", str(tmp_path / "x")]) == 2
     assert "--verify takes a number of plans >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_verify_compares_the_recommended_plan_with_the_uniform_one_after_full_finetuning(
+        tmp_path, fast_target):
+    out = tmp_path / "run"
+    assert main(["search", "--task", SYNTHETIC, "--target", fast_target, "--budget",
+                 "params<60%", "--trials", "7", "--finetune-steps", "2", "--verify", "1",
+                 "--output", str(out), "--quiet"]) == 0
+    data = json.loads((out / "verify.json").read_text())
+    config, results = load_run(out)
+    from autoprune.results import recommend, uniform_reference
+
+    best = recommend(results, config)
+    ref = uniform_reference(results, config, best)
+    by_plan = {r.plan.key(): r.number for r in results if r.number in
+               {p["trial"] for p in data["plans"]}}
+    assert data["recommended"] == by_plan[best.plan.key()]
+    assert data["uniform"] == by_plan[ref.plan.key()] and ref.baseline.startswith("uniform")
+    finals = {p["trial"]: p["final"] for p in data["plans"]}
+    gain = finals[data["recommended"]] - finals[data["uniform"]]
+    summary = (out / "summary.md").read_text()
+    assert (f"After the task's full fine-tuning, the recommended plan (trial "
+            f"{data['recommended']}) reaches accuracy {finals[data['recommended']]:.4f}"
+            in summary)
+    assert f"{gain:+.4f} (noise {data['noise']:.4f})" in summary
