@@ -17,9 +17,10 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 # A new run directory each time (runs/digits-DATE-TIME); `autoprune show` it afterwards.
+# --verify 2: the recommended plan and the uniform one, fully fine-tuned, compared at the end.
 search: setup
 	$(BIN)/autoprune search --task digits --budget "latency<20%" --trials 40 \
-		--finetune-steps 40 --output runs/digits-$(shell date +%Y%m%d-%H%M%S)
+		--finetune-steps 40 --verify 2 --output runs/digits-$(shell date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(BIN)/python -m pytest -q
