@@ -24,8 +24,8 @@ from autoprune.search._base import (
     get_backend,
     register_backend,
 )
-from autoprune.search._preflight import check_budgets, check_targets, check_trials
-from autoprune.search._steer import Steering
+from autoprune.search._preflight import check_budgets, check_reach, check_targets, check_trials
+from autoprune.search._steer import PROFILE_FILE, Steering
 from autoprune.space import GroupInfo, SearchSpace, load_space
 from autoprune.trial import TrialResult, TrialSettings
 
@@ -178,15 +178,19 @@ def run_search(
         objectives=objective_objs, config=config, run_dir=run_dir, trials=trials,
         resume=resume, workers=workers, backend_options=backend_options or {},
         progress=_progress_printer(trials, config) if progress else None)
+    if not resume:  # a profile left by a run that stopped before its first trial
+        (run_dir / PROFILE_FILE).unlink(missing_ok=True)
     if not config.reference:  # the dense model, timed in full: it resolves relative budgets
         say("measuring the dense model (full latency protocol)")
         config.reference = backend_obj.measure(ctx, [PruningPlan()])[0]
-    config.save(run_dir)
     settings.budgets, warnings = resolve_budgets(budget_objs, config.reference, names[0])
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
     ctx.steering = _steering(task_obj, model, inspection, bound, settings, config, run_dir,
                              lambda plans: backend_obj.measure(ctx, plans, screen=True), say)
+    warnings += check_reach(ctx.steering, space_obj, config.reference, names[0],
+                            lambda plan: backend_obj.measure(ctx, [plan])[0])
+    config.save(run_dir)  # a run to resume from here on
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     results = backend_obj.run(ctx)
     try:
         backend_obj.confirm(ctx, results)

@@ -6,18 +6,22 @@ is written.
 - budgets fit their metric (a fraction such as accuracy is within [0, 1]) and do not contradict
   each other (``latency<1ms`` with ``latency>2ms``);
 - every target's ONNX Runtime execution providers exist where it measures;
-- every remote target answers ``GET /info`` within a few seconds and accepts the token.
+- every remote target answers ``GET /info`` within a few seconds and accepts the token;
+- the space can reach every upper cost budget: its most pruned plan, measured by the cost
+  profile (a latency timed again in full), meets it (``check_reach``, after the profile).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from typing import Any
 
 from autoprune.budget import Budget
 from autoprune.errors import BudgetError, TargetError, UsageError
 
-__all__ = ["check_trials", "check_budgets", "check_targets", "REMOTE_TIMEOUT"]
+__all__ = ["check_trials", "check_budgets", "check_targets", "check_reach", "REMOTE_TIMEOUT"]
 
 REMOTE_TIMEOUT = 4.0  # seconds to connect to and hear from a latency server's /info
 
@@ -50,6 +54,43 @@ def check_budgets(budgets: list[Budget], metric: Any, primary: str) -> None:
                 f"budgets {low.text!r} and {high.text!r} contradict each other: no "
                 f"{kind}{_label(low)} is both {low.op} {_shown(low)} and {high.op} "
                 f"{_shown(high)}; drop or fix one of them")
+
+
+def check_reach(steering: Any, space: Any, reference: dict[str, float], primary: str,
+                measure_full: Callable[[Any], dict[str, float]]) -> list[str]:
+    """Upper cost budgets that even the space's most pruned plan (the cost profile's uniform
+    plan at the highest sparsity; a latency timed again with the full protocol) breaks: a
+    BudgetError naming the fix, before any trial. Where INT8 in the space may still reach a
+    latency or size budget, a warning is returned instead."""
+    if steering is None or steering.most_pruned is None:
+        return []
+    plan, metrics = steering.most_pruned
+    warnings, full = [], None
+    for b in steering.budgets:
+        key = b.metric_key(primary)
+        value = metrics.get(key)
+        if value is None or b.satisfied(value):
+            continue
+        if b.metric == "latency":  # a screened value: decided by the full protocol
+            full = full or measure_full(plan)
+            value = full.get(key, value)
+            if b.satisfied(value):
+                continue
+        dense = reference.get(key)
+        unit = {"latency": " ms", "size": " B"}.get(b.metric, "")
+        share = f" ({value / dense:.0%} of the dense model)" if dense else ""
+        text = (f"budget {b.describe()} is out of reach of search space {space.name!r}: its "
+                f"most pruned plan (every group at sparsity {space.sparsity.high:g}) "
+                f"measures {value:.4g}{unit}{share}")
+        if b.metric in ("latency", "size") and any(q != "none" for q in space.quantize):
+            warnings.append(f"{text}; only INT8 plans can meet it")
+            continue
+        looser = (f"{b.metric}<{math.ceil(100 * value / dense) + 2}%" if b.fraction and dense
+                  else f"{b.metric}<{1.1 * value:.3g}{unit.strip()}")
+        raise BudgetError(f"{text}. Raise the budget (e.g. {looser}), or let the space prune "
+                          f"more: a space file with a higher sparsity `high`, or with "
+                          f"`quantize: [none, int8]` (docs/plans-and-spaces.md)")
+    return warnings
 
 
 def _label(b: Budget) -> str:

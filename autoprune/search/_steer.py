@@ -24,11 +24,12 @@ from autoprune.costmodel import PREDICTED, CostModel
 from autoprune.plan import PruningPlan
 from autoprune.space import BoundSpace
 
-__all__ = ["Steering", "UNIFORM_FIT"]
+__all__ = ["Steering", "UNIFORM_FIT", "PROFILE_FILE"]
 
 UNIFORM_FIT = "uniform-fit"  # baseline: one sparsity for every unit, scaled onto the budget
 _EXACT_MARGIN = 0.002  # MACs / params / size are predicted from the structure (rounding only)
-_PROFILE_FILE = "cost_profile.jsonl"
+PROFILE_FILE = "cost_profile.jsonl"
+_MOST_PRUNED = 3  # the profile's uniform plan at the space's highest sparsity (level 1.0)
 
 
 class Steering:
@@ -47,6 +48,9 @@ class Steering:
         # Upper bounds on costs: what the scale is fitted to
         self.budgets = [b for b in budgets if b.is_cost and b.op in ("<", "<=")]
         self._errors: list[float] = []  # measured / predicted - 1 of steered latencies
+        # The profile's most pruned plan (every unit at the space's highest sparsity) and its
+        # screened metrics: the least cost the space can reach (see check_reach)
+        self.most_pruned: tuple[PruningPlan, dict[str, float]] | None = None
 
     @property
     def active(self) -> bool:
@@ -149,11 +153,14 @@ class Steering:
         """Start the latency fit from a cheap profile: uniform plans at four levels and each
         unit alone at the space's highest sparsity, screened, without fine-tuning. Kept in
         ``cost_profile.jsonl`` so a resumed search does not measure it again."""
-        path = run_dir / _PROFILE_FILE
+        path = run_dir / PROFILE_FILE
         if path.is_file():
-            for line in path.read_text().splitlines():
-                point = json.loads(line)
-                self.model.observe(PruningPlan.from_dict(point["plan"]), point["metrics"])
+            points = [json.loads(line) for line in path.read_text().splitlines()]
+            for i, point in enumerate(points):
+                plan = PruningPlan.from_dict(point["plan"])
+                self.model.observe(plan, point["metrics"])
+                if i == _MOST_PRUNED:
+                    self.most_pruned = plan, point["metrics"]
             return
         high = self.space.space.sparsity.high
         base = self.space.uniform_params(high, "structured")
@@ -165,6 +172,8 @@ class Steering:
                   for u in units[:12]] if len(units) > 1 else []
         say(f"cost profile: measuring {len(plans)} plans (screened, no fine-tuning)")
         with path.open("w") as f:
-            for plan, metrics in zip(plans, measure(plans)):
+            for i, (plan, metrics) in enumerate(zip(plans, measure(plans))):
                 self.model.observe(plan, metrics)
+                if i == _MOST_PRUNED:
+                    self.most_pruned = plan, metrics
                 f.write(json.dumps({"plan": plan.to_dict(), "metrics": metrics}) + "\n")

@@ -136,3 +136,33 @@ def test_cli_preflight_exits_2_before_any_trial_or_output(extra, message, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_budget_the_space_cannot_reach_fails_before_the_first_trial(tmp_path, fast_target,
+                                                                       capsys):
+    out = tmp_path / "run"
+    code = main(["search", "--task", SYNTHETIC, "--target", fast_target, "--budget",
+                 "latency<2%", "--trials", "5", "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert ("budget latency<2% (= latency<" in err and "is out of reach of search space "
+            "'per_layer_structured': its most pruned plan (every group at sparsity 0.75) "
+            "measures" in err)
+    assert "Raise the budget (e.g. latency<" in err and "`quantize: [none, int8]`" in err
+    assert not (out / "run.json").exists() and not (out / "trials.jsonl").exists()
+    # params are exact: 75 % of every group's channels still keeps more than 1 % of them
+    code = main(["search", "--task", SYNTHETIC, "--target", fast_target, "--budget",
+                 "params<1%", "--trials", "5", "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "budget params<1% (= params<" in err and "Raise the budget" in err
+    assert not (out / "run.json").exists()  # the same --output works once the budget is fixed
+
+
+def test_a_budget_only_int8_can_reach_is_a_warning(tmp_path, fast_target, capsys):
+    out = tmp_path / "run"
+    code = main(["search", "--task", SYNTHETIC, "--space", "mixed", "--target", fast_target,
+                 "--budget", "size<5%", "--trials", "5", "--finetune-steps", "2",
+                 "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0 and (out / "run.json").is_file()
+    assert "warning: budget size<5% (= size<" in err and "only INT8 plans can meet it" in err
