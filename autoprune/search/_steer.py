@@ -76,7 +76,10 @@ class Steering:
         recent = self._errors[-12:]
         if len(recent) < 3:
             return 0.05
-        return float(np.clip(np.percentile(recent, 80), 0.01, 0.25))
+        # The 90th percentile of the signed errors: on search_quality's runs (digits at 20 and
+        # 12 %, sequences at 40 %) it would have kept 83-87 % of the steered plans inside the
+        # budget, the 80th 77-80 %, for 1.5-3 points more margin.
+        return float(np.clip(np.percentile(recent, 90), 0.01, 0.25))
 
     def project(self, params: dict[str, Any], steer: bool = True
                 ) -> tuple[dict[str, Any], dict[str, float]]:
