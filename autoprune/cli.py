@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from autoprune import __version__
 from autoprune.errors import AutopruneError, UsageError
@@ -47,8 +48,12 @@ def _search(args: argparse.Namespace) -> int:
             backend_options=options, progress=not args.quiet, token_file=args.token_file,
             verify=args.verify)
     except KeyboardInterrupt:
-        print("\ninterrupted: finished trials are saved; continue with --resume "
-              f"--output {args.output or 'RUN_DIR'}", file=sys.stderr)
+        if args.output and not (Path(args.output) / "run.json").is_file():
+            print("\ninterrupted before the first trial: nothing to resume; run the same "
+                  "command again", file=sys.stderr)
+        else:
+            print("\ninterrupted: finished trials are saved; continue with --resume "
+                  f"--output {args.output or 'RUN_DIR'}", file=sys.stderr)
         return 130
     print()
     print(result.summary)

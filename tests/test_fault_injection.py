@@ -43,3 +43,6 @@ def test_restored_ray_search_extends_its_trial_count(tmp_path):
     report = extend_ray_search(tmp_path, first=3, then=6)
     assert report.exit_codes == [0, 0] and report.trials == 6
     assert report.repeated == []
+    # the baselines the first run never reached run in the extension
+    assert report.baselines == ["dense", "uniform-structured-0.25", "uniform-structured-0.5",
+                                "uniform-structured-0.75", "uniform-fit"]

@@ -186,8 +186,9 @@ def run_search(
     settings.budgets, warnings = resolve_budgets(budget_objs, config.reference, names[0])
     ctx.steering = _steering(task_obj, model, inspection, bound, settings, config, run_dir,
                              lambda plans: backend_obj.measure(ctx, plans, screen=True), say)
-    warnings += check_reach(ctx.steering, space_obj, config.reference, names[0],
-                            lambda plan: backend_obj.measure(ctx, [plan])[0])
+    if not resume:  # a resumed run keeps its budgets: nothing the advice could change
+        warnings += check_reach(ctx.steering, space_obj, config.reference, names[0],
+                                lambda plan: backend_obj.measure(ctx, [plan])[0])
     config.save(run_dir)  # a run to resume from here on
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)

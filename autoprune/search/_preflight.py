@@ -6,9 +6,12 @@ is written.
 - budgets fit their metric (a fraction such as accuracy is within [0, 1]) and do not contradict
   each other (``latency<1ms`` with ``latency>2ms``);
 - every target's ONNX Runtime execution providers exist where it measures;
-- every remote target answers ``GET /info`` within a few seconds and accepts the token;
-- the space can reach every upper cost budget: its most pruned plan, measured by the cost
-  profile (a latency timed again in full), meets it (``check_reach``, after the profile).
+- every remote target answers ``GET /info`` within a few seconds and accepts the token.
+
+One check needs measurements, so it runs after the dense model and the steering's cost profile
+are measured, still before the first trial and before ``run.json`` is written: the space can
+reach every upper cost budget (``check_reach``; not with ``--no-steer``, which measures no
+profile, nor on ``--resume``).
 """
 
 from __future__ import annotations
@@ -80,16 +83,21 @@ def check_reach(steering: Any, space: Any, reference: dict[str, float], primary:
         unit = {"latency": " ms", "size": " B"}.get(b.metric, "")
         share = f" ({value / dense:.0%} of the dense model)" if dense else ""
         text = (f"budget {b.describe()} is out of reach of search space {space.name!r}: its "
-                f"most pruned plan (every group at sparsity {space.sparsity.high:g}) "
-                f"measures {value:.4g}{unit}{share}")
+                f"most pruned plan (every searched group at sparsity {space.sparsity.high:g}, "
+                f"{'structured' if 'structured' in space.modes else 'unstructured'}) measures "
+                f"{value:.4g}{unit}{share}")
         if b.metric in ("latency", "size") and any(q != "none" for q in space.quantize):
             warnings.append(f"{text}; only INT8 plans can meet it")
             continue
+        suffix = b.text[b.text.index("@"):] if "@" in b.text else ""  # statistic, target
         looser = (f"{b.metric}<{math.ceil(100 * value / dense) + 2}%" if b.fraction and dense
-                  else f"{b.metric}<{1.1 * value:.3g}{unit.strip()}")
+                  else f"{b.metric}<{1.1 * value:.3g}{unit.strip()}") + suffix
+        more = ("a space file with a higher sparsity `high`, or with `quantize: [none, int8]`"
+                if "structured" in space.modes else
+                "a space with structured modes (e.g. per_layer_structured): zeroed weights "
+                "neither run faster nor count as fewer params")
         raise BudgetError(f"{text}. Raise the budget (e.g. {looser}), or let the space prune "
-                          f"more: a space file with a higher sparsity `high`, or with "
-                          f"`quantize: [none, int8]` (docs/plans-and-spaces.md)")
+                          f"more: {more} (docs/plans-and-spaces.md)")
     return warnings
 
 

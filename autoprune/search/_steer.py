@@ -174,9 +174,12 @@ class Steering:
                                                for v in units}})
                   for u in units[:12]] if len(units) > 1 else []
         say(f"cost profile: measuring {len(plans)} plans (screened, no fine-tuning)")
-        with path.open("w") as f:
-            for i, (plan, metrics) in enumerate(zip(plans, measure(plans))):
-                self.model.observe(plan, metrics)
-                if i == _MOST_PRUNED:
-                    self.most_pruned = plan, metrics
-                f.write(json.dumps({"plan": plan.to_dict(), "metrics": metrics}) + "\n")
+        lines = []
+        for i, (plan, metrics) in enumerate(zip(plans, measure(plans))):
+            self.model.observe(plan, metrics)
+            if i == _MOST_PRUNED:
+                self.most_pruned = plan, metrics
+            lines.append(json.dumps({"plan": plan.to_dict(), "metrics": metrics}) + "\n")
+        partial = path.with_suffix(".partial")  # a kill never leaves half a profile
+        partial.write_text("".join(lines))
+        partial.replace(path)

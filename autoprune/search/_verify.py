@@ -137,13 +137,15 @@ def final_result(task: Any, plan: Any, seed: int) -> TrialResult:
 def verify_search(task: Any, results: list[TrialResult], config: RunConfig,
                   settings: TrialSettings, k: int, run_dir: Path,
                   say: Callable[[str], None]) -> Verification:
-    """Fine-tune :func:`pick_plans` with the task's full budget; write ``verify.json``."""
+    """Fine-tune :func:`pick_plans`, plus the recommended plan and the best uniform baseline
+    at its latency, with the task's full budget; write ``verify.json``."""
     plans = pick_plans(results, config, k)
     proxy = settings.finetune or task.finetune
     out = Verification(config.metric, proxy.steps, task.finetune.steps)
     best = recommend(results, config)
     ref = uniform_reference(results, config, best) if best is not None else None
-    if best is not None and ref is not None and best.baseline != "dense":
+    if best is not None and ref is not None and not (best.baseline or "").startswith(
+            ("dense", "uniform")):
         for r in (best, ref):  # compared on the final metric too
             if r.plan.key() not in {p.plan.key() for p in plans}:
                 plans.append(r)

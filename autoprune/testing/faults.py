@@ -328,6 +328,7 @@ class ExtendReport:
     trials: int = 0  # trials in the run directory at the end
     exit_codes: list[int | None] = field(default_factory=list)  # of both runs
     repeated: list[int] = field(default_factory=list)  # trials that ran an earlier trial's plan
+    baselines: list[str] = field(default_factory=list)  # baseline trials, by number
 
 
 def extend_ray_search(workdir: str | Path, *, first: int = 3, then: int = 5,
@@ -348,4 +349,6 @@ def extend_ray_search(workdir: str | Path, *, first: int = 3, then: int = 5,
     final = _final_trials(out)
     report.trials = len(final)
     report.repeated, _ = repeated_plans(final)
+    report.baselines = [t["baseline"] for t in sorted(final, key=lambda t: t["number"])
+                        if t.get("baseline")]
     return report

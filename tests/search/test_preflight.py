@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 
 import pytest
@@ -146,8 +147,8 @@ def test_a_budget_the_space_cannot_reach_fails_before_the_first_trial(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert ("budget latency<2% (= latency<" in err and "is out of reach of search space "
-            "'per_layer_structured': its most pruned plan (every group at sparsity 0.75) "
-            "measures" in err)
+            "'per_layer_structured': its most pruned plan (every searched group at sparsity "
+            "0.75, structured) measures" in err)
     assert "Raise the budget (e.g. latency<" in err and "`quantize: [none, int8]`" in err
     assert not (out / "run.json").exists() and not (out / "trials.jsonl").exists()
     # params are exact: 75 % of every group's channels still keeps more than 1 % of them
@@ -156,6 +157,11 @@ def test_a_budget_the_space_cannot_reach_fails_before_the_first_trial(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and "budget params<1% (= params<" in err and "Raise the budget" in err
     assert not (out / "run.json").exists()  # the same --output works once the budget is fixed
+    # the suggested budget keeps the statistic
+    code = main(["search", "--task", SYNTHETIC, "--target", fast_target, "--budget",
+                 "latency<2%@p90", "--trials", "5", "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"Raise the budget \(e\.g\. latency<\d+%@p90\)", err)
 
 
 def test_a_budget_only_int8_can_reach_is_a_warning(tmp_path, fast_target, capsys):

@@ -65,8 +65,10 @@ class RayBackend(Backend):
                 ctx.task.metric.direction, min_step=max(1, steps // 3))
             try:
                 with _activate(_Session(ctx, journal, actor)) as session:
-                    grid = self._fit(ctx, ray_dir, stopper, session)
-                    self._collect(grid, session)
+                    grid = []  # resumed with no more trials than finished: nothing to run
+                    if len(session.results) < session.trials:
+                        grid = self._fit(ctx, ray_dir, stopper, session)
+                        self._collect(grid, session)
             finally:
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
@@ -158,5 +160,7 @@ def _on_a_trial_node(ctx: SearchContext, fn: Any, *args: Any) -> Any:
     """``fn(job, *args)`` as a Ray task that asks for a trial's resources, so it runs on a node
     that can run trials (Ray picks which one)."""
     cpus = float(ctx.backend_options.get("cpus_per_trial") or 1.0)
+    gpus = float(ctx.backend_options.get("gpus_per_trial") or 0.0)
     with _connected(ctx) as ray:
-        return ray.get(ray.remote(num_cpus=cpus)(fn).remote(_job(ctx, None, {}), *args))
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(fn)
+        return ray.get(remote.remote(_job(ctx, None, {}), *args))

@@ -74,24 +74,27 @@ def _searcher_class() -> type:
 
         def _setup_study(self, mode):
             super()._setup_study(mode)
-            if not self._replay():
-                for name, params in self._baselines.items():
+            replayed = self._replay()
+            for name, params in self._baselines.items():  # those not suggested yet
+                if name not in replayed:
                     self._ot_study.enqueue_trial(params, user_attrs={"baseline": name})
 
         def restore(self, checkpoint_path: str) -> None:
             super().restore(checkpoint_path)
             self._replay()
 
-        def _replay(self) -> bool:
+        def _replay(self) -> set[str]:
+            """Enqueue the journal's suggestions the study does not hold yet, in number order;
+            return the baselines among all the journal's suggestions."""
             session = _active()
             if session is None or not session.suggested:
-                return False
+                return set()
             known = len(self._ot_study.get_trials(deepcopy=False))
             for number in sorted(n for n in session.suggested if n >= known):
                 s = session.suggested[number]
                 attrs = {"baseline": s["baseline"]} if s["baseline"] else {}
                 self._ot_study.enqueue_trial(s["params"], user_attrs=attrs)
-            return True
+            return {s["baseline"] for s in session.suggested.values() if s["baseline"]}
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             pass  # multi-objective: Optuna takes no intermediate values

@@ -36,7 +36,7 @@ class _Session:
         self.experiment = start["experiment"] if start else EXPERIMENT  # RUN/ray/<experiment>
         if start is None or start["trials"] != ctx.trials:
             if start is not None:  # another trial count: a new experiment replays the journal
-                self.experiment = f"{EXPERIMENT}-{journal.starts() + 1}"
+                self.experiment = _new_experiment(journal.path.parent, journal.starts() + 1)
             journal.append({"event": "start", "trials": ctx.trials,
                             "experiment": self.experiment})
         for _, rec in sorted(self.finished.items()):
@@ -99,6 +99,13 @@ class _Session:
             from autoprune.plan import PruningPlan
 
             return PruningPlan.uniform(0.0)
+
+
+def _new_experiment(ray_dir: Path, n: int) -> str:
+    """``tune-N``, N from ``n`` up: the first name no experiment directory has."""
+    while (ray_dir / f"{EXPERIMENT}-{n}").exists():
+        n += 1
+    return f"{EXPERIMENT}-{n}"
 
 
 _ACTIVE: _Session | None = None  # the search running in this process (one at a time)
