@@ -99,6 +99,21 @@ def test_ray_search_writes_the_optuna_run_directory(ray_run, optuna_run):
     assert "## Pareto front on fast" in result.summary
 
 
+def test_resumed_with_fewer_trials_than_finished_runs_nothing(ray_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "r"
+    shutil.copytree(ray_run[0].run_dir, out)
+    again = run_search(None, None, None, trials=4, output=out, resume=True, progress=False)
+    assert [r.number for r in again.results] == list(range(6))  # all kept, none added
+    assert [r.plan for r in again.results] == [r.plan for r in ray_run[0].results]
+    starts = [json.loads(line) for line in (out / "ray" / "journal.jsonl").read_text()
+              .splitlines() if '"start"' in line]
+    assert starts == [{"event": "start", "trials": 6, "experiment": "tune"},
+                      {"event": "start", "trials": 4, "experiment": "tune-2"}]
+    assert not (out / "ray" / "tune-2").exists()  # no Tune experiment was started
+
+
 def test_local_ray_is_loopback_only_and_shut_down(ray_run):
     result, seen, lock = ray_run
     assert seen["kwargs"]["include_dashboard"] is False and seen["webui"] in (None, "")
