@@ -172,3 +172,19 @@ def test_a_budget_only_int8_can_reach_is_a_warning(tmp_path, fast_target, capsys
     err = capsys.readouterr().err
     assert code == 0 and (out / "run.json").is_file()
     assert "warning: budget size<5% (= size<" in err and "only INT8 plans can meet it" in err
+
+
+def test_ctrl_c_before_the_first_trial_says_to_run_again(tmp_path, fast_target, monkeypatch,
+                                                         capsys):
+    from autoprune.search._optuna import OptunaBackend
+
+    def interrupted(self, ctx, plans, screen=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OptunaBackend, "measure", interrupted)  # while timing the dense model
+    out = tmp_path / "run"
+    assert main(["search", "--task", SYNTHETIC, "--target", fast_target, "--trials", "3",
+                 "--output", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before the first trial: nothing to resume; run the same command" in err
+    assert "--resume" not in err and not (out / "run.json").exists()
