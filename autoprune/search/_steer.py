@@ -158,28 +158,24 @@ class Steering:
         ``cost_profile.jsonl`` so a resumed search does not measure it again."""
         path = run_dir / PROFILE_FILE
         if path.is_file():
-            points = [json.loads(line) for line in path.read_text().splitlines()]
-            for i, point in enumerate(points):
-                plan = PruningPlan.from_dict(point["plan"])
-                self.model.observe(plan, point["metrics"])
-                if i == _MOST_PRUNED:
-                    self.most_pruned = plan, point["metrics"]
-            return
-        high = self.space.space.sparsity.high
-        base = self.space.uniform_params(high, "structured")
-        units = self._structured_units(base)
-        plans = [self.space.build({**base, **{f"s.{u}": level * high for u in units}})
-                 for level in (0.25, 0.5, 0.75, 1.0)]
-        plans += [self.space.build({**base, **{f"s.{v}": (high if v == u else 0.0)
-                                               for v in units}})
-                  for u in units[:12]] if len(units) > 1 else []
-        say(f"cost profile: measuring {len(plans)} plans (screened, no fine-tuning)")
-        lines = []
-        for i, (plan, metrics) in enumerate(zip(plans, measure(plans))):
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            points = [(PruningPlan.from_dict(r["plan"]), r["metrics"]) for r in rows]
+        else:
+            high = self.space.space.sparsity.high
+            base = self.space.uniform_params(high, "structured")
+            units = self._structured_units(base)
+            plans = [self.space.build({**base, **{f"s.{u}": level * high for u in units}})
+                     for level in (0.25, 0.5, 0.75, 1.0)]
+            plans += [self.space.build({**base, **{f"s.{v}": (high if v == u else 0.0)
+                                                   for v in units}})
+                      for u in units[:12]] if len(units) > 1 else []
+            say(f"cost profile: measuring {len(plans)} plans (screened, no fine-tuning)")
+            points = list(zip(plans, measure(plans)))
+            partial = path.with_suffix(".partial")  # a kill never leaves half a profile
+            partial.write_text("".join(json.dumps({"plan": plan.to_dict(), "metrics": m}) + "\n"
+                                       for plan, m in points))
+            partial.replace(path)
+        for plan, metrics in points:
             self.model.observe(plan, metrics)
-            if i == _MOST_PRUNED:
-                self.most_pruned = plan, metrics
-            lines.append(json.dumps({"plan": plan.to_dict(), "metrics": metrics}) + "\n")
-        partial = path.with_suffix(".partial")  # a kill never leaves half a profile
-        partial.write_text("".join(lines))
-        partial.replace(path)
+        if len(points) > _MOST_PRUNED:
+            self.most_pruned = points[_MOST_PRUNED]

@@ -44,10 +44,6 @@ class _Journal:
                 records.append(json.loads(line))
         return records
 
-    def starts(self) -> int:
-        """How many times the search started with a new trial count."""
-        return sum(rec.get("event") == "start" for rec in self.read())
-
     def state(self) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]],
                              dict[int, dict[str, Any]]]:
         """What the journal holds: the last start ({trials, experiment}; None: a new journal),

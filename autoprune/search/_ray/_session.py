@@ -36,7 +36,7 @@ class _Session:
         self.experiment = start["experiment"] if start else EXPERIMENT  # RUN/ray/<experiment>
         if start is None or start["trials"] != ctx.trials:
             if start is not None:  # another trial count: a new experiment replays the journal
-                self.experiment = _new_experiment(journal.path.parent, journal.starts() + 1)
+                self.experiment = _new_experiment(journal.path.parent)
             journal.append({"event": "start", "trials": ctx.trials,
                             "experiment": self.experiment})
         for _, rec in sorted(self.finished.items()):
@@ -101,8 +101,9 @@ class _Session:
             return PruningPlan.uniform(0.0)
 
 
-def _new_experiment(ray_dir: Path, n: int) -> str:
-    """``tune-N``, N from ``n`` up: the first name no experiment directory has."""
+def _new_experiment(ray_dir: Path) -> str:
+    """``tune-N``, N from 2 up: the first name no experiment directory has."""
+    n = 2
     while (ray_dir / f"{EXPERIMENT}-{n}").exists():
         n += 1
     return f"{EXPERIMENT}-{n}"
