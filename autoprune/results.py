@@ -24,7 +24,8 @@ from autoprune.busy import busy_lines
 from autoprune.trial import DENSE_END, SPEEDUP, TrialResult
 
 __all__ = ["RunConfig", "pareto_front", "write_run", "load_run", "summarize",
-           "recommend", "target_budgets", "target_front", "front_plans", "steering_lines"]
+           "recommend", "target_budgets", "target_front", "front_plans", "steering_lines",
+           "cost_model_errors"]
 
 
 @dataclass
@@ -272,6 +273,13 @@ def _reused(results: list[TrialResult]) -> str:
     return f"; {n} reused the result of an earlier trial of the same plan" if n else ""
 
 
+def cost_model_errors(results: list[TrialResult], target: str) -> list[float]:
+    """|predicted / measured - 1| of each measured trial's latency on ``target``, in order."""
+    key = latency_key(target)
+    return [abs(r.metrics["predicted_" + key] / r.metrics[key] - 1) for r in results
+            if r.reused_from is None and r.metrics.get(key) and r.metrics.get("predicted_" + key)]
+
+
 def steering_lines(results: list[TrialResult], config: RunConfig,
                     dense: TrialResult | None) -> list[str]:
     """How well the cost model predicted, how many searched plans met the cost budgets, and
@@ -286,9 +294,7 @@ def steering_lines(results: list[TrialResult], config: RunConfig,
         lines.append(f"- {inside} of {len(searched)} searched plans met the cost budgets")
     for target in config.target_names:
         key = latency_key(target)
-        errors = [abs(r.metrics["predicted_" + key] / r.metrics[key] - 1) for r in results
-                  if r.reused_from is None and r.metrics.get(key) and
-                  r.metrics.get("predicted_" + key)]
+        errors = cost_model_errors(results, target)
         if errors:
             late = errors[10:]
             lines.append(f"- cost model on {target}: median |predicted / measured - 1| "

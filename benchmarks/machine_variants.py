@@ -1,0 +1,110 @@
+"""The main job (`make search`) on machines of other speeds, emulated with target variants.
+
+A relative budget asks the same of every machine, but machines differ in more than speed: the
+balance between ONNX Runtime's fixed cost per op and the compute decides how far pruning can
+speed a model up. One machine cannot be made uniformly slower (a CFS CPU quota throttles in
+slices of 1 ms or more, so a 0.2 ms run is either not slowed or slowed 3x: the median barely
+moves while the spread explodes), so this script shifts that balance with target variants,
+each a profile of the ``cpu-1t`` target:
+
+- ``cpu-1t``: the shipped default;
+- ``noopt``: graph optimizations off (no fused ops, no blocked NCHWc layout): slower kernels,
+  the dense digits model ~1.4x slower, and pruning pays less per channel;
+- ``2threads``: each op split over both cores, the fixed costs not: the dense model ~1.8x
+  faster, the most pruned plans hardly faster than on one thread.
+
+For each variant it runs the main job's search (digits, ``latency<20%``, 40 trials, 40
+fine-tuning steps, ``--verify 2``) and prints: the dense model's latency, the share of searched
+plans inside the budget, the recommended plan's speed-up (timed side by side with the dense
+model) and its final accuracy (the task's full fine-tuning) against the best uniform plan at
+equal latency, and the cost model's median error after the first 10 trials.
+
+Usage:
+    python benchmarks/machine_variants.py [--variants cpu-1t,noopt,2threads]
+        [--trials 40] [--out runs/bench_machine_variants]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from search_quality import header, load  # benchmarks/ is the script's directory
+
+from autoprune.budget import latency_key
+from autoprune.results import cost_model_errors, load_run, recommend
+from autoprune.search import run_search
+from autoprune.search._verify import VERIFY_FILE
+from autoprune.trial import SPEEDUP
+
+VARIANTS = {
+    "cpu-1t": "",
+    "noopt": "graph_optimization_level: disable\n",
+    "2threads": "intra_op_threads: 2\n",
+}
+BUDGET = "latency<20%"
+
+
+def run_variant(name: str, out: Path, trials: int) -> dict[str, object]:
+    """The main job's search on one target variant (a finished one in ``out`` is reused)."""
+    run_dir = out / name
+    if not (run_dir / VERIFY_FILE).is_file():
+        profile = out / f"{name}.yaml"
+        profile.write_text(f"base: cpu-1t\nname: {name}\n{VARIANTS[name]}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        start = time.time()
+        run_search("digits", "per_layer_structured", [BUDGET], targets=[str(profile)],
+                   trials=trials, finetune_steps=40, verify=2, output=run_dir, progress=False)
+        print(f"  {name}: searched in {(time.time() - start) / 60:.1f} min ({load()})",
+              flush=True)
+    config, results = load_run(run_dir)
+    verify = json.loads((run_dir / VERIFY_FILE).read_text())
+    finals = {p["trial"]: p for p in verify["plans"]}
+    lat = latency_key(config.primary)
+    budget = config.parsed_budgets()[0]
+    searched = [r for r in results if r.baseline is None and r.reused_from is None
+                and r.status != "failed"]
+    best = recommend(results, config)
+    errors = cost_model_errors(results, config.primary)[10:]
+    mine, uniform = finals.get(verify["recommended"]), finals.get(verify["uniform"])
+    return {
+        "dense_ms": config.reference.get(lat, math.nan),
+        "inside": sum(r.metrics.get(lat, math.inf) <= budget.value for r in searched),
+        "searched": len(searched),
+        "speedup": best.metrics.get(SPEEDUP + config.primary, math.nan) if best else math.nan,
+        "final": mine["final"] if mine else math.nan,
+        "uniform": f"{uniform['final']:.4f} ({uniform['baseline']})" if uniform else "none",
+        "noise": verify.get("noise", math.nan),
+        "error": statistics.median(errors) if errors else math.nan,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_machine_variants"))
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    header(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = {name: run_variant(name, args.out, args.trials) for name in names}
+    print(f"\n### the main job ({BUDGET}, {args.trials} trials, --verify 2) per target variant")
+    print(f"{'variant':<10} {'dense ms':>8} {'inside':>8} {'speed-up':>9} {'final':>7}  "
+          f"{'best uniform at equal latency (final)':<40} {'noise':>6} {'cost err':>8}")
+    for name, r in rows.items():
+        print(f"{name:<10} {r['dense_ms']:8.3f} {r['inside']:>3}/{r['searched']:<4} "
+              f"{r['speedup']:8.2f}x {r['final']:7.4f}  {r['uniform']:<40} {r['noise']:6.4f} "
+              f"{100 * r['error']:7.1f}%")
+
+
+if __name__ == "__main__":
+    main()
