@@ -43,21 +43,49 @@ def test_unstructured_and_skipped_rules_cost_the_dense_model():
         structure.units, 0.5)
 
 
-def test_latency_fit_recovers_a_linear_cost_and_learns_a_quantization_factor():
+@pytest.mark.parametrize("block", [16, 8])
+def test_latency_fit_learns_the_machine_s_conv_block_and_a_quantization_factor(block):
     _, _, structure = _structure("resnet_tiny")
     key = latency_key("cpu")
     model = CostModel(structure, ["cpu"])
-    plans = [PruningPlan(default=LayerRule("structured", s)) for s in (0.0, 0.25, 0.5, 0.75)]
+    rng = random.Random(0)
+    plans = [PruningPlan(rules={g: LayerRule("structured", rng.choice([0, 0.25, 0.5, 0.625]))
+                                for g in structure.units}) for _ in range(12)]
 
-    def truth(plan: PruningPlan) -> float:  # a known machine: 0.05 ms + 2 ns per blocked MAC
-        return 0.05 + 2e-6 * structure.features(plan)["lat_macs"]
+    def truth(plan: PruningPlan) -> float:  # a known machine: 0.05 ms + 2 ns per blocked MAC,
+        f = structure.features(plan)  # 6 ns more per MAC of a conv off the blocked layout
+        return 0.05 + 2e-6 * f[f"lat_macs/{block}"] + 6e-6 * f[f"lat_fallback/{block}"]
 
     for plan in plans:
         model.observe(plan, {key: truth(plan)})
-    probe = PruningPlan(default=LayerRule("structured", 0.6))
-    assert model.predict(probe)[key] == pytest.approx(truth(probe), rel=0.01)
+    probes = [PruningPlan(default=LayerRule("structured", s)) for s in (0.25, 0.6)]
+    for probe in probes:
+        assert model.predict(probe)[key] == pytest.approx(truth(probe), rel=0.01)
     int8 = PruningPlan(default=LayerRule("structured", 0.25), quantize="int8")
     model.observe(int8, {key: 0.5 * truth(int8)})
+    probe = probes[1]
     assert model.predict(PruningPlan(default=LayerRule("structured", 0.6), quantize="int8"))[
         key] == pytest.approx(0.5 * truth(probe), rel=0.01)
     assert model.predict(probe)[key] == pytest.approx(truth(probe), rel=0.01)
+
+
+def test_latency_features_follow_the_cpu_convolution_paths():
+    # resnet_tiny's stages.2.conv2 reads the 32 channels of stages.2.conv1: a 2-D conv runs
+    # blocked on whole blocks of input channels, directly below one block, else it falls back
+    _, _, structure = _structure("resnet_tiny")
+    conv = next(layer for layer in structure.layers if layer.name == "stages.2.conv2")
+    for block, kept, path in ((16, 32, None), (16, 24, "lat_fallback"), (16, 16, None),
+                              (16, 8, "lat_direct"), (8, 24, None), (8, 12, "lat_fallback"),
+                              (8, 8, None), (8, 4, "lat_direct")):
+        assert conv.kernel({"stages.2.conv1": kept / 32}, block) == (kept / 32, path)
+    fc = next(layer for layer in structure.layers if layer.name == "fc")  # a GEMM: blocks of 8
+    assert fc.kernel({"stages.2.shortcut.0": 20 / 32}, 16) == (24 / 32, None)
+    dense = structure.features(PruningPlan())
+    assert dense["lat_fallback/16"] == dense["lat_fallback_acts/16"] == 0
+    fallback = structure.features(
+        PruningPlan(rules={"stages.2.conv1": LayerRule("structured", 0.25)}))
+    assert fallback["lat_fallback/16"] == pytest.approx(0.75 * conv.macs)
+    assert fallback["lat_fallback_acts/16"] == conv.activations
+    assert fallback["lat_fallback/8"] == 0  # 24 channels: whole blocks of 8
+    # stages.2.conv1 still computes 32 outputs (24 padded to whole blocks of 16)
+    assert fallback["lat_macs/16"] == pytest.approx(dense["lat_macs/16"] - 0.25 * conv.macs)

@@ -30,10 +30,10 @@ def steering():
     space = load_space("per_layer_structured").bind(
         [GroupInfo(g.name, tuple(g.producers)) for g in inspection.groups])
     cost = CostModel(structure, ["cpu"])
-    dense_ms = 0.05 + 2e-6 * structure.features(PruningPlan())["lat_macs"]
+    dense_ms = 0.05 + 2e-6 * structure.features(PruningPlan())["lat_macs/16"]
     for s in (0.0, 0.3, 0.6):  # a machine whose latency the fit can learn exactly
         plan = space.build(space.uniform_params(s))
-        cost.observe(plan, {KEY: 0.05 + 2e-6 * structure.features(plan)["lat_macs"]})
+        cost.observe(plan, {KEY: 0.05 + 2e-6 * structure.features(plan)["lat_macs/16"]})
     budget = parse_budget("latency<70%").resolve({KEY: dense_ms}, "cpu")
     return Steering(space, cost, [budget], "cpu"), budget
 
