@@ -3,10 +3,10 @@
 AMC clips its actions so that every plan meets the FLOPs budget; NetAdapt reads per-layer
 latency from a table measured on the device. Here the sampler picks each unit's *share* of the
 pruning (its ``s.UNIT`` parameters, plus criteria, modes and fine-tuning as usual), and one
-factor, found by bisection on the cost model, scales the shares so that the predicted cost
-lands just inside the tightest upper cost budget. The sampler learns in allocation space,
-every trial lands near the budget, and the plan is then measured for real: the cost model
-only steers. Its margin below the budget follows its own recent errors.
+factor, found on the cost model by a scan and bisection, scales the shares so that the
+predicted cost lands just inside the tightest upper cost budget. The sampler learns in
+allocation space, every trial lands near the budget, and the plan is then measured for real:
+the cost model only steers. Its margin below the budget follows its own recent errors.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = ["Steering", "UNIFORM_FIT", "PROFILE_FILE"]
 UNIFORM_FIT = "uniform-fit"  # baseline: one sparsity for every unit, scaled onto the budget
 _EXACT_MARGIN = 0.002  # MACs / params / size are predicted from the structure (rounding only)
 PROFILE_FILE = "cost_profile.jsonl"
+_SCAN = 32  # factors tried, evenly spaced, before bisection refines the first that fits
 _MOST_PRUNED = 3  # the profile's uniform plan at the space's highest sparsity (level 1.0)
 
 
@@ -49,7 +50,7 @@ class Steering:
         self.budgets = [b for b in budgets if b.is_cost and b.op in ("<", "<=")]
         self._errors: list[float] = []  # measured / predicted - 1 of steered latencies
         # The profile's most pruned plan (every unit at the space's highest sparsity) and its
-        # screened metrics: the least cost the space can reach (see check_reach)
+        # screened metrics: the reach check's measure of the least cost the space can reach
         self.most_pruned: tuple[PruningPlan, dict[str, float]] | None = None
 
     @property
@@ -111,28 +112,31 @@ class Steering:
 
     def _scale(self, params: dict[str, Any], units: list[str], shares: dict[str, float]
                ) -> float | None:
-        """The smallest factor whose predicted costs meet every budget (bisection), 0 if no
-        budget needs one, None if even the largest factor does not meet them."""
+        """The smallest factor whose predicted costs meet every budget, 0 if no budget needs
+        one, None if even the largest factor does not meet them. Predicted latency is not
+        monotonic in sparsity (a conv whose input channels drop off the kernels' blocks slows
+        down), so a coarse scan finds the first factor that meets them and bisection refines
+        it from the one before."""
         t_max = self.space.space.sparsity.high / min(v for v in shares.values() if v > 0)
-        t = 0.0
-        for budget in self.budgets:
-            key = budget.metric_key(self.primary)
-            limit = budget.value * (1 - self._margin(budget))
+        limits = [(b.metric_key(self.primary), b.value * (1 - self._margin(b)))
+                  for b in self.budgets]
 
-            def cost(scale: float, key: str = key) -> float:
-                return self._predict(self._scaled(params, units, shares, scale)).get(
-                    key, math.nan)
+        def meets(scale: float) -> bool:
+            cost = self._predict(self._scaled(params, units, shares, scale))
+            return all(not math.isfinite(cost.get(key, math.nan)) or cost[key] <= limit
+                       for key, limit in limits)
 
-            if not math.isfinite(cost(0.0)) or cost(0.0) <= limit:
-                continue
-            if cost(t_max) > limit:
-                return None
-            lo, hi = 0.0, t_max
-            for _ in range(30):
-                mid = (lo + hi) / 2
-                lo, hi = (lo, mid) if cost(mid) <= limit else (mid, hi)
-            t = max(t, hi)
-        return t
+        if meets(0.0):
+            return 0.0
+        grid = [t_max * i / _SCAN for i in range(1, _SCAN + 1)]
+        hi = next((t for t in grid if meets(t)), None)
+        if hi is None:
+            return None
+        lo = hi - t_max / _SCAN
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+        return hi
 
     def _predict(self, params: dict[str, Any]) -> dict[str, float]:
         return self.model.predict(self.space.build(params))

@@ -59,6 +59,26 @@ def test_projection_lands_predicted_latency_just_inside_the_budget(steering):
         assert steered["criterion"] == sampled["criterion"]
 
 
+def test_projection_takes_the_least_pruning_that_fits_where_latency_is_not_monotonic(steering):
+    # A machine where 35-45 % sparsity is slower than 30 % (e.g. input channels off the conv
+    # kernels' blocks): bisection from the middle would settle past the bump, at 45 %.
+    steer, budget = steering
+
+    class Bumpy:
+        def predict(self, plan):
+            s = max(rule.sparsity for rule in plan.rules.values())
+            slow = 0.35 <= s < 0.45
+            return {KEY: budget.value * (1.0 if slow else (1 - s) / 0.75)}
+
+    bumpy = Steering(steer.space, Bumpy(), [budget], "cpu")
+    uniform = dict.fromkeys((f"s.{u}" for u in steer.space.units), 0.5)
+    steered, predicted = bumpy.project({"criterion": "l1", **uniform})
+    # (1 - s) / 0.75 <= 0.95 (the 5 % margin) from s = 0.2875
+    (s,) = {steered[f"s.{u}"] for u in steer.space.units}
+    assert s == pytest.approx(0.2875, abs=2e-4)
+    assert predicted[PREDICTED + KEY] == pytest.approx(budget.value * 0.95, rel=1e-3)
+
+
 def test_an_all_zero_allocation_counts_as_uniform_and_baselines_are_not_steered(steering):
     steer, budget = steering
     zero = {**_sample(steer.space, 0), **{f"s.{u}": 0.0 for u in steer.space.units}}
