@@ -48,48 +48,61 @@ class LayerCost:
     in_groups: tuple[tuple[str, int], ...] = ()
     depthwise: bool = False  # input channels shrink with the output channels: k, not k^2
     conv2d: bool = False  # a 2-D convolution: ONNX Runtime runs it on blocked channels (NCHWc)
+    groups: int = 1  # a convolution's groups (pruning keeps their number)
 
     def kept(self, k: dict[str, float]) -> tuple[float, float]:
         """Kept fractions of the (outputs, inputs) given each group's kept fraction."""
         return _share(self.out_groups, self.out_channels, k), _share(
             self.in_groups, self.in_channels, k)
 
+    def scale(self, k_out: float, k_in: float) -> float:
+        """The share of the dense weights and MACs kept."""
+        return k_out if self.depthwise else k_out * k_in
+
     def kernel(self, k: dict[str, float], block: int) -> tuple[float, str | None]:
         """The share of the dense MACs the CPU kernels compute (channels padded to their
-        blocks; ``block``: a 2-D conv's NCHWc block) and the slower path they take, if any
-        (``lat_direct`` or ``lat_fallback``)."""
+        blocks; ``block``: a 2-D conv's NCHWc block, 1 for none) and the slower path they
+        take, if any (``lat_direct`` or ``lat_fallback``)."""
         k_out, k_in = self.kept(k)
         if not self.conv2d:  # GEMM (and other convs)
-            k_out = _blocks(k_out, self.out_channels, _GEMM_BLOCK)
-            return (k_out if self.depthwise else
-                    k_out * _blocks(k_in, self.in_channels, _GEMM_BLOCK)), None
-        b = block
+            return self.scale(_blocks(k_out, self.out_channels, _GEMM_BLOCK),
+                              _blocks(k_in, self.in_channels, _GEMM_BLOCK)), None
+        if block == 1:
+            return self.scale(k_out, k_in), None
         n_out, n_in = round(k_out * self.out_channels), round(k_in * self.in_channels)
-        if n_out % b if self.depthwise else n_in >= b and n_in % b:
-            return (k_out if self.depthwise else k_out * k_in), "lat_fallback"
-        padded = _blocks(k_out, self.out_channels, b)
-        if self.depthwise:
-            return padded, None
-        return padded * k_in, "lat_direct" if n_in < b else None
+        if self.depthwise:  # one channel per group, no channel multiplier
+            blocked = self.out_channels == self.groups and n_out % block == 0
+        elif self.groups > 1:  # whole blocks in all and in every group
+            blocked = not (n_out % block or n_out // self.groups % block
+                           or n_in // self.groups % block)
+        else:  # input channels in whole blocks, or fewer than one (read unblocked)
+            blocked = n_in < block or n_in % block == 0
+        if not blocked:
+            return self.scale(k_out, k_in), "lat_fallback"
+        padded = self.scale(_blocks(k_out, self.out_channels, block), k_in)
+        return padded, "lat_direct" if self.groups == 1 and n_in < block else None
 
 
 # ONNX Runtime's CPU kernels (MLAS) compute whole blocks of channels: 26 of 32 channels cost
 # about as much as 32. A GEMM (Linear) works on blocks of 8 here. A 2-D conv runs in the NCHWc
-# layout on blocks of 16 with AVX-512, 8 with AVX2 (each target's fit takes the block that
-# fits its measurements better: a remote or another CPU needs no flag). Its outputs are padded
-# to whole blocks, and it runs there only if its input channels are whole blocks, or fewer than
-# one block, read unblocked by a slower kernel (its MACs also counted in "lat_direct"); any
-# other conv falls back to im2col + GEMM, its activations reordered out of and back into the
-# blocked layout (its MACs and outputs also counted in "lat_fallback", "lat_fallback_acts").
-# The fit's extra costs of the slower paths are never negative. Replayed on the recorded digits
-# searches (cpu-1t, AVX-512; the fits took blocks of 16), this cut the median error after the
-# first 10 trials from 9.2 % to 5.4 % over seven runs at latency<20 % (worst run 11.9 % ->
-# 10.0 %, a run whose machine slowed down by 19 %) and from 6.9 % to 4.8 % at 35 %. With
-# blocks of 8 and one cost per MAC, plans with unaligned channels measured up to 35 % slower
-# than predicted, while the runs' repeated measurements of one architecture agree within about
-# 2 %. The sequences transformer (no 2-D conv) predicts exactly as before.
+# layout on blocks of 16 with AVX-512, 8 with AVX2, and not at all without graph optimizations
+# (block 1 here); each target's fit takes the block that fits its measurements better, so a
+# remote or another CPU needs no flag. A conv's outputs are padded to whole blocks, and it runs
+# there only if its input channels are whole blocks, or fewer than one block, read unblocked by
+# a slower kernel (its MACs also counted in "lat_direct"); a grouped conv needs whole blocks in
+# every group, a depthwise one whole blocks of channels (onnxruntime's nchwc_transformer.cc).
+# Any other conv falls back to im2col + GEMM, its activations reordered out of and back into
+# the blocked layout (its MACs and outputs also counted in "lat_fallback",
+# "lat_fallback_acts"). The fit's extra costs of the slower paths are never negative. Replayed
+# on the recorded digits searches (cpu-1t, AVX-512; the fits took blocks of 16), this cut the
+# median error after the first 10 trials from 9.2 % to 5.4 % over seven runs at latency<20 %
+# (worst run 11.9 % -> 10.0 %, a run whose machine slowed down by 19 %) and from 6.9 % to
+# 4.8 % at 35 %. With blocks of 8 and one cost per MAC, plans with unaligned channels measured
+# up to 35 % slower than predicted, while the runs' repeated measurements of one architecture
+# agree within about 2 %. The sequences transformer (no 2-D conv) predicts exactly as before.
 _GEMM_BLOCK = 8
-_NCHWC_BLOCKS = (16, 8)  # AVX-512, AVX2 (the first wins a tie)
+_NCHWC_BLOCKS = (16, 8, 1)  # AVX-512, AVX2, no blocked layout
+_SWITCH = 0.9  # another block replaces the fitted one only with 10 % less error
 _PATHS = ("lat_macs", "lat_direct", "lat_fallback", "lat_fallback_acts")  # per NCHWc block
 
 
@@ -158,7 +171,7 @@ class CostStructure:
             layers.append(LayerCost(
                 name, macs, float(matrix), float(own - matrix), float(buffers), acts,
                 int(n_out), int(n_in), tuple(outs.get(name, ())), tuple(ins.get(name, ())), dw,
-                isinstance(m, nn.Conv2d)))
+                isinstance(m, nn.Conv2d), int(getattr(m, "groups", 1))))
         return cls(layers, {g.name: g.units for g in inspection.groups},
                    {g.name: list(g.producers) for g in inspection.groups},
                    [g.name for g in inspection.groups if g.num_heads],
@@ -188,7 +201,7 @@ class CostStructure:
         lat = {_feature(name, b): 0.0 for name in _PATHS for b in _NCHWC_BLOCKS}
         for layer in self.layers:
             k_out, k_in = layer.kept(k)
-            scale = k_out if layer.depthwise else k_out * k_in
+            scale = layer.scale(k_out, k_in)
             macs += layer.macs * scale
             for b in _NCHWC_BLOCKS:
                 share, path = layer.kernel(k, b)
@@ -217,6 +230,9 @@ def _feature(name: str, block: int) -> str:
 
 def _row(f: dict[str, float], block: int) -> np.ndarray:
     return np.array([1.0, f["lat_acts"], *(f[_feature(name, block)] for name in _PATHS)])
+
+
+_BASIC = 3  # the columns of _row fitted from few samples: constant, activations, all MACs
 
 
 @dataclass
@@ -273,16 +289,21 @@ class CostModel:
                      if q == "none" and m.get(key, 0) > 0 and math.isfinite(m[key])]
             if plain:
                 y = np.array([v for _, v in plain])
-                fits = []
+                fits = {}
                 for block in _NCHWC_BLOCKS:
                     x = np.array([_row(f, block) for f, _ in plain])
+                    if len(y) < 2 * x.shape[1]:  # too few to tell the kernel paths apart
+                        x[:, _BASIC:] = 0.0
                     scale = x.max(axis=0)
                     scale[scale == 0] = 1.0
                     # Relative error: each row divided by its measured value.
                     coef, _ = nnls(x / scale / y[:, None], np.ones(len(y)))
-                    error = np.median(np.abs(x @ (coef / scale) / y - 1))
-                    fits.append((error, len(fits), _LatencyFit(block, coef / scale)))
-                fit = min(fits, key=lambda t: t[:2])[2]
+                    error = float(np.median(np.abs(x @ (coef / scale) / y - 1)))
+                    fits[block] = (error, _LatencyFit(block, coef / scale))
+                # Keep the block fitted so far unless another fits clearly better.
+                kept = self._fits[key].block if key in self._fits else _NCHWC_BLOCKS[0]
+                best = min(fits, key=lambda b: fits[b][0])
+                fit = fits[best if fits[best][0] < _SWITCH * fits[kept][0] else kept][1]
             for scheme in {q for _, q, _ in self.samples if q != "none"}:
                 ratios = [m[key] / fit.core(f) for f, q, m in self.samples
                           if q == scheme and m.get(key, 0) > 0 and fit.core(f) > 0]

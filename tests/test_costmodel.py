@@ -43,7 +43,7 @@ def test_unstructured_and_skipped_rules_cost_the_dense_model():
         structure.units, 0.5)
 
 
-@pytest.mark.parametrize("block", [16, 8])
+@pytest.mark.parametrize("block", [16, 8, 1])
 def test_latency_fit_learns_the_machine_s_conv_block_and_a_quantization_factor(block):
     _, _, structure = _structure("resnet_tiny")
     key = latency_key("cpu")
@@ -58,6 +58,7 @@ def test_latency_fit_learns_the_machine_s_conv_block_and_a_quantization_factor(b
 
     for plan in plans:
         model.observe(plan, {key: truth(plan)})
+    assert model._fits[key].block == block
     probes = [PruningPlan(default=LayerRule("structured", s)) for s in (0.25, 0.6)]
     for probe in probes:
         assert model.predict(probe)[key] == pytest.approx(truth(probe), rel=0.01)
@@ -89,3 +90,19 @@ def test_latency_features_follow_the_cpu_convolution_paths():
     assert fallback["lat_fallback/8"] == 0  # 24 channels: whole blocks of 8
     # stages.2.conv1 still computes 32 outputs (24 padded to whole blocks of 16)
     assert fallback["lat_macs/16"] == pytest.approx(dense["lat_macs/16"] - 0.25 * conv.macs)
+
+
+def test_grouped_and_depthwise_convs_need_whole_blocks_in_every_group():
+    _, _, resnext = _structure("resnext_tiny")
+    grouped = next(layer for layer in resnext.layers if layer.name == "stages.1.grouped.0")
+    assert (grouped.groups, grouped.out_channels) == (4, 32)  # 8 channels per group
+    dense = {"stages.1.grouped.0": 1.0, "stages.1.reduce.0": 1.0}
+    assert grouped.kernel(dense, 16) == (1.0, "lat_fallback")
+    assert grouped.kernel(dense, 8) == (1.0, None)
+    assert grouped.kernel(dense, 1) == (1.0, None)
+    _, _, mobilenet = _structure("mobilenet_tiny")
+    dw = next(layer for layer in mobilenet.layers if layer.name == "blocks.0.depthwise.0")
+    assert dw.depthwise and dw.out_channels == 64
+    assert dw.kernel({"blocks.0.se.fc2": 48 / 64}, 16) == (0.75, None)  # MACs scale with k
+    assert dw.kernel({"blocks.0.se.fc2": 40 / 64}, 16) == (0.625, "lat_fallback")
+    assert dw.kernel({"blocks.0.se.fc2": 40 / 64}, 8) == (0.625, None)

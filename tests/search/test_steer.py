@@ -89,7 +89,7 @@ def test_an_all_zero_allocation_counts_as_uniform_and_baselines_are_not_steered(
     assert fixed == zero and predicted[PREDICTED + KEY] > budget.value
 
 
-def test_steered_search_measures_every_plan_and_lands_inside_the_budget(
+def test_a_steered_search_records_measured_latency_never_the_prediction(
         tmp_path, fast_target, compute_bound_task, monkeypatch):
     real = Steering.project
 
