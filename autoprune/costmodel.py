@@ -237,15 +237,19 @@ _BASIC = 3  # the columns of _row fitted from few samples: constant, activations
 
 @dataclass
 class _LatencyFit:
-    """latency ~ factor[scheme] * (c0 + c_acts * activations + the costs of the kernel paths'
-    MACs and reorders, counted on NCHWc blocks of ``block`` channels)."""
+    """latency ~ c0 + c_acts * activations + the costs of the kernel paths' MACs and reorders,
+    counted on NCHWc blocks of ``block`` channels; a quantized plan: factor[scheme] * (c0 +
+    c_acts * activations + c_macs * MACs)."""
 
     block: int = _NCHWC_BLOCKS[0]
     coef: np.ndarray = field(default_factory=lambda: np.zeros(2 + len(_PATHS)))
     factors: dict[str, float] = field(default_factory=dict)  # quantize scheme -> factor
 
-    def core(self, f: dict[str, float]) -> float:
-        return float(self.coef @ _row(f, self.block))
+    def core(self, f: dict[str, float], quantize: str = "none") -> float:
+        row = _row(f, self.block)
+        if quantize != "none":  # quantized convs do not run the float kernels' NCHWc paths
+            row[_BASIC:] = 0.0
+        return float(self.coef @ row)
 
 
 class CostModel:
@@ -305,8 +309,8 @@ class CostModel:
                 best = min(fits, key=lambda b: fits[b][0])
                 fit = fits[best if fits[best][0] < _SWITCH * fits[kept][0] else kept][1]
             for scheme in {q for _, q, _ in self.samples if q != "none"}:
-                ratios = [m[key] / fit.core(f) for f, q, m in self.samples
-                          if q == scheme and m.get(key, 0) > 0 and fit.core(f) > 0]
+                ratios = [m[key] / fit.core(f, q) for f, q, m in self.samples
+                          if q == scheme and m.get(key, 0) > 0 and fit.core(f, q) > 0]
                 if ratios:
                     fit.factors[scheme] = float(np.median(ratios))
             self._fits[key] = fit
@@ -324,7 +328,7 @@ class CostModel:
         out["flops"] = 2 * out["macs"]
         out["size_bytes"] = f["size_bytes"] * self._factors.get(("size_bytes", plan.quantize), 1.0)
         for key, fit in self._fits.items():
-            core = fit.core(f)
+            core = fit.core(f, plan.quantize)
             if core > 0:
                 out[key] = core * fit.factors.get(plan.quantize, 1.0)
         return out
