@@ -34,6 +34,9 @@ _PATTERN = re.compile(
     r"(?P<at>(@[\w.:/-]+)*)\s*$"
 )
 _RELATIVE = {"%": 0.01, "x": 1.0}  # cost budgets relative to the dense model
+# Metrics key prefix of a plan's latency as a fraction of the dense model's, the two timed side
+# by side at the end of a search ("side_by_side_latency_p50_ms@cpu-1t")
+SIDE_BY_SIDE = "side_by_side_"
 _EXAMPLES = ('latency<10ms, latency<35%, speedup>=3x, latency<=2.5ms@p90, latency<5ms@cpu-1t, '
              'accuracy>=0.97, params<1M, params<50%, flops<50M, size<4MB')
 
@@ -106,6 +109,17 @@ class Budget:
                               f"not resolved (Budget.resolve)")
         return measured is not None and not math.isnan(measured) and _OPS[self.op](
             measured, self.value)
+
+    def met_by(self, metrics: dict[str, float], primary: str) -> bool:
+        """Whether a trial's metrics meet this budget. A relative latency budget is judged on
+        the plan's latency as a fraction of the dense model's where the two were timed side by
+        side (the plans a search returns): medians taken minutes apart drift with the machine,
+        and the budget was resolved from the dense model's median at the start."""
+        key = self.metric_key(primary)
+        if self.fraction is not None and self.metric == "latency" and \
+                SIDE_BY_SIDE + key in metrics:
+            return _OPS[self.op](metrics[SIDE_BY_SIDE + key], self.fraction)
+        return self.satisfied(metrics.get(key))
 
     def violation(self, measured: float | None) -> float:
         """Optuna-style constraint value: <= 0 when satisfied, relative excess otherwise."""

@@ -134,7 +134,7 @@ def _violation(r: TrialResult, budgets: list[Budget], primary: str) -> float:
 
 def _checks(r: TrialResult, budgets: list[Budget], primary: str) -> list[dict[str, Any]]:
     return [{"budget": b.text, "measured": r.metrics.get(b.metric_key(primary)),
-             "ok": b.satisfied(r.metrics.get(b.metric_key(primary)))} for b in budgets]
+             "ok": b.met_by(r.metrics, primary)} for b in budgets]
 
 
 def _plan_file(run_dir: Path, r: TrialResult, config: RunConfig, write: bool) -> str | None:

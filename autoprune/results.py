@@ -289,8 +289,7 @@ def steering_lines(results: list[TrialResult], config: RunConfig,
                 and r.status != "failed"]
     cost = [b for b in config.parsed_budgets() if b.is_cost]
     if searched and cost:
-        inside = sum(all(b.satisfied(r.metrics.get(b.metric_key(config.primary))) for b in cost)
-                     for r in searched)
+        inside = sum(all(b.met_by(r.metrics, config.primary) for b in cost) for r in searched)
         lines.append(f"- {inside} of {len(searched)} searched plans met the cost budgets")
     for target in config.target_names:
         key = latency_key(target)

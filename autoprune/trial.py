@@ -78,8 +78,7 @@ class TrialResult:
     reused_from: int | None = None  # the earlier trial of the same plan whose result this is
 
     def feasible(self, budgets: list[Budget], primary: str) -> bool:
-        return self.status == "complete" and all(
-            b.satisfied(self.metrics.get(b.metric_key(primary))) for b in budgets)
+        return self.status == "complete" and all(b.met_by(self.metrics, primary) for b in budgets)
 
     def values(self, objectives: list[Objective]) -> list[float] | None:
         vals = [self.metrics.get(o.key) for o in objectives]

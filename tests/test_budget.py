@@ -1,6 +1,7 @@
 import pytest
 
 from autoprune.budget import (
+    SIDE_BY_SIDE,
     latency_key,
     parse_budget,
     parse_budgets,
@@ -133,3 +134,25 @@ def test_a_budget_the_dense_model_meets_gets_a_warning():
         "it prunes nothing away",
         "budget speedup>=0.5x (= latency<=4ms) is met by the dense model (latency_p50_ms@cpu "
         "2): it prunes nothing away"]
+
+
+def test_a_relative_latency_budget_is_judged_side_by_side_where_the_plan_was_timed_so():
+    ref = {"latency_p50_ms@cpu": 1.0, "latency_p90_ms@cpu": 1.2}
+    relative = parse_budget("latency<20%").resolve(ref, "cpu")  # 0.2 ms at the start
+    speedup = parse_budget("speedup>=4x").resolve(ref, "cpu")  # 0.25 ms
+    absolute = parse_budget("latency<0.2ms")
+    # the machine slowed down by 25 % after the dense model was timed: the plan's median
+    # breaks 0.2 ms, but it runs in 18 % of the dense model's time, timed side by side
+    slowed = {"latency_p50_ms@cpu": 0.225, SIDE_BY_SIDE + "latency_p50_ms@cpu": 0.18}
+    assert relative.met_by(slowed, "cpu") and speedup.met_by(slowed, "cpu")
+    assert not absolute.met_by(slowed, "cpu")
+    # and the reverse: inside by its median, 4.2x faster side by side: breaks latency<20%
+    sped_up = {"latency_p50_ms@cpu": 0.19, SIDE_BY_SIDE + "latency_p50_ms@cpu": 0.238}
+    assert not relative.met_by(sped_up, "cpu") and speedup.met_by(sped_up, "cpu")
+    assert absolute.met_by(sped_up, "cpu")
+    # without a side-by-side timing (a trial during the search): the median
+    assert not relative.met_by({"latency_p50_ms@cpu": 0.225}, "cpu")
+    # a p90 budget reads the p90 ratio
+    p90 = parse_budget("latency<20%@p90").resolve(ref, "cpu")
+    assert p90.met_by({SIDE_BY_SIDE + "latency_p90_ms@cpu": 0.19,
+                       "latency_p90_ms@cpu": 0.3}, "cpu")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from autoprune.budget import SIDE_BY_SIDE, latency_key
 from autoprune.results import RunConfig, front_plans
 from autoprune.trial import (
     DENSE_END,
@@ -82,8 +83,10 @@ def confirm_fronts(
 def time_side_by_side(task, results: list[TrialResult], config: RunConfig,
                       settings: TrialSettings, say: Callable[[str], None] | None = None) -> None:
     """Time the dense model interleaved with every plan on a front (and the baselines) on
-    each local target; store ``speedup@T`` in each plan's metrics and ``dense_end_ms@T`` in
-    the dense trial's. A plan that quantizes is timed as the ONNX model it ships."""
+    each local target; store ``speedup@T`` and the latency as a fraction of the dense model's
+    (``side_by_side_latency_p50_ms@T``, p90 too: relative budgets are judged on it) in each
+    plan's metrics, and ``dense_end_ms@T`` in the dense trial's. A plan that quantizes is
+    timed as the ONNX model it ships."""
     from autoprune.latency import compare_latency
     from autoprune.plan import PruningPlan
     from autoprune.quantize import quantize_model
@@ -114,3 +117,6 @@ def time_side_by_side(task, results: list[TrialResult], config: RunConfig,
         dense.metrics[DENSE_END + target.name] = rows[0].stats.value(target.statistic)
         for r, row in zip(shown.values(), rows[1:]):
             r.metrics[SPEEDUP + target.name] = row.speedup
+            for stat in ("p50", "p90"):  # what relative latency budgets are judged on
+                r.metrics[SIDE_BY_SIDE + latency_key(target.name, stat)] = (
+                    row.stats.value(stat) / rows[0].stats.value(stat))

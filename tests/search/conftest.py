@@ -28,10 +28,12 @@ def kept_metrics():
     """Compare a trial's metrics before a kill and after --resume: equal, except the latency
     of front and baseline plans, which the end of the search re-measures in full and times
     side by side with the dense model."""
+    from autoprune.budget import SIDE_BY_SIDE
     from autoprune.trial import DENSE_END, SCREENED, SPEEDUP
 
     def check(saved: dict, now: dict, target: str = "fast") -> None:
-        now = {k: v for k, v in now.items() if k not in (SPEEDUP + target, DENSE_END + target)}
+        now = {k: v for k, v in now.items() if k not in (SPEEDUP + target, DENSE_END + target)
+               and not k.startswith(SIDE_BY_SIDE)}
         if SCREENED + target in saved and SCREENED + target not in now:
             saved = {k: v for k, v in saved.items() if not k.endswith("@" + target)}
             now = {k: v for k, v in now.items() if not k.endswith("@" + target)}
