@@ -103,35 +103,51 @@ class Budget:
         unit = {"latency": "ms", "size": " B"}.get(self.metric, "")
         return f"{self} (= {self.metric}{self.op}{self.value:.4g}{unit})"
 
-    def satisfied(self, measured: float | None) -> bool:
+    def satisfied(self, measured: float | None, limit: float | None = None) -> bool:
+        """``measured`` against this budget's value (or ``limit``, e.g. its fraction)."""
         if not self.resolved:
             raise BudgetError(f"budget {self.text!r} is relative to the dense model and was "
                               f"not resolved (Budget.resolve)")
+        limit = self.value if limit is None else limit
         return measured is not None and not math.isnan(measured) and _OPS[self.op](
-            measured, self.value)
+            measured, limit)
+
+    def side_by_side(self, metrics: dict[str, float], primary: str) -> float | None:
+        """For a relative latency budget, the plan's latency as a fraction of the dense
+        model's where the two were timed side by side (the plans a search returns), else
+        None. Medians taken minutes apart drift with the machine, and the budget was resolved
+        from the dense model's median at the start: where this ratio exists, it is judged."""
+        if self.fraction is None or self.metric != "latency":
+            return None
+        return metrics.get(SIDE_BY_SIDE + self.metric_key(primary))
+
+    def judged(self, metrics: dict[str, float], primary: str) -> tuple[float | None, float]:
+        """The value of a trial's metrics this budget is judged on, and its limit."""
+        ratio = self.side_by_side(metrics, primary)
+        if ratio is not None:
+            return ratio, self.fraction
+        return metrics.get(self.metric_key(primary)), self.value
 
     def met_by(self, metrics: dict[str, float], primary: str) -> bool:
-        """Whether a trial's metrics meet this budget. A relative latency budget is judged on
-        the plan's latency as a fraction of the dense model's where the two were timed side by
-        side (the plans a search returns): medians taken minutes apart drift with the machine,
-        and the budget was resolved from the dense model's median at the start."""
-        key = self.metric_key(primary)
-        if self.fraction is not None and self.metric == "latency" and \
-                SIDE_BY_SIDE + key in metrics:
-            return _OPS[self.op](metrics[SIDE_BY_SIDE + key], self.fraction)
-        return self.satisfied(metrics.get(key))
+        """Whether a trial's metrics meet this budget (see :meth:`judged`)."""
+        return self.satisfied(*self.judged(metrics, primary))
 
-    def violation(self, measured: float | None) -> float:
+    def violation(self, measured: float | None, limit: float | None = None) -> float:
         """Optuna-style constraint value: <= 0 when satisfied, relative excess otherwise."""
         if measured is None or math.isnan(measured):
             return 1.0
         if not self.resolved:
             self.satisfied(measured)  # raises the explanation
-        scale = abs(self.value) or 1.0
-        excess = measured - self.value if self.op in ("<", "<=") else self.value - measured
-        if self.satisfied(measured):
+        limit = self.value if limit is None else limit
+        scale = abs(limit) or 1.0
+        excess = measured - limit if self.op in ("<", "<=") else limit - measured
+        if self.satisfied(measured, limit):
             return min(excess / scale, 0.0)
         return max(excess / scale, 1e-9)
+
+    def violation_by(self, metrics: dict[str, float], primary: str) -> float:
+        """:meth:`violation` of a trial's metrics (see :meth:`judged`)."""
+        return self.violation(*self.judged(metrics, primary))
 
     def __str__(self) -> str:
         return self.text or f"{self.metric}{self.op}{self.value}"

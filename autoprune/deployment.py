@@ -129,12 +129,19 @@ def _best(candidates: list[TrialResult], config: RunConfig, target: str) -> Tria
 
 
 def _violation(r: TrialResult, budgets: list[Budget], primary: str) -> float:
-    return sum(max(b.violation(r.metrics.get(b.metric_key(primary))), 0.0) for b in budgets)
+    return sum(max(b.violation_by(r.metrics, primary), 0.0) for b in budgets)
 
 
 def _checks(r: TrialResult, budgets: list[Budget], primary: str) -> list[dict[str, Any]]:
-    return [{"budget": b.text, "measured": r.metrics.get(b.metric_key(primary)),
-             "ok": b.met_by(r.metrics, primary)} for b in budgets]
+    """Each budget's verdict; a relative latency budget judged side by side also gives the
+    plan's latency as a fraction of the dense model's (``side_by_side``)."""
+    checks = []
+    for b in budgets:
+        ratio = b.side_by_side(r.metrics, primary)
+        checks.append({"budget": b.text, "measured": r.metrics.get(b.metric_key(primary)),
+                       "ok": b.met_by(r.metrics, primary),
+                       **({"side_by_side": ratio} if ratio is not None else {})})
+    return checks
 
 
 def _plan_file(run_dir: Path, r: TrialResult, config: RunConfig, write: bool) -> str | None:
@@ -194,7 +201,9 @@ def _plan_for_target(config: RunConfig, results: list[TrialResult], target: dict
         broken = [c for c in _checks(closest, budgets, primary) if not c["ok"]]
         plan.note = ("no trial met the budgets on this target; closest plan (smallest budget "
                      "violation) breaks " + ", ".join(
-                         f"{c['budget']} (measured {_value(c['measured'])})" for c in broken))
+                         f"{c['budget']} (measured {_value(c['measured'])}"
+                         + (f", {c['side_by_side']:.0%} of the dense model side by side"
+                            if "side_by_side" in c else "") + ")" for c in broken))
     plan.checks = _checks(plan.trial, budgets, primary)
     return plan
 

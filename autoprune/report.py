@@ -157,8 +157,7 @@ def front_figure(config: RunConfig, results: list[TrialResult], target: str,
         return [m[metric], m[lat]]
 
     def constraints(r: TrialResult) -> dict[str, float]:
-        out = {b.text: b.violation(r.metrics.get(b.metric_key(config.primary)))
-               for b in budgets}
+        out = {b.text: b.violation_by(r.metrics, config.primary) for b in budgets}
         out["fine-tuned"] = 0.0 if r.status == "complete" else 1.0
         return out
 

@@ -287,3 +287,23 @@ def test_plan_files_outside_the_front_are_written(tmp_path):
                                                          "deployment/trial_3.json"]
     saved = json.loads(Path(tmp_path / "deployment/trial_1.json").read_text())
     assert PruningPlan.from_dict(saved["plan"]) == RESULTS[1].plan
+
+
+def test_a_relative_latency_budget_is_judged_on_the_side_by_side_timing():
+    # latency<20%@edge resolves to 2 ms (dense 10 ms at the start). Trial 1's median reads
+    # 1.9 ms but it runs in 24 % of the dense model's time side by side; trial 2 the reverse.
+    config = dataclasses.replace(_config(["latency<20%@edge"]),
+                                 reference={latency_key("edge"): 10.0})
+    key = "side_by_side_" + latency_key("edge")
+    slow = _result(1, "complete", 0.95, 1.9, 1.0)
+    fast = _result(2, "complete", 0.93, 2.1, 1.0)
+    slow.metrics[key], fast.metrics[key] = 0.24, 0.18
+    edge = deployment_plan(config, [RESULTS[0], slow, fast]).targets[0]
+    assert (edge.trial.number, edge.met) == (2, True)
+    assert edge.checks == [{"budget": "latency<20%@edge", "measured": 2.1, "ok": True,
+                            "side_by_side": 0.18}]
+    # nothing inside: the closest plan is the one nearest side by side, and the note says so
+    fast.metrics[key] = 0.21
+    edge = deployment_plan(config, [RESULTS[0], slow, fast]).targets[0]
+    assert (edge.trial.number, edge.met) == (2, False)
+    assert "(measured 2.1, 21% of the dense model side by side)" in edge.note

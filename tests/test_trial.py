@@ -133,3 +133,38 @@ def test_a_failed_re_measurement_keeps_the_screened_mark(monkeypatch):
 def test_early_stopping_reports_skip_the_last_step(steps, every):
     assert report_every(steps) == every and steps % every != 0
 
+
+
+def test_plans_a_relative_budget_rules_out_side_by_side_bring_the_next_onto_the_front(
+        monkeypatch):
+    # latency<50% of a 2 ms dense model: 1 ms. Trials 1 and 2 are on the front by their
+    # medians; timed side by side they run at 60 % and 55 % of the dense model, which puts
+    # trial 3 on the front: it is re-measured in full and timed too.
+    config = RunConfig(task="t", space={}, budgets=["latency<50%"], targets=[{"name": "fast"}],
+                       objectives=[{"key": "accuracy", "direction": "maximize"},
+                                   {"key": LAT, "direction": "minimize"}],
+                       metric="accuracy", metric_direction="maximize", reference={LAT: 2.0})
+    dense = TrialResult(PruningPlan(), "infeasible", number=0, baseline="dense",
+                        metrics={"accuracy": 0.95, LAT: 2.0})
+    a, b, c = _result(1, 0.9, 0.9), _result(2, 0.8, 0.5), _result(3, 0.7, 0.6)
+    ratio = {1: 0.6, 2: 0.55, 3: 0.35}
+    measured, timed = [], []
+
+    def measure_plan(task, plan, settings, targets):
+        measured.append(round(plan.default.sparsity * 10))
+        return {LAT: {1: 0.9, 2: 0.5, 3: 0.6}[measured[-1]]}
+
+    def time_side_by_side(task, results, config, settings, say=None):
+        shown = [r for r in target_front(results, config, "fast") if r.baseline != "dense"]
+        timed.append(sorted(r.number for r in shown))
+        for r in shown:
+            r.metrics["side_by_side_" + LAT] = ratio[r.number]
+
+    monkeypatch.setattr(confirm_module, "measure_plan", measure_plan)
+    monkeypatch.setattr(confirm_module, "time_side_by_side", time_side_by_side)
+    results = [dense, a, b, c]
+    confirm_module.confirm_and_time(None, results, config,
+                                    TrialSettings([Target(name="fast")]), say=lambda _: None)
+    assert [r.number for r in target_front(results, config, "fast")] == [3]
+    assert sorted(measured) == [1, 2, 3] and timed == [[1, 2], [3]]
+    assert not confirm_module.untimed(results, config, TrialSettings([Target(name="fast")]))

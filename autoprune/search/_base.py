@@ -120,16 +120,10 @@ class Backend(abc.ABC):
         time them side by side with the dense model.
 
         Here, on this machine (the one the trials were measured on)."""
-        from autoprune.search._confirm import confirm_fronts, screened, time_side_by_side
+        from autoprune.search._confirm import confirm_and_time
 
-        say = None if ctx.progress else lambda _: None
-        # A plan the side-by-side timing puts out of a relative budget can leave screened
-        # plans on a front: they are re-measured and timed once more.
-        for _ in range(2):
-            confirm_fronts(ctx.task, results, ctx.config, ctx.settings, say=say)
-            time_side_by_side(ctx.task, results, ctx.config, ctx.settings, say=say)
-            if not screened(results, ctx.config):
-                break
+        confirm_and_time(ctx.task, results, ctx.config, ctx.settings,
+                         say=None if ctx.progress else lambda _: None)
 
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from autoprune.budget import SIDE_BY_SIDE, latency_key
+from autoprune.budget import SIDE_BY_SIDE, STATISTICS, latency_key
 from autoprune.results import RunConfig, front_plans
 from autoprune.trial import (
     DENSE_END,
@@ -28,7 +28,8 @@ from autoprune.trial import (
     measure_plan,
 )
 
-__all__ = ["confirm_fronts", "screened", "time_side_by_side"]
+__all__ = ["confirm_and_time", "confirm_fronts", "screened", "time_side_by_side",
+           "untimed"]
 
 
 def screened(results: list[TrialResult], config: RunConfig,
@@ -80,13 +81,38 @@ def confirm_fronts(
     return len(tried)
 
 
+def confirm_and_time(task, results: list[TrialResult], config: RunConfig,
+                     settings: TrialSettings, say: Callable[[str], None] | None = None) -> None:
+    """:func:`confirm_fronts`, then :func:`time_side_by_side`. A plan the side-by-side timing
+    puts out of a relative budget brings others onto a front: they are re-measured and timed
+    in turn, a few rounds at most."""
+    for _ in range(4):
+        confirm_fronts(task, results, config, settings, say=say)
+        time_side_by_side(task, results, config, settings, say=say)
+        if not screened(results, config) and not untimed(results, config, settings):
+            return
+
+
+def untimed(results: list[TrialResult], config: RunConfig, settings: TrialSettings
+            ) -> list[TrialResult]:
+    """Plans on a local target's front not yet timed side by side with the dense model."""
+    out = {}
+    for target in settings.targets:
+        if target.is_remote:
+            continue
+        key = SIDE_BY_SIDE + latency_key(target.name)
+        out.update({id(r): r for r in front_plans(results, config, target.name).values()
+                    if r.baseline != "dense" and key not in r.metrics})
+    return list(out.values())
+
+
 def time_side_by_side(task, results: list[TrialResult], config: RunConfig,
                       settings: TrialSettings, say: Callable[[str], None] | None = None) -> None:
     """Time the dense model interleaved with every plan on a front (and the baselines) on
     each local target; store ``speedup@T`` and the latency as a fraction of the dense model's
-    (``side_by_side_latency_p50_ms@T``, p90 too: relative budgets are judged on it) in each
-    plan's metrics, and ``dense_end_ms@T`` in the dense trial's. A plan that quantizes is
-    timed as the ONNX model it ships."""
+    (``side_by_side_latency_p50_ms@T``, p90 and mean too: relative budgets are judged on it)
+    in each plan's metrics, and ``dense_end_ms@T`` in the dense trial's. A plan that
+    quantizes is timed as the ONNX model it ships."""
     from autoprune.latency import compare_latency
     from autoprune.plan import PruningPlan
     from autoprune.quantize import quantize_model
@@ -117,6 +143,6 @@ def time_side_by_side(task, results: list[TrialResult], config: RunConfig,
         dense.metrics[DENSE_END + target.name] = rows[0].stats.value(target.statistic)
         for r, row in zip(shown.values(), rows[1:]):
             r.metrics[SPEEDUP + target.name] = row.speedup
-            for stat in ("p50", "p90"):  # what relative latency budgets are judged on
+            for stat in STATISTICS:  # what relative latency budgets are judged on
                 r.metrics[SIDE_BY_SIDE + latency_key(target.name, stat)] = (
                     row.stats.value(stat) / rows[0].stats.value(stat))
