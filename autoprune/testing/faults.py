@@ -243,9 +243,12 @@ def kill_ray_worker(workdir: str | Path, *, trials: int = 8, workers: int = 2,
             done = journal.is_file() and journal.read_text().count('"finish"') >= 2
             worker = _trial_worker(proc.pid) if done and not report.killed else None
             if worker is not None:
-                time.sleep(0.3)  # well inside the trial
-                report.killed = f"pid {worker[0]} ({worker[1][:40]})"
-                os.kill(worker[0], signal.SIGKILL)
+                # Well inside the trial, if it still runs one: a short trial may end first,
+                # leaving its actor idle, and killing that needs no retry.
+                time.sleep(0.3)
+                if _trial_worker(proc.pid) == worker:
+                    report.killed = f"pid {worker[0]} ({worker[1][:40]})"
+                    os.kill(worker[0], signal.SIGKILL)
             time.sleep(0.2)
         proc.wait(timeout=max(1.0, timeout - (time.time() - start)))
     finally:
