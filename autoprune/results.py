@@ -25,7 +25,7 @@ from autoprune.trial import DENSE_END, SPEEDUP, TrialResult
 
 __all__ = ["RunConfig", "pareto_front", "write_run", "load_run", "summarize",
            "recommend", "target_budgets", "target_front", "front_plans", "steering_lines",
-           "cost_model_errors"]
+           "cost_model_errors", "within_cost_budgets"]
 
 
 @dataclass
@@ -280,17 +280,26 @@ def cost_model_errors(results: list[TrialResult], target: str) -> list[float]:
             if r.reused_from is None and r.metrics.get(key) and r.metrics.get("predicted_" + key)]
 
 
+def within_cost_budgets(results: list[TrialResult], config: RunConfig) -> tuple[int, int]:
+    """How many searched plans (not baselines, not reused, not failed) met every cost budget,
+    and how many there are; (0, 0) without a cost budget."""
+    searched = [r for r in results if not r.baseline and r.reused_from is None
+                and r.status != "failed"]
+    cost = [b for b in config.parsed_budgets() if b.is_cost]
+    if not cost:
+        return 0, 0
+    inside = sum(all(b.met_by(r.metrics, config.primary) for b in cost) for r in searched)
+    return inside, len(searched)
+
+
 def steering_lines(results: list[TrialResult], config: RunConfig,
                     dense: TrialResult | None) -> list[str]:
     """How well the cost model predicted, how many searched plans met the cost budgets, and
     how the dense model's latency moved between the start and the end of the search."""
     lines = []
-    searched = [r for r in results if not r.baseline and r.reused_from is None
-                and r.status != "failed"]
-    cost = [b for b in config.parsed_budgets() if b.is_cost]
-    if searched and cost:
-        inside = sum(all(b.met_by(r.metrics, config.primary) for b in cost) for r in searched)
-        lines.append(f"- {inside} of {len(searched)} searched plans met the cost budgets")
+    inside, searched = within_cost_budgets(results, config)
+    if searched:
+        lines.append(f"- {inside} of {searched} searched plans met the cost budgets")
     for target in config.target_names:
         key = latency_key(target)
         errors = cost_model_errors(results, target)

@@ -38,7 +38,7 @@ from pathlib import Path
 from search_quality import header, load  # benchmarks/ is the script's directory
 
 from autoprune.budget import latency_key
-from autoprune.results import cost_model_errors, load_run, recommend
+from autoprune.results import cost_model_errors, load_run, recommend, within_cost_budgets
 from autoprune.search import run_search
 from autoprune.search._verify import VERIFY_FILE
 from autoprune.trial import SPEEDUP
@@ -54,9 +54,8 @@ BUDGET = "latency<20%"
 def run_variant(name: str, out: Path, trials: int) -> dict[str, object]:
     """The main job's search on one target variant (a finished one in ``out`` is reused)."""
     run_dir = out / name
-    if (run_dir / VERIFY_FILE).is_file() and load_run(run_dir)[0].trials != trials:
-        shutil.rmtree(run_dir)  # a finished run of another --trials
-    if not (run_dir / VERIFY_FILE).is_file():
+    finished = (run_dir / VERIFY_FILE).is_file() and load_run(run_dir)[0].trials == trials
+    if not finished:  # none yet, one cut short, or one of another --trials
         profile = out / f"{name}.yaml"
         profile.write_text(f"base: cpu-1t\nname: {name}\n{VARIANTS[name]}")
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -69,17 +68,15 @@ def run_variant(name: str, out: Path, trials: int) -> dict[str, object]:
     verify = json.loads((run_dir / VERIFY_FILE).read_text())
     finals = {p["trial"]: p for p in verify["plans"]}
     lat = latency_key(config.primary)
-    budget = config.parsed_budgets()[0]
-    searched = [r for r in results if r.baseline is None and r.reused_from is None
-                and r.status != "failed"]
+    inside, searched = within_cost_budgets(results, config)
     best = recommend(results, config)
     errors = cost_model_errors(results, config.primary)[10:]
     mine, uniform = finals.get(verify["recommended"]), finals.get(verify["uniform"])
     metric = config.metric
     return {
         "dense_ms": config.reference.get(lat, math.nan),
-        "inside": sum(r.metrics.get(lat, math.inf) <= budget.value for r in searched),
-        "searched": len(searched),
+        "inside": inside,
+        "searched": searched,
         "speedup": best.metrics.get(SPEEDUP + config.primary, math.nan) if best else math.nan,
         "proxy": f"{mine['proxy']:.4f} / {uniform['proxy']:.4f}" if mine and uniform else
                  f"{best.metrics[metric]:.4f} / none" if best else "n/a",

@@ -168,3 +168,19 @@ def test_plans_a_relative_budget_rules_out_side_by_side_bring_the_next_onto_the_
     assert [r.number for r in target_front(results, config, "fast")] == [3]
     assert sorted(measured) == [1, 2, 3] and timed == [[1, 2], [3]]
     assert not confirm_module.untimed(results, config, TrialSettings([Target(name="fast")]))
+
+
+def test_a_side_by_side_timing_that_times_nothing_is_not_retried_round_after_round(
+        monkeypatch):
+    config = RunConfig(task="t", space={}, budgets=["latency<50%"], targets=[{"name": "fast"}],
+                       objectives=[{"key": "accuracy", "direction": "maximize"},
+                                   {"key": LAT, "direction": "minimize"}],
+                       metric="accuracy", metric_direction="maximize", reference={LAT: 2.0})
+    a = _result(1, 0.9, 0.5)
+    rounds = []
+    monkeypatch.setattr(confirm_module, "measure_plan", lambda *args: {LAT: 0.5})
+    monkeypatch.setattr(confirm_module, "time_side_by_side",
+                        lambda *args, **kwargs: rounds.append(1))  # e.g. its timing failed
+    confirm_module.confirm_and_time(None, [a], config, TrialSettings([Target(name="fast")]),
+                                    say=lambda _: None)
+    assert len(rounds) == 2 and SCREENED + "fast" not in a.metrics

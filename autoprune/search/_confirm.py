@@ -85,11 +85,14 @@ def confirm_and_time(task, results: list[TrialResult], config: RunConfig,
                      settings: TrialSettings, say: Callable[[str], None] | None = None) -> None:
     """:func:`confirm_fronts`, then :func:`time_side_by_side`. A plan the side-by-side timing
     puts out of a relative budget brings others onto a front: they are re-measured and timed
-    in turn, a few rounds at most."""
+    in turn, a few rounds at most, and none after a round that timed nothing new (the
+    timing failed, or the dense model is missing)."""
+    left: set[int] | None = None
     for _ in range(4):
         confirm_fronts(task, results, config, settings, say=say)
         time_side_by_side(task, results, config, settings, say=say)
-        if not screened(results, config) and not untimed(results, config, settings):
+        before, left = left, {id(r) for r in untimed(results, config, settings)}
+        if not screened(results, config) and not left or left == before:
             return
 
 
