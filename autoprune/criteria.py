@@ -1,8 +1,9 @@
 """Importance criteria: which channels (structured) or weights (unstructured) to remove first.
 
 Channel scores come from Torch-Pruning's importance classes, evaluated over a whole dependency
-group. Weight scores are elementwise; criteria that only score whole channels (fpgm, bn_scale)
-have none. Lower score = pruned first.
+group; the data-aware ones (activation, fisher) from calibration statistics
+(:mod:`autoprune.data_importance`). Weight scores are elementwise; criteria that only score
+whole channels (fpgm, bn_scale, fisher) have none. Lower score = pruned first.
 """
 
 from __future__ import annotations
@@ -12,8 +13,20 @@ from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
+from torch import nn
 
-__all__ = ["Criterion", "register_criterion", "get_criterion", "list_criteria"]
+from autoprune.data_importance import (
+    ActivationImportance,
+    FisherImportance,
+    InputStatistics,
+    activation_weight_scores,
+)
+
+__all__ = ["Criterion", "CALIBRATION", "register_criterion", "get_criterion", "list_criteria"]
+
+# What a criterion needs from calibration batches: nothing; weight gradients of the task's loss
+# (taylor); input statistics of every layer (activation); per-sample mask gradients (fisher).
+CALIBRATION = ("none", "gradients", "activations", "fisher")
 
 
 @dataclass(frozen=True)
@@ -21,14 +34,16 @@ class Criterion:
     """A named importance criterion.
 
     Example:
-        >>> get_criterion("l1").needs_gradients
-        False
+        >>> get_criterion("fisher").calibration
+        'fisher'
     """
 
     name: str  # the name plans use
-    group_importance: Callable[[], tp.importance.Importance]  # factory of a Torch-Pruning scorer
-    weight_scores: Callable[[torch.Tensor], torch.Tensor] | None  # weight -> scores, same shape
-    needs_gradients: bool = False  # needs .grad from calibration batches (taylor)
+    # factory of a Torch-Pruning scorer, given the calibration statistics (None if not needed)
+    group_importance: Callable[[InputStatistics | None], tp.importance.Importance]
+    # (layer, statistics) -> one score per weight, same shape; None: whole channels only
+    weight_scores: Callable[[nn.Module, InputStatistics | None], torch.Tensor] | None
+    calibration: str = "none"  # what it needs from calibration batches, one of CALIBRATION
 
 
 _CRITERIA: dict[str, Criterion] = {}
@@ -49,6 +64,10 @@ def list_criteria() -> list[str]:
     return list(_CRITERIA)
 
 
+def _elementwise(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    return lambda module, _stats: fn(module.weight)
+
+
 def _taylor_scores(weight: torch.Tensor) -> torch.Tensor:
     if weight.grad is None:
         raise RuntimeError("taylor needs gradients: run calibration batches backward first")
@@ -62,16 +81,23 @@ def _random_scores(weight: torch.Tensor) -> torch.Tensor:
 # Group reduction "mean" and normalizer None: scores stay comparable inside one group, which is
 # all a per-group ratio needs.
 register_criterion(Criterion(
-    "l1", lambda: tp.importance.GroupMagnitudeImportance(p=1, normalizer=None), torch.abs))
+    "l1", lambda _: tp.importance.GroupMagnitudeImportance(p=1, normalizer=None),
+    _elementwise(torch.abs)))
 register_criterion(Criterion(
-    "l2", lambda: tp.importance.GroupMagnitudeImportance(p=2, normalizer=None), torch.square))
+    "l2", lambda _: tp.importance.GroupMagnitudeImportance(p=2, normalizer=None),
+    _elementwise(torch.square)))
 register_criterion(Criterion(
-    "taylor", lambda: tp.importance.GroupTaylorImportance(normalizer=None), _taylor_scores,
-    needs_gradients=True))
+    "taylor", lambda _: tp.importance.GroupTaylorImportance(normalizer=None),
+    _elementwise(_taylor_scores), calibration="gradients"))
 register_criterion(Criterion(
-    "fpgm", lambda: tp.importance.FPGMImportance(normalizer=None), None))
+    "fpgm", lambda _: tp.importance.FPGMImportance(normalizer=None), None))
 register_criterion(Criterion(
-    "bn_scale", lambda: tp.importance.BNScaleImportance(normalizer=None), None))
+    "bn_scale", lambda _: tp.importance.BNScaleImportance(normalizer=None), None))
 # Inside one layer LAMP's ordering is the magnitude ordering; it differs only across layers.
-register_criterion(Criterion("lamp", lambda: tp.importance.LAMPImportance(), torch.square))
-register_criterion(Criterion("random", lambda: tp.importance.RandomImportance(), _random_scores))
+register_criterion(Criterion(
+    "lamp", lambda _: tp.importance.LAMPImportance(), _elementwise(torch.square)))
+register_criterion(Criterion(
+    "random", lambda _: tp.importance.RandomImportance(), _elementwise(_random_scores)))
+register_criterion(Criterion(
+    "activation", ActivationImportance, activation_weight_scores, calibration="activations"))
+register_criterion(Criterion("fisher", FisherImportance, None, calibration="fisher"))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from autoprune.budget import latency_key, latency_metrics
@@ -32,8 +34,9 @@ def finalize_plan(
     """
     from autoprune.finetune import finetune_
     from autoprune.latency import export_onnx, load_target, measure_latency
-    from autoprune.prune import apply_plan, bake_masks_
+    from autoprune.prune import bake_masks_, prune_model_
     from autoprune.quantize import evaluate_shipped, quantize_model
+    from autoprune.recover import reconstruct_plan_
     from autoprune.stats import model_stats
 
     output = Path(output)
@@ -42,13 +45,19 @@ def finalize_plan(
     model = task.build_model()
     dense_stats = model_stats(model, task.example_inputs)
     calibration = task.calibration_batches(4)
-    pruned = apply_plan(model, plan, task.example_inputs, calibration=calibration,
-                        loss_fn=task.loss_fn, seed=seed)
+    pruned = copy.deepcopy(model)
+    report = prune_model_(pruned, plan, task.example_inputs, calibration=calibration,
+                          loss_fn=task.loss_fn, seed=seed)
+    phase = time.time()
+    fitted = reconstruct_plan_(task, model, pruned, report, plan.recovery, seed)
+    seconds = {"reconstruct": time.time() - phase}
     settings = task.finetune.with_overrides(plan.finetune).replace(seed=seed)
     if finetune_steps is not None:
         settings = settings.replace(steps=finetune_steps)
-    teacher = model if settings.distill_weight > 0 else None
-    (task.finetune_fn or finetune_)(pruned, task, settings, teacher=teacher)
+    phase = time.time()
+    finetune_(pruned, task, settings, teacher=model,
+              hidden_distill=plan.recovery.hidden_distill)
+    seconds["finetune"] = time.time() - phase
     bake_masks_(pruned.eval())
     exported = export_onnx(pruned, task.example_inputs, dynamic_batch=True)
     shipped = None if plan.quantize == "none" else quantize_model(task, pruned, plan.quantize)
@@ -61,7 +70,11 @@ def finalize_plan(
         "params": stats.params, "nonzero_params": stats.nonzero_params, "macs": stats.macs,
         "size_bytes": len(onnx_bytes), "dense_params": dense_stats.params,
         "dense_macs": dense_stats.macs, "onnx_max_abs_diff": exported.max_abs_diff,
+        **{f"{phase}_seconds": t for phase, t in seconds.items()},
     }
+    if fitted is not None and fitted.fits:
+        metrics["reconstruction_error_before"] = fmean(f.error_before for f in fitted.fits)
+        metrics["reconstruction_error"] = fmean(f.error_after for f in fitted.fits)
     for spec in targets or ["cpu-1t"]:
         target = load_target(spec, token_file=token_file)
         subject = onnx_bytes if shipped else pruned

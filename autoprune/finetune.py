@@ -18,6 +18,7 @@ from torch import nn
 
 from autoprune.errors import NonFiniteLossError, TaskError, UsageError
 from autoprune.finetune_settings import FinetuneSettings
+from autoprune.recover import TeacherCache, capture_blocks, hidden_loss, main_blocks
 from autoprune.task import Task, _to_device, call_model, iterate_seeded
 
 __all__ = ["FinetuneSettings", "FinetuneResult", "finetune_", "distillation_loss",
@@ -107,8 +108,9 @@ def finetune_(
     task: Task,
     settings: FinetuneSettings | None = None,
     *,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | TeacherCache | None = None,
     on_eval: Callable[[int, float], bool | None] | None = None,
+    hidden_distill: float = 0.0,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``task.train_data``; return what happened.
 
@@ -117,11 +119,16 @@ def finetune_(
         task: gives the data, the loss and the metric. If it has a ``finetune_fn``, that is
             called instead with the same arguments.
         settings: the budget and optimizer; ``task.finetune`` if None.
-        teacher: the unpruned model to distill from when ``settings.distill_weight > 0``;
-            ``task.build_model()`` if None.
+        teacher: the unpruned model to distill from (output distillation when
+            ``settings.distill_weight > 0``, hidden states when ``hidden_distill > 0``), or a
+            :class:`~autoprune.recover.TeacherCache` of its outputs; ``task.build_model()``
+            if None.
         on_eval: called as ``on_eval(step, metric)`` every ``settings.eval_every`` steps with
             the task metric on the validation data; returning True stops fine-tuning early
             (the search uses it to prune hopeless trials).
+        hidden_distill: weight of the hidden-state loss (each main block's output against the
+            teacher's, :mod:`autoprune.recover`) added to the loss; 0 = off. Not passed to a
+            task's own ``finetune_fn``.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite; the message gives the step and
@@ -136,7 +143,18 @@ def finetune_(
     settings = task.finetune if settings is None else settings
     start = time.perf_counter()
     if task.finetune_fn is not None:
-        result = task.finetune_fn(model, task, settings, teacher=teacher, on_eval=on_eval)
+        if getattr(task.finetune_fn, "takes_recovery", False):  # autoprune's own wrappers
+            result = task.finetune_fn(model, task, settings, teacher=teacher, on_eval=on_eval,
+                                      hidden_distill=hidden_distill)
+        else:
+            if hidden_distill > 0:
+                raise TaskError(
+                    f"task {task.name!r} fine-tunes with its own finetune_fn, which cannot "
+                    f"apply hidden-state distillation (hidden_distill={hidden_distill:g}); "
+                    "set the plan's recovery.hidden_distill to 0 or drop finetune_fn"
+                )
+            dense = teacher.teacher if isinstance(teacher, TeacherCache) else teacher
+            result = task.finetune_fn(model, task, settings, teacher=dense, on_eval=on_eval)
         if result is None:
             result = FinetuneResult(settings.steps, math.nan)
         if not isinstance(result, FinetuneResult):
@@ -150,15 +168,16 @@ def finetune_(
     # Seeded, without disturbing the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        return _finetune_loop(model, task, settings, teacher, on_eval, start)
+        return _finetune_loop(model, task, settings, teacher, on_eval, hidden_distill, start)
 
 
 def _finetune_loop(
     model: nn.Module,
     task: Task,
     settings: FinetuneSettings,
-    teacher: nn.Module | None,
+    teacher: nn.Module | TeacherCache | None,
     on_eval: Callable[[int, float], bool | None] | None,
+    hidden_distill: float,
     start: float,
 ) -> FinetuneResult:
     result = FinetuneResult(steps_done=0, final_loss=math.nan)
@@ -168,12 +187,14 @@ def _finetune_loop(
         model.eval()
         return result
 
-    if settings.distill_weight > 0 and teacher is None:
-        teacher = task.build_model()
-    if teacher is not None and settings.distill_weight > 0:
-        teacher.eval()
-    else:
-        teacher = None
+    blocks = main_blocks(model) if hidden_distill > 0 else []
+    cache = None
+    if settings.distill_weight > 0 or blocks:
+        if isinstance(teacher, TeacherCache):
+            cache = teacher
+        else:  # a teacher without a cache: max_bytes=0 keeps nothing
+            dense = teacher
+            cache = TeacherCache(lambda: dense if dense is not None else task.build_model(), 0)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -199,7 +220,8 @@ def _finetune_loop(
                     raise TaskError(f"task {task.name!r}: train_data yielded no batches") from None
             step = result.steps_done + 1
             inputs, targets = _to_device(inputs, device), _to_device(targets, device)
-            outputs = call_model(model, inputs)
+            with capture_blocks(model, blocks) as student_blocks:
+                outputs = call_model(model, inputs)
             loss = task.loss_fn(outputs, targets)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else ""
@@ -207,13 +229,16 @@ def _finetune_loop(
                     f"task {task.name!r}: loss_fn must return a scalar tensor, got "
                     f"{type(loss).__name__}{shape}"
                 )
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_out = call_model(teacher, inputs)
+            if cache is not None:
+                teacher_out, teacher_blocks = cache.outputs(inputs, blocks)
                 w = settings.distill_weight
-                loss = (1 - w) * loss + w * distillation_loss(
-                    outputs, teacher_out, settings.temperature
-                )
+                if w > 0:
+                    loss = (1 - w) * loss + w * distillation_loss(
+                        outputs, teacher_out, settings.temperature
+                    )
+                hidden = hidden_loss(student_blocks, teacher_blocks)
+                if hidden is not None:
+                    loss = loss + hidden_distill * hidden
             if not torch.isfinite(loss).all():
                 value = loss.detach().float().flatten()[0].item()
                 raise NonFiniteLossError(

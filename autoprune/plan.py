@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from autoprune.errors import PlanError
 
-__all__ = ["PLAN_VERSION", "MODES", "CRITERIA", "QUANTIZE", "LayerRule", "PruningPlan"]
+__all__ = ["PLAN_VERSION", "MODES", "CRITERIA", "UNSTRUCTURED_CRITERIA", "QUANTIZE",
+           "LayerRule", "Recovery", "PruningPlan"]
 
-PLAN_VERSION = 2  # 2: quantize names the scheme; version 1's "int8" was dynamic INT8
+# 3: a recovery section; 2: quantize names the scheme (version 1's "int8" was dynamic INT8)
+PLAN_VERSION = 3
 MODES = ("structured", "unstructured", "skip")
-CRITERIA = ("l1", "l2", "taylor", "fpgm", "bn_scale", "lamp", "random")
+CRITERIA = ("l1", "l2", "taylor", "fpgm", "bn_scale", "lamp", "random", "activation", "fisher")
 # Criteria that score whole channels only, so they have no meaning for single weights.
-_STRUCTURED_ONLY = ("fpgm", "bn_scale")
+_STRUCTURED_ONLY = ("fpgm", "bn_scale", "fisher")
+UNSTRUCTURED_CRITERIA = tuple(c for c in CRITERIA if c not in _STRUCTURED_ONLY)
 # none: fp32; int8: static INT8 (QDQ, calibrated); int8-dynamic: INT8 weights, activations
 # quantized at run time. See autoprune.quantize.
 QUANTIZE = ("none", "int8", "int8-dynamic")
 # Plan format versions read by from_dict, and how their quantize values map to this version's.
-_QUANTIZE_OF_VERSION = {1: {"none": "none", "int8": "int8-dynamic"}, 2: {}}
+_QUANTIZE_OF_VERSION = {1: {"none": "none", "int8": "int8-dynamic"}, 2: {}, 3: {}}
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,54 @@ def _check_rule(rule: LayerRule, where: str) -> None:
     if rule.mode == "unstructured" and rule.criterion in _STRUCTURED_ONLY:
         raise PlanError(
             f"{where}.criterion: {rule.criterion!r} scores whole channels and works with "
-            f"mode 'structured' only; for unstructured use one of l1, l2, taylor, lamp, random"
+            f"mode 'structured' only; for unstructured use one of "
+            f"{', '.join(UNSTRUCTURED_CRITERIA)}"
         )
     r = rule.round_to
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
         raise PlanError(f"{where}.round_to: {r!r} must be a positive integer or null")
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """How a pruned model gets back what it knew: before fine-tuning (reconstruction) and
+    during it (hidden-state distillation). See docs/recovery.md.
+
+    Example:
+        >>> Recovery(calibration_samples=128).to_dict()
+        {'reconstruct': True, 'calibration_samples': 128, 'hidden_distill': 0.0}
+    """
+
+    # Refit every Conv/Linear layer whose input channels were removed, by ridge least squares,
+    # so that its outputs match the dense layer's on calibration data (no training)
+    reconstruct: bool = True
+    calibration_samples: int = 256  # training samples it fits on; a quarter picks the ridge
+    # Weight of the hidden-state loss (each block's output against the dense model's) added
+    # to the task's loss while fine-tuning; 0 = off
+    hidden_distill: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_recovery(self, "recovery")
+
+    @classmethod
+    def none(cls) -> Recovery:
+        """No reconstruction, no hidden-state distillation (plans of format version 2)."""
+        return cls(reconstruct=False, hidden_distill=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_recovery(r: Recovery, where: str) -> None:
+    if not isinstance(r.reconstruct, bool):
+        raise PlanError(f"{where}.reconstruct: {r.reconstruct!r} must be true or false")
+    n = r.calibration_samples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise PlanError(f"{where}.calibration_samples: {n!r} must be an integer >= 2")
+    w = r.hidden_distill
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 100:
+        raise PlanError(f"{where}.hidden_distill: {w!r} must be a number in [0, 100] "
+                        f"(0 turns hidden-state distillation off)")
 
 
 @dataclass(frozen=True)
@@ -94,6 +140,7 @@ class PruningPlan:
     rules: dict[str, LayerRule] = field(default_factory=dict)  # exact name or "re:pattern" -> rule
     quantize: str = "none"  # post-training quantization: none | int8 | int8-dynamic
     finetune: dict[str, Any] = field(default_factory=dict)  # fine-tuning overrides (e.g. lr)
+    recovery: Recovery = field(default_factory=Recovery)  # reconstruction and distillation
     fingerprint: list[str] | None = None  # architecture signature of the model it was made for
     version: int = PLAN_VERSION  # plan format version
 
@@ -141,6 +188,7 @@ class PruningPlan:
             "rules": {k: asdict(r) for k, r in self.rules.items()},
             "quantize": self.quantize,
             "finetune": dict(self.finetune),
+            "recovery": self.recovery.to_dict(),
             "fingerprint": self.fingerprint,
         }
 
@@ -160,7 +208,8 @@ class PruningPlan:
         # A plan file written by a search carries metrics next to the plan.
         if "plan" in data and isinstance(data["plan"], dict):
             data = data["plan"]
-        known = {"version", "default", "rules", "quantize", "finetune", "fingerprint"}
+        known = {"version", "default", "rules", "quantize", "finetune", "recovery",
+                 "fingerprint"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise PlanError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: "
@@ -184,11 +233,15 @@ class PruningPlan:
         finetune = data.get("finetune") or {}
         if not isinstance(finetune, dict):
             raise PlanError(f"{source}.finetune: expected a mapping such as {{lr: 0.01}}")
+        # Plans before version 3 were applied without recovery, and keep that meaning.
+        recovery = (_recovery_from(data["recovery"], f"{source}.recovery") if "recovery" in data
+                    else Recovery() if version >= 3 else Recovery.none())
         return cls(
             default=_rule_from(data.get("default", {}), f"{source}.default"),
             rules={str(k): _rule_from(v, f"{source}.rules[{k!r}]") for k, v in rules.items()},
             quantize=quantize,
             finetune=finetune,
+            recovery=recovery,
             fingerprint=fingerprint,
         )
 
@@ -253,3 +306,21 @@ def _rule_from(data: Any, where: str) -> LayerRule:
         object.__setattr__(rule, k, data.get(k, default))
     _check_rule(rule, where)
     return LayerRule(**{k: data[k] for k in data})
+
+
+def _recovery_from(data: Any, where: str) -> Recovery:
+    if isinstance(data, Recovery):
+        return data
+    if not isinstance(data, dict):
+        raise PlanError(f"{where}: expected a mapping like {{reconstruct: true, "
+                        f"calibration_samples: 256, hidden_distill: 0.0}}, got {data!r}")
+    allowed = {f.name for f in fields(Recovery)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise PlanError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
+                        f"{', '.join(sorted(allowed))}")
+    recovery = object.__new__(Recovery)  # validate with the field path before constructing
+    for f in fields(Recovery):
+        object.__setattr__(recovery, f.name, data.get(f.name, f.default))
+    _check_recovery(recovery, where)
+    return Recovery(**data)

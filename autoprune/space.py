@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.errors import SearchSpaceError
-from autoprune.plan import CRITERIA, MODES, QUANTIZE, LayerRule, PruningPlan
+from autoprune.plan import (
+    CRITERIA,
+    MODES,
+    QUANTIZE,
+    UNSTRUCTURED_CRITERIA,
+    LayerRule,
+    PruningPlan,
+)
 
 __all__ = ["SearchSpace", "BoundSpace", "GroupInfo", "load_space", "builtin_spaces",
            "SPACES_DIR"]
@@ -27,7 +34,6 @@ if not SPACES_DIR.is_dir():  # a source checkout or an editable install
     SPACES_DIR = SPACES_DIR.parent.parent / "search_spaces"
 
 _SHARES = ("per_layer", "per_stage", "global")
-_UNSTRUCTURED_CRITERIA = ("l1", "l2", "taylor", "lamp", "random")
 
 
 @dataclass(frozen=True)
@@ -137,9 +143,9 @@ class SearchSpace:
             if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
                 raise SearchSpaceError(f"{source}.round_to: {r!r} must be a positive integer "
                                        f"or null")
-        if "unstructured" in self.modes and not set(self.criteria) & set(_UNSTRUCTURED_CRITERIA):
+        if "unstructured" in self.modes and not set(self.criteria) & set(UNSTRUCTURED_CRITERIA):
             raise SearchSpaceError(f"{source}.criteria: unstructured mode needs one of "
-                                   f"{', '.join(_UNSTRUCTURED_CRITERIA)}")
+                                   f"{', '.join(UNSTRUCTURED_CRITERIA)}")
 
     def bind(self, groups: list[GroupInfo]) -> BoundSpace:
         """Fix the units this space samples for a model's prunable groups."""
@@ -248,7 +254,7 @@ class BoundSpace:
     def _rule(self, params: dict[str, Any], group: str, mode: str, sparsity: float,
               round_to: int | None) -> LayerRule:
         crit = params.get(self._criterion_key(group), self.space.criteria[0])
-        if mode == "unstructured" and crit not in _UNSTRUCTURED_CRITERIA:
+        if mode == "unstructured" and crit not in UNSTRUCTURED_CRITERIA:
             crit = "l1"  # fpgm / bn_scale score channels only
         return LayerRule(mode, round(sparsity, 6), crit,
                          round_to if mode == "structured" else None)

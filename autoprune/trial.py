@@ -8,12 +8,14 @@ A quantizing plan is timed and evaluated as the quantized ONNX model it ships.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from statistics import fmean
 from typing import Any
 
 from autoprune._filelock import file_lock
@@ -48,7 +50,7 @@ class TrialSettings:
     targets: list  # latency Targets; the first one is the primary (objective) target
     budgets: list[Budget] = field(default_factory=list)  # hard constraints
     finetune: Any = None  # FinetuneSettings; None = the task's own
-    calibration_batches: int = 4  # batches for gradient-based criteria (taylor)
+    calibration_batches: int = 4  # batches for data-aware criteria (taylor, activation, fisher)
     latency_cache: Any = None  # LatencyCache shared by trials (same shapes measured once)
     measure_lock: str | None = None  # lock file serializing measurements on one machine
     screen_latency: bool = True  # time with the targets' quick screening protocol
@@ -57,6 +59,9 @@ class TrialSettings:
     # little and costs an evaluation.
     evaluate_infeasible: bool = False
     seed: int = 0  # seeds pruning (random criterion) and fine-tuning
+    # The dense teacher's outputs on training batches (a recover.TeacherCache shared by the
+    # search's trials); None: each trial's fresh dense model is the teacher
+    teacher_cache: Any = None
 
     @property
     def primary(self) -> str:
@@ -133,17 +138,18 @@ class _Clock:
             self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
 
 
-def _prune(task: Any, plan: PruningPlan, settings: TrialSettings) -> tuple[Any, Any]:
-    """(the task's fresh model, the pruned model): ``apply_plan`` copies before pruning."""
-    from autoprune.prune import apply_plan
+def _prune(task: Any, plan: PruningPlan, settings: TrialSettings) -> tuple[Any, Any, Any]:
+    """(the task's fresh model, the pruned copy, the PruneReport)."""
+    from autoprune.prune import prune_model_
 
     model = task.build_model()
-    needs_grad = any(get_criterion(r.criterion).needs_gradients
+    needs_data = any(get_criterion(r.criterion).calibration != "none"
                      for r in [plan.default, *plan.rules.values()] if r.active)
-    calibration = task.calibration_batches(settings.calibration_batches) if needs_grad else None
-    pruned = apply_plan(model, plan, task.example_inputs, calibration=calibration,
-                        loss_fn=task.loss_fn, seed=settings.seed)
-    return model, pruned
+    calibration = task.calibration_batches(settings.calibration_batches) if needs_data else None
+    pruned = copy.deepcopy(model)
+    report = prune_model_(pruned, plan, task.example_inputs, calibration=calibration,
+                          loss_fn=task.loss_fn, seed=settings.seed)
+    return model, pruned, report
 
 
 def _p50_limit(settings: TrialSettings, target: Any) -> float | None:
@@ -214,7 +220,7 @@ def measure_plan(task: Any, plan: PruningPlan, settings: TrialSettings, targets:
     """Cost metrics of ``plan``: size and MACs, and latency on ``targets`` (full protocol
     unless ``screen``). No fine-tuning: cost depends on the pruned shapes only. The search
     measures the dense model, its cost profile and its fronts' re-measurements with it."""
-    _, pruned = _prune(task, plan, settings)
+    _, pruned, _ = _prune(task, plan, settings)
     return {**_cost_metrics(pruned, task.example_inputs),
             **_measure(task, pruned, plan, settings, targets, screen=screen)}
 
@@ -284,9 +290,10 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
     """The trial's work; fills ``metrics`` and returns (status, reason)."""
     from autoprune.finetune import finetune_
     from autoprune.quantize import evaluate_shipped
+    from autoprune.recover import reconstruct_plan_
 
     with clock("prune"):
-        model, pruned = _prune(task, plan, settings)
+        model, pruned, report = _prune(task, plan, settings)
         metrics.update(_cost_metrics(pruned, task.example_inputs))
     with clock("quantize"):
         shipped = _shipped(task, pruned, plan)
@@ -303,12 +310,16 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
                           for b in broken)
         return "infeasible", f"breaks {shown}; not fine-tuned"
 
+    with clock("reconstruct"):
+        fitted = reconstruct_plan_(task, model, pruned, report, plan.recovery, settings.seed)
+    if fitted is not None and fitted.fits:
+        metrics["reconstruction_error_before"] = fmean(f.error_before for f in fitted.fits)
+        metrics["reconstruction_error"] = fmean(f.error_after for f in fitted.fits)
     ft = settings.finetune or task.finetune
     ft = ft.with_overrides(plan.finetune).replace(seed=settings.seed)
     with clock("finetune"):
-        teacher = model if ft.distill_weight > 0 else None
-        run = task.finetune_fn or finetune_
-        outcome = run(pruned, task, ft, teacher=teacher, on_eval=on_intermediate)
+        outcome = finetune_(pruned, task, ft, teacher=settings.teacher_cache or model,
+                            on_eval=on_intermediate, hidden_distill=plan.recovery.hidden_distill)
     metrics["finetune_steps"] = float(getattr(outcome, "steps_done", ft.steps))
     if getattr(outcome, "stopped_early", False):
         last = outcome.history[-1] if outcome.history else (0, float("nan"))

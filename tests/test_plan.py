@@ -3,7 +3,7 @@ import json
 import pytest
 
 from autoprune.errors import PlanError
-from autoprune.plan import LayerRule, PruningPlan
+from autoprune.plan import LayerRule, PruningPlan, Recovery
 
 PLAN = PruningPlan(
     default=LayerRule("structured", 0.25, "l2", round_to=8),
@@ -84,17 +84,49 @@ def test_malformed_yaml_file_names_the_file(tmp_path):
 ])
 def test_plans_of_an_older_version_keep_their_quantization(tmp_path, version, saved, loaded):
     data = {**PLAN.to_dict(), "version": version, "quantize": saved}
+    del data["recovery"]  # older formats had no recovery section
     plan = PruningPlan.from_dict(data)
-    assert (plan.quantize, plan.version) == (loaded, 2)
+    assert (plan.quantize, plan.version) == (loaded, 3)
     assert plan.rules == PLAN.rules and plan.fingerprint == PLAN.fingerprint
+    # applied without recovery before version 3, they keep that meaning
+    assert plan.recovery == Recovery(reconstruct=False, hidden_distill=0.0)
     f = tmp_path / "old.json"
     f.write_text(json.dumps(data))
-    assert PruningPlan.load(f) == plan  # saved again, it is a version 2 plan
-    assert json.loads(plan.to_json())["version"] == 2
+    assert PruningPlan.load(f) == plan  # saved again, it is a version 3 plan
+    assert json.loads(plan.to_json())["version"] == 3
 
 
 def test_unsupported_plan_versions_are_named():
-    for version in (0, 3, "2", True):
+    for version in (0, 4, "2", True):
         with pytest.raises(PlanError, match=r"plan format .* is not supported \(this autoprune "
-                                            r"reads versions 1, 2\)"):
+                                            r"reads versions 1, 2, 3\)"):
             PruningPlan.from_dict({"version": version})
+
+
+def test_the_recovery_section_round_trips_through_json_and_yaml(tmp_path):
+    plan = PruningPlan.uniform(0.5, recovery=Recovery(reconstruct=False, calibration_samples=64,
+                                                      hidden_distill=0.5))
+    data = json.loads(plan.to_json())
+    assert data["recovery"] == {"reconstruct": False, "calibration_samples": 64,
+                                "hidden_distill": 0.5}
+    assert PruningPlan.from_json(plan.to_json()) == plan
+    assert PruningPlan.from_yaml(plan.to_yaml()) == plan
+    for suffix in (".json", ".yaml"):
+        assert PruningPlan.load(plan.save(tmp_path / f"p{suffix}")).recovery == plan.recovery
+    # a version 3 plan without the section gets the defaults
+    del data["recovery"]
+    assert PruningPlan.from_dict(data).recovery == Recovery()
+
+
+@pytest.mark.parametrize("recovery, message", [
+    ({"reconstruct": "yes"}, "recovery.reconstruct: 'yes' must be true or false"),
+    ({"calibration_samples": 1}, "recovery.calibration_samples: 1 must be an integer >= 2"),
+    ({"hidden_distill": -1}, r"recovery.hidden_distill: -1 must be a number in \[0, 100\]"),
+    ({"ridge": 1}, "recovery: unknown field\\(s\\) ridge; allowed: calibration_samples, "
+                   "hidden_distill, reconstruct"),
+    ([1], "recovery: expected a mapping"),
+])
+def test_a_bad_recovery_section_names_the_field(recovery, message):
+    with pytest.raises(PlanError, match=f"p.json.{message}" if message.startswith("recovery")
+                       else message):
+        PruningPlan.from_dict({**PLAN.to_dict(), "recovery": recovery}, source="p.json")

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autoprune.criteria import get_criterion
+from autoprune.data_importance import InputStatistics, collect_statistics
 from autoprune.errors import PlanError
 from autoprune.fingerprint import architecture_signature, first_difference
 from autoprune.plan import LayerRule, PruningPlan
@@ -34,6 +35,10 @@ class PruneReport:
     structured: dict[str, tuple[int, int]] = field(default_factory=dict)  # group: (before, after)
     unstructured: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer: (zeroed, n)
     notes: list[str] = field(default_factory=list)  # fallbacks and other remarks
+    # Conv/Linear layers that lost output (input) channels: the dense model's indices of the
+    # channels they keep, in order (what reconstruction matches against the dense model)
+    kept_out: dict[str, list[int]] = field(default_factory=dict)
+    kept_in: dict[str, list[int]] = field(default_factory=dict)
 
 
 def count_kept(units: int, sparsity: float, round_to: int | None = None) -> int:
@@ -90,16 +95,33 @@ def _named_rule(plan: PruningPlan, group: PrunableGroup) -> LayerRule | None:
     return next((plan.rules[n] for n in [group.name, *group.producers] if n in plan.rules), None)
 
 
-def _run_calibration(
+def _calibrate(
     model: nn.Module,
+    criteria: set[str],
     calibration: Calibration | None,
     loss_fn: Callable | None,
-) -> None:
-    if calibration is None or loss_fn is None:
+    seed: int,
+) -> InputStatistics | None:
+    """Run what ``criteria`` need from calibration batches: weight gradients of the task's
+    loss (taylor), input statistics (activation, fisher). None if no statistics are needed."""
+    needs = {get_criterion(c).calibration for c in criteria} - {"none"}
+    if not needs:
+        return None
+    if calibration is None or ("gradients" in needs and loss_fn is None):
+        names = ", ".join(sorted(c for c in criteria if get_criterion(c).calibration != "none"))
         raise PlanError(
-            "criterion 'taylor' needs gradients: pass calibration batches and a loss "
-            "(apply_plan(..., calibration=task.calibration_batches(4), loss_fn=task.loss_fn))"
+            f"criterion {names} needs calibration data: pass calibration batches and the "
+            "task's loss (apply_plan(..., calibration=task.calibration_batches(4), "
+            "loss_fn=task.loss_fn))"
         )
+    if "gradients" in needs:
+        _run_backward(model, calibration, loss_fn)
+    if needs & {"activations", "fisher"}:
+        return collect_statistics(model, calibration, fisher="fisher" in needs, seed=seed)
+    return None
+
+
+def _run_backward(model: nn.Module, calibration: Calibration, loss_fn: Callable) -> None:
     model.zero_grad()
     was_training = model.training
     model.eval()  # keep BatchNorm statistics untouched
@@ -121,6 +143,7 @@ def _prune_structured(
     example_inputs: tuple,
     calibration: Calibration | None,
     loss_fn: Callable | None,
+    seed: int,
     report: PruneReport,
 ) -> None:
     dg, inspection = build_groups(model, example_inputs)
@@ -129,16 +152,15 @@ def _prune_structured(
     work = [(g, r) for g, r in work if r.mode == "structured" and r.sparsity > 0]
     if not work:
         return
-    if any(get_criterion(r.criterion).needs_gradients for _, r in work):
-        _run_calibration(model, calibration, loss_fn)
+    stats = _calibrate(model, {r.criterion for _, r in work}, calibration, loss_fn, seed)
     # Score every group first, then prune: scores are not disturbed by earlier removals.
     chosen = []
     for group, rule in work:
         crit = rule.criterion
-        scores = get_criterion(crit).group_importance()(group.tp_group)
+        scores = get_criterion(crit).group_importance(stats)(group.tp_group)
         if scores is None:  # e.g. bn_scale on a group without BatchNorm
             report.notes.append(f"{group.name}: {crit} cannot score this group, used l1")
-            scores = get_criterion("l1").group_importance()(group.tp_group)
+            scores = get_criterion("l1").group_importance(None)(group.tp_group)
         scores = scores.detach().cpu().float()
         if group.num_heads:  # whole heads, scored by their mean (as Torch-Pruning does)
             per_head = scores.numel() // group.num_heads
@@ -157,15 +179,36 @@ def _prune_structured(
             keep = count_kept(group.channels, rule.sparsity, rule.round_to)
             idxs = _pick(scores, group.channels - keep)
         chosen.append((group, sorted(idxs.tolist()), keep))
+    names = {m: n for n, m in model.named_modules()}
     for group, idxs, keep in chosen:
         if idxs:
-            group.tp_group.prune(idxs=idxs, record_history=False)
+            root = group.tp_group[0].dep
+            removal = dg.get_pruning_group(root.target.module, root.handler, idxs)
+            _record_kept(removal, dg, names, report)
+            removal.prune(record_history=False)
         report.structured[group.name] = (group.units, keep)
     modules = dict(model.named_modules())
     for group, _, keep in chosen:
         for owner_name in group.head_owners:
             _set_head_count(modules[owner_name], keep, group.channels // group.num_heads)
     model.zero_grad(set_to_none=True)
+
+
+def _record_kept(removal: object, dg: object, names: dict[nn.Module, str],
+                 report: PruneReport) -> None:
+    """Note which of the dense model's channels each Conv/Linear layer keeps after
+    ``removal`` (a Torch-Pruning group whose indices are relative to the current widths)."""
+    for item in removal:
+        module = item.dep.target.module
+        if not isinstance(module, _WEIGHT_TYPES):
+            continue
+        out = dg.is_out_channel_pruning_fn(item.dep.handler)
+        kept_by_layer = report.kept_out if out else report.kept_in
+        width = module.weight.shape[0] if out else (
+            module.in_features if isinstance(module, nn.Linear) else module.in_channels)
+        kept = kept_by_layer.setdefault(names[module], list(range(width)))
+        gone = set(item.idxs)
+        kept_by_layer[names[module]] = [k for i, k in enumerate(kept) if i not in gone]
 
 
 def _set_head_count(attn: nn.Module, heads: int, head_dim: int) -> None:
@@ -182,6 +225,7 @@ def _prune_unstructured(
     plan: PruningPlan,
     calibration: Calibration | None,
     loss_fn: Callable | None,
+    seed: int,
     report: PruneReport,
 ) -> None:
     work = [
@@ -190,11 +234,10 @@ def _prune_unstructured(
         if isinstance(m, _WEIGHT_TYPES)
     ]
     work = [(n, m, r) for n, m, r in work if r.mode == "unstructured" and r.sparsity > 0]
-    if any(get_criterion(r.criterion).needs_gradients for _, _, r in work):
-        _run_calibration(model, calibration, loss_fn)
+    stats = _calibrate(model, {r.criterion for _, _, r in work}, calibration, loss_fn, seed)
     for name, module, rule in work:
         weight = module.weight
-        scores = get_criterion(rule.criterion).weight_scores(weight).detach().flatten()
+        scores = get_criterion(rule.criterion).weight_scores(module, stats).detach().flatten()
         n_zero = math.floor(rule.sparsity * scores.numel() + 0.5)
         mask = torch.ones_like(scores)
         mask[_pick(scores, n_zero)] = 0
@@ -225,8 +268,8 @@ def prune_model_(
     report = PruneReport()
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the random criterion; everything else is deterministic
-        _prune_structured(model, plan, example_inputs, calibration, loss_fn, report)
-        _prune_unstructured(model, plan, calibration, loss_fn, report)
+        _prune_structured(model, plan, example_inputs, calibration, loss_fn, seed, report)
+        _prune_unstructured(model, plan, calibration, loss_fn, seed, report)
     return report
 
 

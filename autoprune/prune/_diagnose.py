@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from autoprune.nested import tensors
+
 __all__ = ["tensors", "why_unreached"]
 
 _ESCAPES = ("item", "tolist", "numpy")  # ops taking a tensor's values out of autograd
@@ -28,17 +30,6 @@ def _op_name(func: object) -> str:
     if module.startswith("torch._C._nn"):
         return f"torch.nn.functional.{name}"
     return f"{module}.{name}" if module else name
-
-
-def tensors(obj: object) -> list[torch.Tensor]:
-    """The tensors in a nest of tuples, lists and dicts (e.g. a `transformers` ModelOutput)."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in tensors(o)]
-    return []
 
 
 class _Follow(TorchFunctionMode):

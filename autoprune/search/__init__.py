@@ -15,6 +15,7 @@ from autoprune.busy import busy_note
 from autoprune.costmodel import CostModel, CostStructure
 from autoprune.errors import BudgetError, UsageError
 from autoprune.plan import PruningPlan
+from autoprune.recover import TeacherCache
 from autoprune.results import RunConfig, pareto_front, summarize, write_run
 from autoprune.search._base import (
     Backend,
@@ -171,6 +172,7 @@ def run_search(
     settings = TrialSettings(
         targets=target_objs, budgets=budget_objs, finetune=ft,
         latency_cache=LatencyCache(run_dir / "latency_cache.json"),
+        teacher_cache=TeacherCache(task_obj.build_model),
         screen_latency=screen_latency, seed=seed)
     say = (lambda text: print(text, flush=True)) if progress else (lambda _: None)
     ctx = SearchContext(

@@ -72,12 +72,15 @@ def test_verify_compares_the_recommended_plan_with_the_uniform_one_after_full_fi
     out = tmp_path / "run"
     assert main(["search", "--task", SYNTHETIC, "--target", fast_target, "--budget",
                  "params<60%", "--trials", "7", "--finetune-steps", "2", "--verify", "1",
-                 "--output", str(out), "--quiet"]) == 0
+                 "--seed", "1", "--output", str(out), "--quiet"]) == 0
     data = json.loads((out / "verify.json").read_text())
     config, results = load_run(out)
     from autoprune.results import recommend, uniform_reference
 
     best = recommend(results, config)
+    # Seed 1 makes a searched plan the recommended one (at seed 0 a uniform plan, recovered by
+    # reconstruction, wins by one test sample): only then is there a comparison to check.
+    assert best.baseline is None
     ref = uniform_reference(results, config, best)
     by_plan = {r.plan.key(): r.number for r in results if r.number in
                {p["trial"] for p in data["plans"]}}

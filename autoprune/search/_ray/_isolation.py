@@ -115,13 +115,14 @@ class NodeIsolation:
 
         user_finetune, user_evaluate, user_loss = task.finetune_fn, task.evaluate_fn, task.loss_fn
 
-        def finetune_fn(model, task_, settings, *, teacher=None, on_eval=None):
+        def finetune_fn(model, task_, settings, *, teacher=None, on_eval=None,
+                        hidden_distill=0.0):
             with self.compute():
-                if user_finetune is not None:
-                    return user_finetune(model, task_, settings, teacher=teacher,
-                                         on_eval=on_eval)
-                plain = dataclasses.replace(task_, finetune_fn=None)
-                return finetune_(model, plain, settings, teacher=teacher, on_eval=on_eval)
+                plain = dataclasses.replace(task_, finetune_fn=user_finetune)
+                return finetune_(model, plain, settings, teacher=teacher, on_eval=on_eval,
+                                 hidden_distill=hidden_distill)
+
+        finetune_fn.takes_recovery = True  # finetune_ passes the teacher cache and recovery
 
         def evaluate_fn(model):
             with self.compute():

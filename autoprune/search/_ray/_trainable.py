@@ -47,7 +47,7 @@ def _job(ctx: SearchContext, stopper: str | None, finished: dict[int, dict]) -> 
     return _Job(
         task_spec=spec, task=None if _loadable(spec) else ctx.task, space=ctx.space,
         fingerprint=architecture_signature(ctx.task.build_model()),
-        settings=dataclasses.replace(ctx.settings, latency_cache=None),
+        settings=dataclasses.replace(ctx.settings, latency_cache=None, teacher_cache=None),
         cache_path=str((ctx.run_dir / "latency_cache.json").resolve()),
         measure_lock=opts.get("measure_lock"), isolation=_isolation_mode(ctx),
         objectives=list(ctx.objectives), stopper=stopper,
@@ -64,6 +64,7 @@ def _worker_state(job: _Job) -> tuple[Any, Any, Any]:
         import torch
 
         from autoprune.latency import LatencyCache
+        from autoprune.recover import TeacherCache
         from autoprune.task import load_task
 
         torch.set_num_threads(max(1, job.threads))
@@ -73,7 +74,8 @@ def _worker_state(job: _Job) -> tuple[Any, Any, Any]:
         if node is not None:
             task = node.wrap(task)
         settings = dataclasses.replace(job.settings, measure_lock=lock,
-                                       latency_cache=LatencyCache(job.cache_path))
+                                       latency_cache=LatencyCache(job.cache_path),
+                                       teacher_cache=TeacherCache(task.build_model))
         _WORKER_STATE.clear()  # one search at a time per worker process
         _WORKER_STATE[key] = (task, settings, node)
     return _WORKER_STATE[key]
