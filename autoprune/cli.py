@@ -46,7 +46,7 @@ def _search(args: argparse.Namespace) -> int:
             finetune_steps=args.finetune_steps, screen_latency=not args.full_latency,
             steer=not args.no_steer, workers=args.workers,
             backend_options=options, progress=not args.quiet, token_file=args.token_file,
-            verify=args.verify)
+            verify=args.verify, quantize=args.quantize)
     except KeyboardInterrupt:
         if args.output and not (Path(args.output) / "run.json").is_file():
             print("\ninterrupted before the first trial: nothing to resume; run the same "
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isolation", choices=["node", "measurements"], default="node",
                    help="ray: node (default) = a measurement has the node to itself; "
                         "measurements = only measurements are serialized")
+    p.add_argument("--quantize", choices=["none", "static", "dynamic"],
+                   help="limit the space's precision choices to fp32 and this INT8 scheme "
+                        "(none: fp32 only, for targets without INT8 kernels)")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     p.add_argument("--verify", type=int, default=0, metavar="K",
                    help="at the end, fine-tune the front's top K plans and K others with the "

@@ -8,13 +8,14 @@ define-by-run function (usable by Optuna and by Ray Tune's ``OptunaSearch``) and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from autoprune.errors import SearchSpaceError
+from autoprune.errors import PlanError, SearchSpaceError
 from autoprune.plan import (
     CRITERIA,
     MODES,
@@ -22,10 +23,11 @@ from autoprune.plan import (
     UNSTRUCTURED_CRITERIA,
     LayerRule,
     PruningPlan,
+    Recovery,
 )
 
 __all__ = ["SearchSpace", "BoundSpace", "GroupInfo", "load_space", "builtin_spaces",
-           "SPACES_DIR"]
+           "SPACES_DIR", "PRECISIONS"]
 
 # The shipped spaces: inside the package when installed from a wheel (setup.py maps
 # search_spaces/ to autoprune/_spaces), at the top of the source tree otherwise.
@@ -34,6 +36,8 @@ if not SPACES_DIR.is_dir():  # a source checkout or an editable install
     SPACES_DIR = SPACES_DIR.parent.parent / "search_spaces"
 
 _SHARES = ("per_layer", "per_stage", "global")
+# `autoprune search --quantize` values -> the plan's quantize value they allow besides fp32
+PRECISIONS = {"none": "none", "static": "int8", "dynamic": "int8-dynamic"}
 
 
 @dataclass(frozen=True)
@@ -77,13 +81,16 @@ class SearchSpace:
     # Fine-tuning knobs: lr_scale (a multiplier of the task's own lr) or, explicitly, any
     # FinetuneSettings field such as an absolute lr
     finetune: dict[str, FloatRange] = field(default_factory=dict)
+    # Recovery choices (plan.Recovery): reconstruct true/false, hidden_distill weights,
+    # calibration_samples; a field with one choice is fixed, absent fields keep the defaults
+    recovery: dict[str, tuple] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "space") -> SearchSpace:
         if not isinstance(data, dict):
             raise SearchSpaceError(f"{source}: expected a mapping, got {type(data).__name__}")
         known = {"name", "description", "groups", "sparsity", "share", "stage_pattern", "modes",
-                 "criteria", "criteria_share", "round_to", "quantize", "finetune"}
+                 "criteria", "criteria_share", "round_to", "quantize", "finetune", "recovery"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SearchSpaceError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: "
@@ -109,6 +116,7 @@ class SearchSpace:
                                     f"{source}.quantize")),
             finetune={k: _range(v, f"{source}.finetune.{k}")
                       for k, v in (data.get("finetune") or {}).items()},
+            recovery=_recovery_choices(data.get("recovery") or {}, f"{source}.recovery"),
         )
         space._validate(source)
         return space
@@ -146,6 +154,25 @@ class SearchSpace:
         if "unstructured" in self.modes and not set(self.criteria) & set(UNSTRUCTURED_CRITERIA):
             raise SearchSpaceError(f"{source}.criteria: unstructured mode needs one of "
                                    f"{', '.join(UNSTRUCTURED_CRITERIA)}")
+
+    def with_precision(self, scheme: str) -> SearchSpace:
+        """This space with its quantize choices limited to fp32 and ``scheme`` (``none``,
+        ``static`` or ``dynamic``: what ``autoprune search --quantize`` passes).
+
+        Example:
+            >>> load_space("mixed").with_precision("dynamic").quantize
+            ('none', 'int8-dynamic')
+        """
+        if scheme not in PRECISIONS:
+            raise SearchSpaceError(f"--quantize {scheme!r}: expected one of "
+                                   f"{', '.join(PRECISIONS)}")
+        wanted = {"none", PRECISIONS[scheme]}
+        kept = tuple(q for q in self.quantize if q in wanted)
+        if PRECISIONS[scheme] not in kept:
+            raise SearchSpaceError(
+                f"--quantize {scheme}: space {self.name!r} does not search "
+                f"{PRECISIONS[scheme]} (its quantize choices: {', '.join(self.quantize)})")
+        return dataclasses.replace(self, quantize=kept)
 
     def bind(self, groups: list[GroupInfo]) -> BoundSpace:
         """Fix the units this space samples for a model's prunable groups."""
@@ -195,6 +222,31 @@ def _choices(value: Any, allowed: tuple[str, ...], where: str) -> list[str]:
     return value
 
 
+def _recovery_choices(value: Any, where: str) -> dict[str, tuple]:
+    """``{reconstruct: [true, false], hidden_distill: [0, 1]}``: each field's choices, every
+    choice checked as a plan's recovery section would be."""
+    if not isinstance(value, dict):
+        raise SearchSpaceError(f"{where}: expected a mapping such as {{reconstruct: [true, "
+                               f"false], hidden_distill: [0.0, 1.0]}}")
+    allowed = {f.name for f in fields(Recovery)}
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise SearchSpaceError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
+                               f"{', '.join(sorted(allowed))}")
+    choices = {}
+    for name, options in value.items():
+        options = options if isinstance(options, list) else [options]
+        if not options:
+            raise SearchSpaceError(f"{where}.{name}: expected a value or a non-empty list")
+        for option in options:
+            try:
+                Recovery(**{name: option})
+            except PlanError as e:
+                raise SearchSpaceError(f"{where}.{name}: {str(e).split(': ', 1)[1]}") from None
+        choices[name] = tuple(options)
+    return choices
+
+
 def _range(value: Any, where: str) -> FloatRange:
     if not isinstance(value, dict) or "low" not in value or "high" not in value:
         raise SearchSpaceError(f"{where}: expected {{low: ..., high: ..., step: ...}} "
@@ -233,6 +285,9 @@ class BoundSpace:
             trial.suggest_categorical("quantize", list(sp.quantize))
         for knob, r in sp.finetune.items():
             trial.suggest_float(f"ft.{knob}", r.low, r.high, step=r.step, log=r.log)
+        for name, options in sp.recovery.items():
+            if len(options) > 1:
+                trial.suggest_categorical(f"rec.{name}", list(options))
         for unit, groups in self.units.items():
             mode = sp.modes[0]
             if len(sp.modes) > 1:
@@ -279,8 +334,11 @@ class BoundSpace:
                 else:
                     rules[g.name] = rule
         finetune = {k[3:]: v for k, v in params.items() if k.startswith("ft.")}
+        recovery = Recovery(**{name: params.get(f"rec.{name}", options[0])
+                               for name, options in sp.recovery.items()})
         return PruningPlan(default=default, rules=rules,
-                           quantize=params.get("quantize", sp.quantize[0]), finetune=finetune)
+                           quantize=params.get("quantize", sp.quantize[0]), finetune=finetune,
+                           recovery=recovery)
 
     def uniform_params(self, sparsity: float, mode: str | None = None) -> dict[str, Any]:
         """Parameters of a uniform plan in this space (baselines enqueued before searching)."""
@@ -296,6 +354,9 @@ class BoundSpace:
             params["round_to"] = sp.round_to[0]
         if len(sp.quantize) > 1:
             params["quantize"] = "none"
+        for name, options in sp.recovery.items():  # baselines recover as the first choice
+            if len(options) > 1:
+                params[f"rec.{name}"] = options[0]
         for knob, r in sp.finetune.items():
             # The task's own lr where the range allows it, else the middle of the range
             mid = math.sqrt(r.low * r.high) if r.log else (r.low + r.high) / 2

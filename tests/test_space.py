@@ -2,7 +2,7 @@ import optuna
 import pytest
 
 from autoprune.errors import SearchSpaceError
-from autoprune.plan import PLAN_VERSION
+from autoprune.plan import PLAN_VERSION, Recovery
 from autoprune.space import GroupInfo, SearchSpace, builtin_spaces, load_space
 
 GROUPS = [
@@ -103,6 +103,10 @@ def test_include_exclude():
         ({"round_to": [0]}, r"round_to: 0 must be a positive integer"),
         ({"quantize": ["int4"]}, r"quantize: 'int4' is not one of none, int8, int8-dynamic"),
         ({"sparsity_range": [0, 1]}, r"unknown field\(s\) sparsity_range"),
+        ({"recovery": {"ridge": [1]}}, r"recovery: unknown field\(s\) ridge; allowed: "),
+        ({"recovery": {"hidden_distill": [0, -1]}},
+         r"recovery\.hidden_distill: -1 must be a number in \[0, 100\]"),
+        ({"recovery": {"reconstruct": []}}, r"recovery\.reconstruct: expected a value or a"),
     ],
 )
 def test_malformed_spaces(data, message):
@@ -117,3 +121,28 @@ def test_unknown_space_name_lists_shipped(tmp_path):
     bad.write_text("sparsity: [unclosed")
     with pytest.raises(SearchSpaceError, match="bad.yaml: not valid YAML"):
         load_space(bad)
+
+
+def test_a_space_searches_recovery_choices_and_fixes_single_ones():
+    space = SearchSpace.from_dict({"recovery": {"reconstruct": [True, False],
+                                                "hidden_distill": 0.5,
+                                                "calibration_samples": [128]}})
+    bound = space.bind(GROUPS)
+    params = _sample(bound, 3)
+    assert "rec.reconstruct" in params and "rec.hidden_distill" not in params
+    plan = bound.build({**params, "rec.reconstruct": False})
+    assert (plan.recovery.reconstruct, plan.recovery.hidden_distill,
+            plan.recovery.calibration_samples) == (False, 0.5, 128)
+    assert bound.build(bound.baselines()["uniform-structured-0.5"]).recovery.reconstruct
+    # a space without the section builds plans with the default recovery
+    assert load_space("per_layer_structured").bind(GROUPS).build({}).recovery == Recovery()
+
+
+def test_quantize_flag_limits_the_precision_choices():
+    mixed = load_space("mixed")
+    assert mixed.with_precision("none").quantize == ("none",)
+    assert mixed.with_precision("static").quantize == ("none", "int8")
+    assert mixed.with_precision("dynamic").quantize == ("none", "int8-dynamic")
+    with pytest.raises(SearchSpaceError, match="--quantize dynamic: space 'per_layer_structured' "
+                                               "does not search int8-dynamic"):
+        load_space("per_layer_structured").with_precision("dynamic")

@@ -97,8 +97,12 @@ def run_search(
     progress: bool = True,
     token_file: str | None = None,
     verify: int = 0,
+    quantize: str | None = None,
 ) -> SearchResult:
     """Run a pruning-plan search and write its run directory; see ``autoprune search --help``.
+
+    ``quantize`` (``none``, ``static``, ``dynamic``) limits the space's precision choices to
+    fp32 and that scheme, for targets without INT8 kernels.
 
     ``verify=K`` fine-tunes the front's top K plans and K others with the task's full budget
     at the end and reports how well the search's metric predicted theirs (search/_verify.py).
@@ -127,6 +131,8 @@ def run_search(
     trials = 40 if trials is None else trials
     check_trials(trials)
     space_obj = load_space(space)
+    if quantize is not None:
+        space_obj = space_obj.with_precision(quantize)
     budget_objs = parse_budgets(budgets)
     target_specs = list(targets or ["cpu-1t"])
     target_objs = [load_target(t, token_file=token_file) for t in target_specs]
