@@ -94,6 +94,17 @@ def cosine_fidelity() -> Metric:
     return Metric("cosine", "maximize", _cosine_fidelity)
 
 
+def trim_padding(batch: list) -> tuple:
+    """Collate ``EmbeddingPairs`` items, dropping the padding columns no sentence of the batch
+    uses: short sentences padded to ``seq_len`` cost several times the compute they need, and
+    masked padding does not change the embeddings."""
+    inputs, targets = torch.utils.data.default_collate(batch)
+    if len(inputs) == 2:  # (input_ids, attention_mask)
+        used = int(inputs[1].any(0).nonzero().max()) + 1
+        inputs = [t[:, :used] for t in inputs]
+    return tuple(inputs), targets
+
+
 class EmbeddingPairs(Dataset):
     """Model inputs and, as targets, the dense model's embeddings of them."""
 
@@ -191,9 +202,9 @@ def make_task(
         name=f"hf-{name}",
         build_model=build_model,
         example_inputs=tuple(t[n_train:n_train + 1] for t in inputs),
-        train_data=DataLoader(train, batch_size=batch_size, shuffle=True,
+        train_data=DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=trim_padding,
                               generator=torch.Generator().manual_seed(0)),
-        val_data=DataLoader(val, batch_size=64),
+        val_data=DataLoader(val, batch_size=64, collate_fn=trim_padding),
         metric=cosine_fidelity(),
         loss_fn=cosine_loss,
         finetune=FinetuneSettings(steps=steps, lr=lr, optimizer="adamw", weight_decay=0.01,
