@@ -7,11 +7,14 @@ driver's checkout, task file, weights and run directory do not exist there. It g
 installed packages (the venv, bound at ``/mnt/venv``) and autoprune built as a wheel
 (``/mnt/site``), as a node of a real cluster would.
 
-The driver searches with a ``file.py`` task (which imports a module beside it and reads its
-weights from a file on the driver's machine) and ``--address``. Once a trial has finished on
-the worker node and another runs there, the worker node's raylet is killed; the search must
-finish anyway. Everything started here (namespaces, veth, Ray processes, the driver) is torn
-down at the end, also on failure.
+The head has no CPUs for trials (as heads of KubeRay clusters often have), so every trial
+runs on the worker node. The driver searches with a ``file.py`` task (which imports a module
+beside it and reads its weights from a file on the driver's machine) and ``--address``. Once
+trials have finished on the worker node and another runs there, the worker node's raylet is
+killed; when Ray has declared the node dead, a new worker node starts on that host (as a
+cluster manager replaces a lost node) and the search must finish, with no finished trial
+lost. Everything started here (namespaces, veth, Ray processes, the driver) is torn down at
+the end, also on failure.
 
 Run as root: ``python tests/cluster/two_hosts.py [--keep DIR]`` (``make test-cluster`` runs it
 through ``tests/search/test_two_hosts.py``). It prints what happened and writes
@@ -39,7 +42,7 @@ TASK_DIR = Path(__file__).resolve().parent / "task"
 PY = sys.executable  # the venv's python: the head, the driver and (bound) the worker node
 VENV = Path(sys.prefix)
 RAY_CLI = 'import sys; from ray.scripts.scripts import main; sys.argv[0] = "ray"; main()'
-NODE_OPTS = ["--num-cpus", "1", "--object-store-memory", "100000000", "--disable-usage-stats"]
+NODE_OPTS = ["--object-store-memory", "100000000", "--disable-usage-stats"]
 
 
 def say(text: str) -> None:
@@ -89,9 +92,16 @@ class Hosts:
             subprocess.run(["ip", "netns", "exec", self.head_ns, PY, "-c", RAY_CLI, "start",
                             "--head", "--node-ip-address", self.head_ip, "--port", "6379",
                             "--include-dashboard=false", "--temp-dir", str(self.work / "h"),
-                            *NODE_OPTS], check=True, stdout=log, stderr=subprocess.STDOUT,
-                           env=self.env)
-        say(f"Ray head started at {self.address}")
+                            "--num-cpus", "0", *NODE_OPTS], check=True, stdout=log,
+                           stderr=subprocess.STDOUT, env=self.env)
+        say(f"Ray head started at {self.address} (0 CPUs: it runs no trials)")
+
+    def raylet_command(self) -> str:
+        """``ray start`` for the worker node, inside its namespaces."""
+        return (f"PYTHONPATH=/mnt/site /mnt/venv/bin/python -c '{RAY_CLI}' start --address "
+                f"{self.address} --node-ip-address {self.worker_ip} --num-cpus 1 "
+                f"{' '.join(NODE_OPTS)} > /mnt/ray-start.log 2>&1 "
+                f"|| {{ cat /mnt/ray-start.log; exit 1; }}")
 
     def start_worker(self, site: Path) -> None:
         """The worker node, in a private mount namespace without the driver's files."""
@@ -102,9 +112,7 @@ class Hosts:
             f"mount --bind {VENV} /mnt/venv && mount --bind {site} /mnt/site",
             *(f"if [ -d {d} ]; then mount -t tmpfs apc-hide {d}; fi" for d in hide),
             "cd /",
-            f"PYTHONPATH=/mnt/site /mnt/venv/bin/python -c '{RAY_CLI}' start --address "
-            f"{self.address} --node-ip-address {self.worker_ip} {' '.join(NODE_OPTS)} "
-            f"> /mnt/ray-start.log 2>&1 || {{ cat /mnt/ray-start.log; exit 1; }}",
+            self.raylet_command(),
             "exec sleep infinity",  # holds the mount namespace for the checks below
         ])
         proc = subprocess.Popen(["ip", "netns", "exec", self.worker_ns, "unshare", "--mount",
@@ -122,15 +130,22 @@ class Hosts:
             time.sleep(0.5)
         raise RuntimeError("the worker node did not start within 120 s")
 
-    def nodes(self) -> dict[str, str]:
-        """Alive Ray nodes: IP -> node id (asked from the head's namespace)."""
+    def restart_worker(self) -> None:
+        """A new worker node on the worker's host (its namespaces), as a cluster manager
+        replaces a lost node."""
+        subprocess.run(["nsenter", "-t", str(self.holder), "-m", "-n", "bash", "-c",
+                        self.raylet_command()], check=True, env=self.env)
+
+    def nodes(self, count: int = 2, not_id: str = "") -> dict[str, str]:
+        """Alive Ray nodes, IP -> node id, once there are ``count`` and ``not_id`` is not
+        among them (asked from the head's namespace)."""
         code = ("import json, ray, time\n"
                 f"ray.init(address={self.address!r}, logging_level='ERROR')\n"
-                "deadline = time.time() + 60\n"
+                "deadline = time.time() + 90\n"
                 "while time.time() < deadline:\n"
                 "    alive = {n['NodeManagerAddress']: n['NodeID'] for n in ray.nodes()"
                 " if n['Alive']}\n"
-                "    if len(alive) == 2: break\n"
+                f"    if len(alive) == {count} and {not_id!r} not in alive.values(): break\n"
                 "    time.sleep(0.5)\n"
                 "print(json.dumps(alive))\n")
         out = run("ip", "netns", "exec", self.head_ns, PY, "-c", code, env=self.env)
@@ -255,6 +270,13 @@ def search(hosts: Hosts, work: Path, trials: int, summary: dict) -> None:
         while proc.poll() is None and time.time() - start < 600:
             if killed is None:
                 killed = maybe_kill(hosts, run_dir, worker_node, start)
+                if killed is not None:
+                    hosts.restart_worker()
+                    summary["new_worker_node"] = hosts.nodes(not_id=worker_node)[
+                        hosts.worker_ip]
+                    say(f"a new worker node joined on {hosts.worker_ip} at "
+                        f"{time.time() - start:.1f} s: "
+                        f"{summary['new_worker_node'][:12]}")
             time.sleep(0.2)
         if proc.poll() is None:
             raise RuntimeError("the search did not finish within 600 s")
@@ -278,9 +300,9 @@ def search(hosts: Hosts, work: Path, trials: int, summary: dict) -> None:
 
 
 def maybe_kill(hosts: Hosts, run_dir: Path, worker_node: str, start: float) -> dict | None:
-    """Kill the worker node's raylet once a trial finished there and another runs there."""
+    """Kill the worker node's raylet once trials finished there and another runs there."""
     finished = journal_finished(run_dir)
-    if not any(r.get("node") == worker_node for r in finished.values()):
+    if sum(r.get("node") == worker_node for r in finished.values()) < 2:
         return None
     running = [t for t in hosts.titles(hosts.worker_ns).values()
                if t.startswith("ray::ImplicitFunc") and "train" in t]
@@ -295,6 +317,8 @@ def maybe_kill(hosts: Hosts, run_dir: Path, worker_node: str, start: float) -> d
             "finished_before": {str(n): r for n, r in finished.items()}}
     say(f"KILLED the worker node's raylet (pid {raylets[0]}) at {kill['at']} s, while it "
         f"ran {running[0]!r}; {len(finished)} trial(s) had finished: {sorted(finished)}")
+    hosts.nodes(count=1, not_id=worker_node)  # Ray declared the node dead
+    say(f"Ray declared the worker node dead at {time.time() - start:.1f} s")
     return kill
 
 
@@ -302,7 +326,10 @@ def outcome(run_dir: Path, summary: dict) -> None:
     path = run_dir / "trials.jsonl"
     final = [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
     summary["trials"] = final
-    names = {nid: ip for ip, nid in summary["nodes"].items()}
+    names = {nid: f"{ip} (head)" for ip, nid in summary["nodes"].items()}
+    names[summary["worker_node"]] = "the worker node"
+    if summary.get("new_worker_node"):
+        names[summary["new_worker_node"]] = "the new worker node"
     for t in final:
         if t.get("reused_from") is not None:  # a plan tried before: nothing ran
             say(f"trial {t['number']}: {t['status']}, trial {t['reused_from']}'s result reused")
@@ -313,13 +340,13 @@ def outcome(run_dir: Path, summary: dict) -> None:
     kill = summary.get("kill") or {}
     by_number = {t["number"]: t for t in final}
     lost = [int(n) for n, r in kill.get("finished_before", {}).items()
-            if n.isdigit() and (int(n) not in by_number
-                                or by_number[int(n)]["timings"] != r["timings"])]
+            if int(n) not in by_number or by_number[int(n)]["timings"] != r["timings"]]
     summary["lost"] = lost
     on_worker = sum(t.get("node") == summary["worker_node"] for t in final)
-    say(f"outcome: {len(final)} trials, {on_worker} ran on the worker node, "
-        f"{sum(t['status'] == 'failed' for t in final)} failed, "
-        f"{len(kill.get('finished_before', {}))} finished before the kill, {len(lost)} of "
+    on_new = sum(t.get("node") == summary.get("new_worker_node") for t in final)
+    say(f"outcome: {len(final)} trials, {on_worker} ran on the worker node, {on_new} on the "
+        f"new one, {sum(t['status'] == 'failed' for t in final)} failed; "
+        f"{len(kill.get('finished_before', {}))} had finished before the kill, {len(lost)} of "
         f"them lost")
 
 
@@ -335,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     # Short paths: Ray keeps Unix sockets in its temp directory (108-byte limit).
     work = args.keep or Path(tempfile.mkdtemp(prefix="apc", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
-    summary: dict = {}
     hosts = Hosts(work)
+    summary: dict = {"namespaces": [hosts.head_ns, hosts.worker_ns]}
     try:
         site = build_site(work)
         hosts.open()
