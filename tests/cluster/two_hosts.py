@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         hosts.close()
         left = subprocess.run(["pgrep", "-f", str(work)], text=True, capture_output=True)
-        summary["left_processes"] = [int(p) for p in left.stdout.split()]
+        summary["left_processes"] = [int(p) for p in left.stdout.split()
+                                     if int(p) != os.getpid()]  # this script names it too
         (work / "summary.json").write_text(json.dumps(summary, indent=1))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
