@@ -210,6 +210,8 @@ class Hosts:
 def build_site(work: Path) -> Path:
     """autoprune as a wheel installed into a directory of its own (not the checkout)."""
     wheels, site = work / "wheel", work / "site"
+    for stale in (REPO / "build").glob("*"):  # setuptools would ship modules left in build/
+        shutil.rmtree(stale, ignore_errors=True)
     build = Path(tempfile.mkdtemp(prefix="apc-build-"))
     try:
         run(PY, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
