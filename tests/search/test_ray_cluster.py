@@ -74,3 +74,39 @@ def test_file_task_on_a_two_node_cluster(tmp_path, fast_target, monkeypatch):
     # Latency measured on the nodes, written by the driver into the run directory's cache.
     cache = json.loads((out / "latency_cache.json").read_text())["entries"]
     assert len(cache) >= 2
+
+
+def test_what_travels_with_a_file_task(tmp_path):
+    """A file task ships its directory only to a cluster; a Ray initialized by the caller
+    without that working_dir is a usage error that says what to do."""
+    from types import SimpleNamespace
+
+    from autoprune.errors import UsageError
+    from autoprune.search._ray._shipping import (
+        check_joined,
+        runtime_env,
+        ships_task,
+        worker_spec,
+    )
+
+    task = tmp_path / "t.py"
+    task.write_text("")
+
+    def ctx(spec, **opts):
+        return SimpleNamespace(task_spec=spec, backend_options=opts)
+
+    cluster, local = ctx(f"{task}:make", address="head:6379"), ctx(f"{task}:make")
+    assert ships_task(cluster) and not ships_task(local)
+    assert runtime_env(cluster)["working_dir"] == str(tmp_path)
+    assert "working_dir" not in runtime_env(local)
+    assert worker_spec(cluster) == "t.py:make" and worker_spec(local) == f"{task}:make"
+    package = ctx("autoprune.testing.tasks:synthetic_task", address="head:6379")
+    assert not ships_task(package) and worker_spec(package) == package.task_spec
+
+    def joined(env):
+        return SimpleNamespace(get_runtime_context=lambda: SimpleNamespace(runtime_env=env))
+
+    with pytest.raises(UsageError, match=r"without a working_dir.*runtime_env="):
+        check_joined(joined({}), cluster)
+    check_joined(joined({"working_dir": "gcs://_ray_pkg_x.zip"}), cluster)
+    check_joined(joined({}), local)
