@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,7 +89,7 @@ class _Session:
         self.journal.append(rec)
         self.finished[number] = rec
         if self.ctx.settings.latency_cache is not None:  # the driver writes the cache file
-            self.ctx.settings.latency_cache.merge(payload.get(LATENCY_KEY) or {})
+            self.ctx.settings.latency_cache.merge(json.loads(payload.get(LATENCY_KEY) or "{}"))
         self._add(_parse(payload), curve, show=True)
 
     def _add(self, result: TrialResult, curve: list, show: bool) -> None:

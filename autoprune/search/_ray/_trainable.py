@@ -31,7 +31,7 @@ from autoprune.trial import TrialResult, run_trial
 
 CONFIG_KEY = "autoprune"  # the trial config entry holding number, baseline and parameters
 RESULT_KEY = "autoprune_result"  # the reported result entry holding the TrialResult (JSON)
-LATENCY_KEY = "autoprune_latency"  # the reported latency cache entries the trial measured
+LATENCY_KEY = "autoprune_latency"  # the latency cache entries the trial measured (JSON)
 
 
 @dataclasses.dataclass
@@ -110,7 +110,7 @@ def _payload(result: TrialResult, curve: list, objectives: list,
     reported; NaN when not measured)."""
     values = {o.key: float(result.metrics.get(o.key, math.nan)) for o in objectives}
     return {RESULT_KEY: json.dumps(result.to_dict()), "curve": [list(c) for c in curve],
-            LATENCY_KEY: latency or {}, **values}
+            LATENCY_KEY: json.dumps(latency or {}), **values}
 
 
 def _trainable(config: dict[str, Any], job: _Job) -> None:
