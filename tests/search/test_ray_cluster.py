@@ -30,8 +30,8 @@ def test_file_task_on_a_two_node_cluster(tmp_path, fast_target, monkeypatch):
     shutil.copytree(TASK_DIR, task_dir, ignore=shutil.ignore_patterns("__pycache__"))
     torch.save(synthetic_task().build_model().state_dict(), tmp_path / "weights.pt")
     calls = tmp_path / "calls.log"
-    for key, value in {"AUTOPRUNE_TEST_CALLS": str(calls), "RAY_AUTH_MODE": "disabled",
-                       "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}.items():
+    for key, value in {"AUTOPRUNE_TEST_CALLS": str(calls), "RAY_USAGE_STATS_ENABLED": "0",
+                       "OMP_NUM_THREADS": "1"}.items():
         monkeypatch.setenv(key, value)
     # Short temp paths: Ray keeps Unix sockets there (108-byte limit).
     tmp = [Path(f"/tmp/apc{os.getpid()}-{i}") for i in range(2)]
