@@ -115,6 +115,15 @@ def test_load_builtin_by_name_and_by_module(digits_cache):
         load_task("digits", width=3)
 
 
+def test_builtin_tasks_build_their_architecture_without_training(tmp_path):
+    """What a Ray worker builds before it loads the driver's weights: no training, no cache."""
+    for name, options in (("digits", TINY_DIGITS), ("sequences", {})):
+        task = load_task(name, **options, cache_dir=tmp_path / name)
+        model = task.build_architecture()
+        assert model(*task.example_inputs).shape == (1, 10)
+        assert not (tmp_path / name).exists()
+
+
 def test_register_task_adds_a_builtin(tmp_path):
     path = write(tmp_path / "t.py", GOOD_TASK)
 
