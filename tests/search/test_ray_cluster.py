@@ -15,6 +15,7 @@ import torch
 
 from autoprune.search import run_search
 from autoprune.task import load_task
+from autoprune.testing import create_test_model
 from autoprune.testing.tasks import synthetic_task
 
 pytestmark = pytest.mark.ray
@@ -110,3 +111,21 @@ def test_what_travels_with_a_file_task(tmp_path):
         check_joined(joined({}), cluster)
     check_joined(joined({"working_dir": "gcs://_ray_pkg_x.zip"}), cluster)
     check_joined(joined({}), local)
+
+
+def test_workers_load_the_drivers_weights_into_the_architecture():
+    from autoprune.errors import TaskError
+    from autoprune.search._ray._shipping import with_weights
+
+    task = synthetic_task(train_steps=0)
+    trained = synthetic_task().build_model()
+    task.build_architecture = lambda: create_test_model("resnet_tiny", image_size=16)
+    model = with_weights(task, trained.state_dict()).build_model()
+    assert not model.training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  trained.state_dict().values()))
+    task.build_architecture = lambda: create_test_model("resnet_tiny", image_size=16,
+                                                        widths=(4, 8, 16))
+    with pytest.raises(TaskError, match="the driver's weights do not fit the model built on "
+                                        "this node .*size mismatch"):
+        with_weights(task, trained.state_dict()).build_model()

@@ -92,23 +92,21 @@ def put_weights(ray: Any, model: Any) -> Weights:
     return Weights(ray.put(model.state_dict()), model.training)
 
 
-def with_weights(task: Any, weights: Weights) -> Any:
+def with_weights(task: Any, state: dict[str, Any], training: bool = False) -> Any:
     """``task`` whose ``build_model`` builds the architecture (``build_architecture``, else
-    ``build_model``) and loads the driver's weights into it."""
-    import ray
-
-    state = ray.get(weights.ref)
+    ``build_model``) and loads ``state`` (the driver's weights, see :class:`Weights`) into it,
+    in the driver's model's mode (``training``)."""
     build = task.build_architecture or task.build_model
 
     def build_model():
         model = build()
         try:
             model.load_state_dict(state)
-        except RuntimeError as e:
+        except RuntimeError as e:  # the first line says where, the second what differs
+            detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:300]
             raise TaskError(f"task {task.name!r}: the driver's weights do not fit the model "
-                            f"built on this node ({str(e).splitlines()[0]}); "
-                            f"build_architecture must build the same model as build_model"
-                            ) from None
-        return model.train(weights.training)
+                            f"built on this node ({detail}); build_architecture must build "
+                            f"the same model as build_model") from None
+        return model.train(training)
 
     return dataclasses.replace(task, build_model=build_model)

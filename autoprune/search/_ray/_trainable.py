@@ -77,6 +77,7 @@ def _worker_state(job: _Job) -> tuple[Any, Any, Any]:
     """The task and trial settings of this worker process (loaded once, reused by trials)."""
     key = (job.task_spec, job.weights.ref.hex(), job.measure_lock, job.isolation, job.threads)
     if key not in _WORKER_STATE:
+        import ray
         import torch
 
         from autoprune.latency import LatencyCache
@@ -84,7 +85,7 @@ def _worker_state(job: _Job) -> tuple[Any, Any, Any]:
         torch.set_num_threads(max(1, job.threads))
         task = job.task if job.task is not None else load_worker_task(job.task_spec,
                                                                       job.shipped)
-        task = with_weights(task, job.weights)
+        task = with_weights(task, ray.get(job.weights.ref), job.weights.training)
         lock = job.measure_lock or str(Path(tempfile.gettempdir()) / "autoprune-measure.lock")
         node = NodeIsolation(lock) if job.isolation == "node" else None
         if node is not None:
