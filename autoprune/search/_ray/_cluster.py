@@ -79,8 +79,9 @@ def _connected(ctx: SearchContext) -> Iterator[Any]:
                     except ray.exceptions.RuntimeEnvSetupError as e:  # the task's directory
                         raise UsageError(
                             f"cannot ship the task's directory to the Ray cluster ({e}); Ray "
-                            f"uploads at most 512 MiB: move the task file to a directory of "
-                            f"its own, or list large files in a .rayignore there") from None
+                            f"uploads at most 512 MiB by default: move the task file to a "
+                            f"directory of its own, or list large files in a .rayignore there"
+                            ) from None
                     except (ConnectionError, RuntimeError, ValueError) as e:
                         first = (str(e).splitlines() or [""])[0][:200]
                         raise UsageError(
