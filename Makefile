@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup search test test-slow lint bench wheel-check
+.PHONY: setup search test test-slow test-cluster lint bench wheel-check
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# A search across two hosts that share no files (network + mount namespaces on this machine;
+# needs root), with the worker node's raylet killed mid-search: tests/cluster/two_hosts.py.
+test-cluster: setup
+	$(BIN)/python -m pytest -q -s -m slow tests/search/test_two_hosts.py
 
 lint: setup
 	$(BIN)/ruff check autoprune tests benchmarks examples

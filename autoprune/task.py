@@ -50,23 +50,24 @@ from autoprune.task import Task, accuracy
 
 def make_task() -> Task:
     x, y = torch.randn(512, 20), torch.randint(0, 3, (512,))  # your data here
-    model = torch.nn.Sequential(
-        torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)
-    )
-    # model.load_state_dict(torch.load("trained.pt", weights_only=True))
-    state = model.state_dict()
 
-    def build_model() -> torch.nn.Module:  # a fresh copy of the trained model
-        fresh = torch.nn.Sequential(
+    def build_architecture() -> torch.nn.Module:  # the model, untrained
+        return torch.nn.Sequential(
             torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)
         )
-        fresh.load_state_dict(state)
-        return fresh.eval()
+
+    state = build_architecture().state_dict()  # stands for your trained weights
+
+    def build_model() -> torch.nn.Module:  # a fresh copy of the trained model
+        model = build_architecture()
+        model.load_state_dict(state)  # yours: torch.load("trained.pt", weights_only=True)
+        return model.eval()
 
     g = torch.Generator().manual_seed(0)
     return Task(
         name="my_task",
         build_model=build_model,
+        build_architecture=build_architecture,
         example_inputs=(torch.randn(1, 20),),
         train_data=DataLoader(TensorDataset(x[:400], y[:400]), 32, shuffle=True, generator=g),
         val_data=DataLoader(TensorDataset(x[400:], y[400:]), 128),
@@ -191,6 +192,10 @@ class Task:
     finetune_fn: Callable[..., Any] | None = None  # replaces finetune_(); same signature
     evaluate_fn: Callable[[nn.Module], float] | None = None  # replaces metric on val_data
     description: str = ""  # one line shown by `autoprune show`
+    # The model's architecture without its trained weights (any initial values). Ray workers
+    # build it and load the weights of the driver's build_model(), so weights read from a
+    # path on the driver's machine need not exist on the other nodes. None: build_model.
+    build_architecture: Callable[[], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.example_inputs, torch.Tensor):
@@ -236,7 +241,7 @@ class Task:
                 "finetune must be an autoprune.finetune.FinetuneSettings, "
                 f"got {type(self.finetune).__name__}"
             )
-        for name in ("finetune_fn", "evaluate_fn"):
+        for name in ("finetune_fn", "evaluate_fn", "build_architecture"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 problems.append(f"{name} must be callable or None")
         if problems:
@@ -355,6 +360,9 @@ def _import_file(spec: str, path: Path) -> tuple[ModuleType, str]:
     if module_spec is None or module_spec.loader is None:
         raise TaskError(f"task file {shown} cannot be imported as Python.\n\n{_EXAMPLE_HINT}")
     module = importlib.util.module_from_spec(module_spec)
+    # The modules beside the file import as they do when it runs as a script.
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     # Registered while executing: dataclasses and pickling look modules up in sys.modules.
     previous = sys.modules.get(name)
     sys.modules[name] = module

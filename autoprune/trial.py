@@ -81,6 +81,7 @@ class TrialResult:
     params: dict[str, Any] = field(default_factory=dict)  # sampled search parameters
     baseline: str | None = None  # "dense" / "uniform-structured-0.5" for reference trials
     reused_from: int | None = None  # the earlier trial of the same plan whose result this is
+    node: str | None = None  # the Ray node that ran the trial (its node id); None: in-process
 
     def feasible(self, budgets: list[Budget], primary: str) -> bool:
         return self.status == "complete" and all(b.met_by(self.metrics, primary) for b in budgets)
@@ -100,6 +101,7 @@ class TrialResult:
             "baseline": self.baseline, "metrics": self.metrics, "timings": self.timings,
             "params": self.params, "plan": self.plan.to_dict(),
             **({"reused_from": self.reused_from} if self.reused_from is not None else {}),
+            **({"node": self.node} if self.node is not None else {}),
         }
 
     @classmethod
@@ -108,7 +110,7 @@ class TrialResult:
                    metrics=d.get("metrics", {}), reason=d.get("reason", ""),
                    timings=d.get("timings", {}), number=d.get("number"),
                    params=d.get("params", {}), baseline=d.get("baseline"),
-                   reused_from=d.get("reused_from"))
+                   reused_from=d.get("reused_from"), node=d.get("node"))
 
 
 def _release_memory() -> None:

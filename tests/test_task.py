@@ -115,6 +115,15 @@ def test_load_builtin_by_name_and_by_module(digits_cache):
         load_task("digits", width=3)
 
 
+def test_builtin_tasks_build_their_architecture_without_training(tmp_path):
+    """What a Ray worker builds before it loads the driver's weights: no training, no cache."""
+    for name, options in (("digits", TINY_DIGITS), ("sequences", {})):
+        task = load_task(name, **options, cache_dir=tmp_path / name)
+        model = task.build_architecture()
+        assert model(*task.example_inputs).shape == (1, 10)
+        assert not (tmp_path / name).exists()
+
+
 def test_register_task_adds_a_builtin(tmp_path):
     path = write(tmp_path / "t.py", GOOD_TASK)
 
@@ -219,6 +228,28 @@ def test_failed_import_is_not_left_in_sys_modules(tmp_path):
     with pytest.raises(TaskError, match="line 2"):
         load_task(str(path))
     assert not [m for m in sys.modules if m.startswith("autoprune_user_task_half_")]
+
+
+def test_task_file_imports_the_modules_beside_it(tmp_path):
+    write(tmp_path / "beside_net.py", "import torch\n\n\ndef net():\n"
+          "    return torch.nn.Linear(4, 2)\n")
+    body = TASK_EXAMPLE.replace("from autoprune.task import Task, accuracy",
+                                "from autoprune.task import Task, accuracy\n"
+                                "from beside_net import net")
+    body = body.replace("        return torch.nn.Sequential(\n"
+                        "            torch.nn.Linear(20, 64), torch.nn.ReLU(), "
+                        "torch.nn.Linear(64, 3)\n        )", "        return net()")
+    body = body.replace("torch.randn(512, 20), torch.randint(0, 3,",
+                        "torch.randn(512, 4), torch.randint(0, 2,")
+    body = body.replace("torch.randn(1, 20)", "torch.randn(1, 4)")
+    task = load_task(f"{write(tmp_path / 'beside_task.py', body)}:make_task")
+    assert task.build_model().out_features == 2
+    assert task.build_architecture().in_features == 4
+
+
+def test_build_architecture_must_be_callable():
+    with pytest.raises(TaskError, match="build_architecture must be callable or None"):
+        make_toy_task(build_architecture=3)
 
 
 def test_task_example_in_errors_is_itself_a_valid_task(tmp_path):

@@ -48,6 +48,7 @@ class LatencyCache:
         self.hits = 0  # lookups answered from the cache
         self.misses = 0  # lookups that needed a measurement
         self._entries: dict[str, dict] = {}
+        self._new: dict[str, dict] = {}  # entries put since the last take_new()
         self._lock = threading.Lock()
         if self.path is not None and self.path.exists():
             self._entries.update(self._read_file())
@@ -95,9 +96,34 @@ class LatencyCache:
     def put(self, key: str, stats: LatencyStats) -> None:
         """Store a measurement (and merge it into the file, if any)."""
         with self._lock:
-            self._entries[key] = stats.to_dict()
+            self._entries[key] = self._new[key] = stats.to_dict()
             if self.path is not None:
-                self._write_file(key)
+                self._write_file()
+
+    def entries(self) -> dict[str, dict]:
+        """A copy of every entry, as plain data (key -> stats dict), e.g. to send elsewhere."""
+        with self._lock:
+            return dict(self._entries)
+
+    def take_new(self) -> dict[str, dict]:
+        """The entries :meth:`put` since the last call (plain data), forgotten as new.
+
+        A Ray worker measures into a cache in its memory and sends these back with each
+        trial; the driver :meth:`merge` s them into the run directory's cache file.
+        """
+        with self._lock:
+            new, self._new = self._new, {}
+            return new
+
+    def merge(self, entries: dict[str, dict]) -> None:
+        """Add entries made elsewhere (e.g. :meth:`take_new` on a worker), written to the file
+        at once; they are not new here."""
+        if not entries:
+            return
+        with self._lock:
+            self._entries.update({k: v for k, v in entries.items() if isinstance(v, dict)})
+            if self.path is not None:
+                self._write_file()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -115,7 +141,7 @@ class LatencyCache:
         entries = data.get("entries", {})
         return {k: v for k, v in entries.items() if isinstance(v, dict)}
 
-    def _write_file(self, key: str) -> None:
+    def _write_file(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(self.path.with_name(self.path.name + ".lock")):
             merged = self._read_file() if self.path.exists() else {}

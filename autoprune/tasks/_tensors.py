@@ -68,12 +68,14 @@ def tensor_task(
     seed: int,
     finetune: FinetuneSettings,
     description: str,
+    build_architecture: Callable[[], nn.Module] | None = None,
 ) -> Task:
     """A classification Task over in-memory tensors (shuffled, seeded training batches)."""
     x_train, y_train, x_val, y_val = data
     return Task(
         name=name,
         build_model=build_model,
+        build_architecture=build_architecture,
         example_inputs=example_inputs,
         train_data=DataLoader(
             TensorDataset(x_train, y_train),

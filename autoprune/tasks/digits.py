@@ -117,6 +117,7 @@ def make_task(
     return tensor_task(
         "digits", data, build_model, fresh().example_inputs(), batch_size=batch_size,
         val_batch_size=512, seed=seed,
+        build_architecture=fresh,  # Ray workers load the driver's weights: no training
         finetune=finetune or FinetuneSettings(steps=100, lr=0.01, eval_every=25),
         description=(
             "scikit-learn handwritten digits at 32x32 (1437 train / 360 val), "

@@ -117,6 +117,7 @@ def make_task(
     return tensor_task(
         "sequences", data, build_model, fresh().example_inputs(), batch_size=batch_size,
         val_batch_size=500, seed=seed, finetune=finetune or _DEFAULT_FINETUNE,
+        build_architecture=fresh,  # Ray workers load the driver's weights: no training
         description=(
             f"generated motif sequences ({n_train} train / {n_val} val, 10 classes), "
             f"transformer dim {dim}, {num_heads} heads, {depth} layers"

@@ -230,6 +230,26 @@ def test_cache_file_is_reused_by_a_resumed_search(fast_target, tmp_path, count_m
     assert len(json.loads(path.read_text())["entries"]) == 3
 
 
+def test_entries_measured_in_memory_merge_into_the_cache_file(fast_target, tmp_path,
+                                                             count_measurements):
+    """A Ray worker measures into a cache in its memory and sends the new entries back; only
+    the driver writes the file."""
+    model = create_test_model("resnet_tiny")
+    inputs = model.example_inputs()
+    driver = LatencyCache(tmp_path / "latency_cache.json")
+    worker = LatencyCache()
+    worker.merge(driver.entries())
+    stats = measure_latency(model, inputs, fast_target, cache=worker)
+    new = worker.take_new()
+    assert len(new) == 1 and worker.take_new() == {}  # taken once
+    assert not (tmp_path / "latency_cache.json").exists()
+    driver.merge(new)
+    assert json.loads((tmp_path / "latency_cache.json").read_text())["entries"] == new
+    again = measure_latency(create_test_model("resnet_tiny"), inputs, fast_target, cache=driver)
+    assert again.cached and again.p50_ms == stats.p50_ms and driver.take_new() == {}
+    assert len(count_measurements) == 1
+
+
 def test_corrupt_cache_file_is_ignored(fast_target, tmp_path):
     path = tmp_path / "latency_cache.json"
     path.write_text("{not json")

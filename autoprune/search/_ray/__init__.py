@@ -15,7 +15,10 @@ by the file that holds them and where they run:
   once per process and calls ``run_trial`` -- the same trial function as every backend;
 * ``_isolation.py`` (workers): ``NodeIsolation``, latency isolation between trials of one node;
 * ``_journal.py`` (driver): the journal that makes ``--resume`` lose nothing;
-* ``_cluster.py`` (driver): connecting to a cluster or starting a local Ray.
+* ``_cluster.py`` (driver): connecting to a cluster or starting a local Ray;
+* ``_shipping.py`` (driver and workers): what travels to nodes that share no files with the
+  driver -- a file task's directory in the job's ``runtime_env`` (``working_dir``), the base
+  model's weights in the object store -- and comes back: results and latency measurements.
 
 Latency isolation: every worker measures under ``TrialSettings.measure_lock``, an fcntl lock
 file in the node's temp directory, so two trials on one node never time a model at once. With

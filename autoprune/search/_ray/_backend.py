@@ -110,14 +110,16 @@ class RayBackend(Backend):
 
     def _fit(self, ctx: SearchContext, ray_dir: Path, stopper: str, session: _Session) -> Any:
         import optuna
+        import ray
         from ray import tune
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         opts = ctx.backend_options
         cpus = float(opts.get("cpus_per_trial") or 1.0)
         gpus = float(opts.get("gpus_per_trial") or 0.0)
-        job = _job(ctx, stopper, finished={n: {"params": r["params"], "payload": r["payload"]}
-                                           for n, r in session.finished.items()})
+        job = _job(ray, ctx, stopper,
+                   finished={n: {"params": r["params"], "payload": r["payload"]}
+                             for n, r in session.finished.items()})
         trainable = tune.with_resources(tune.with_parameters(_trainable, job=job),
                                         {"cpu": cpus, "gpu": gpus})
         exp_dir = ray_dir / session.experiment
@@ -158,9 +160,13 @@ class RayBackend(Backend):
 
 def _on_a_trial_node(ctx: SearchContext, fn: Any, *args: Any) -> Any:
     """``fn(job, *args)`` as a Ray task that asks for a trial's resources, so it runs on a node
-    that can run trials (Ray picks which one)."""
+    that can run trials (Ray picks which one); the latency cache entries it returns with its
+    value are merged into the driver's cache."""
     cpus = float(ctx.backend_options.get("cpus_per_trial") or 1.0)
     gpus = float(ctx.backend_options.get("gpus_per_trial") or 0.0)
     with _connected(ctx) as ray:
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(fn)
-        return ray.get(remote.remote(_job(ctx, None, {}), *args))
+        value, latency = ray.get(remote.remote(_job(ray, ctx, None, {}), *args))
+    if ctx.settings.latency_cache is not None:
+        ctx.settings.latency_cache.merge(latency)
+    return value

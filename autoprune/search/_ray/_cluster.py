@@ -11,6 +11,7 @@ from typing import Any
 
 from autoprune.errors import UsageError
 from autoprune.search._base import SearchContext
+from autoprune.search._ray._shipping import check_joined, runtime_env
 
 INSTALL_HINT = "pip install 'autoprune[ray]'"
 
@@ -44,7 +45,8 @@ def _check_ray() -> None:
 def _connected(ctx: SearchContext) -> Iterator[Any]:
     """Connect to ``address``, or start a local Ray bound to loopback and shut it down after.
 
-    A Ray already initialized in this process is used as it is (and left running).
+    The job's ``runtime_env`` ships a file task to the nodes (see ``_shipping.py``). A Ray
+    already initialized in this process is used as it is (and left running).
     """
     opts = ctx.backend_options
     address = opts.get("address")
@@ -70,10 +72,16 @@ def _connected(ctx: SearchContext) -> Iterator[Any]:
             if not ray.is_initialized():
                 common = dict(include_dashboard=False, log_to_driver=False,
                               logging_level=logging.ERROR, namespace="autoprune",
-                              runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})
+                              runtime_env=runtime_env(ctx))
                 if address:
                     try:
                         ray.init(address=address, **common)
+                    except ray.exceptions.RuntimeEnvSetupError as e:  # the task's directory
+                        raise UsageError(
+                            f"cannot ship the task's directory to the Ray cluster ({e}); Ray "
+                            f"uploads at most 512 MiB by default: move the task file to a "
+                            f"directory of its own, or list large files in a .rayignore there"
+                            ) from None
                     except (ConnectionError, RuntimeError, ValueError) as e:
                         first = (str(e).splitlines() or [""])[0][:200]
                         raise UsageError(
@@ -85,6 +93,8 @@ def _connected(ctx: SearchContext) -> Iterator[Any]:
                     ray_constants.ENABLE_RAY_CLUSTER = False
                     ray.init(num_cpus=math.ceil(workers * cpus), **common)  # GPUs: detected
                 started = True
+            else:
+                check_joined(ray, ctx)
             total = ray.cluster_resources()
             if total.get("CPU", 0) < cpus or total.get("GPU", 0) < gpus:
                 raise UsageError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,13 @@ from typing import Any
 
 from autoprune.search._base import SearchContext
 from autoprune.search._ray._journal import EXPERIMENT, _Journal
-from autoprune.search._ray._trainable import CONFIG_KEY, RESULT_KEY, _parse, _payload
+from autoprune.search._ray._trainable import (
+    CONFIG_KEY,
+    LATENCY_KEY,
+    RESULT_KEY,
+    _parse,
+    _payload,
+)
 from autoprune.trial import TrialResult
 
 
@@ -81,6 +88,8 @@ class _Session:
                "payload": payload, "curve": curve}
         self.journal.append(rec)
         self.finished[number] = rec
+        if self.ctx.settings.latency_cache is not None:  # the driver writes the cache file
+            self.ctx.settings.latency_cache.merge(json.loads(payload.get(LATENCY_KEY) or "{}"))
         self._add(_parse(payload), curve, show=True)
 
     def _add(self, result: TrialResult, curve: list, show: bool) -> None:
