@@ -28,7 +28,7 @@ from torch import nn
 from autoprune.nested import tensors
 
 __all__ = ["InputStatistics", "collect_statistics", "ActivationImportance", "FisherImportance",
-           "activation_weight_scores"]
+           "activation_weight_scores", "global_allocation", "mask_gradients"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -155,21 +155,69 @@ class ActivationImportance(_StatisticsImportance):
         return scores if seen else None
 
 
+def mask_gradients(group: tp.Group, stats: InputStatistics) -> torch.Tensor | None:
+    """(samples, channels): per sample, the gradient of a mask on each of the group's
+    channels, summed over the layers that read it; None if none of them has gradients."""
+    per_sample = None
+    for module, idxs, root in _consumers(group):
+        grads = stats.fisher.get(module)
+        if grads is None:
+            continue
+        if per_sample is None:
+            per_sample = torch.zeros(grads.shape[0], len(group[0].idxs))
+        per_sample.index_add_(1, torch.tensor(root), grads[:, idxs])
+    return per_sample
+
+
 class FisherImportance(_StatisticsImportance):
     """Per sample, the mask gradient summed over the consumer layers; squared, then summed
     over samples. None if no consumer layer has gradients."""
 
     @torch.no_grad()
     def __call__(self, group: tp.Group) -> torch.Tensor | None:
-        per_sample = None
-        for module, idxs, root in _consumers(group):
-            grads = self.stats.fisher.get(module)
-            if grads is None:
-                continue
-            if per_sample is None:
-                per_sample = torch.zeros(grads.shape[0], self._root_size(group))
-            per_sample.index_add_(1, torch.tensor(root), grads[:, idxs])
+        per_sample = mask_gradients(group, self.stats)
         return None if per_sample is None else per_sample.square().sum(0)
+
+
+def global_allocation(groups: list, stats: InputStatistics, sparsity: float,
+                      high: float = 0.9) -> dict[str, float]:
+    """Per-group sparsities that remove ``sparsity`` of all heads (across the head groups)
+    and of all channels (across the other groups), those of least Fisher importance first
+    (Kwon et al. 2022's global ranking). A head's score is its own mask's (the squared sum of
+    its channels' per-sample gradients); no group loses more than ``high``.
+
+    ``groups``: :class:`~autoprune.prune.PrunableGroup` objects; groups Fisher cannot score
+    (and grouped-conv groups) are left out of the result.
+
+    Example:
+        >>> global_allocation(inspection.groups, stats, 0.5)  # doctest: +SKIP
+        {'encoder.layer.0.attention.self.value': 0.25, ...}
+    """
+    scores: dict[str, torch.Tensor] = {}
+    for g in groups:
+        per_sample = mask_gradients(g.tp_group, stats) if g.channel_groups == 1 else None
+        if per_sample is None:
+            continue
+        if g.num_heads:
+            per_sample = per_sample.view(per_sample.shape[0], g.num_heads, -1).sum(-1)
+        scores[g.name] = per_sample.square().sum(0)
+    out: dict[str, float] = {}
+    for heads in (True, False):
+        kind = [g.name for g in groups if g.name in scores and bool(g.num_heads) == heads]
+        if not kind:
+            continue
+        units = [(float(v), name) for name in kind for v in scores[name]]
+        n_remove = int(sparsity * len(units) + 0.5)
+        cap = {name: int(high * len(scores[name])) for name in kind}
+        removed = dict.fromkeys(kind, 0)
+        for _, name in sorted(units):  # least important first; a group at its cap is skipped
+            if n_remove == 0:
+                break
+            if removed[name] < cap[name]:
+                removed[name] += 1
+                n_remove -= 1
+        out.update((name, removed[name] / len(scores[name])) for name in kind)
+    return out
 
 
 def activation_weight_scores(module: nn.Module, stats: InputStatistics) -> torch.Tensor:

@@ -367,6 +367,20 @@ class BoundSpace:
             params[f"s.{unit}"] = s
         return params
 
+    def allocation_params(self, sparsities: dict[str, float],
+                          criterion: str | None = None) -> dict[str, Any]:
+        """Parameters of a plan that gives each group its own sparsity (a unit of several
+        groups takes their mean; groups not named keep everything), ranked by ``criterion``
+        (a choice of the space; its first if None)."""
+        params = self.uniform_params(0.0)
+        if criterion is not None:
+            params = {k: criterion if k.startswith("criterion") else v for k, v in params.items()}
+        for unit, groups in self.units.items():
+            values = [sparsities[g.name] for g in groups if g.name in sparsities]
+            if values:
+                params[f"s.{unit}"] = self._snap(sum(values) / len(values))
+        return params
+
     def baselines(self, sparsities: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[str, dict]:
         """The dense model and uniform plans, by name, as parameters of this space."""
         out = {}

@@ -10,14 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.budget import Objective
+from autoprune.data_importance import collect_statistics, global_allocation
 from autoprune.fingerprint import architecture_signature
 from autoprune.plan import PruningPlan
+from autoprune.prune._groups import build_groups
 from autoprune.results import RunConfig
 from autoprune.search._steer import UNIFORM_FIT, Steering
 from autoprune.space import BoundSpace
 from autoprune.trial import TrialResult, TrialSettings
 
-__all__ = ["SearchContext", "Backend", "register_backend", "get_backend", "EarlyStopper"]
+__all__ = ["SearchContext", "Backend", "register_backend", "get_backend", "EarlyStopper",
+           "FISHER_FIT"]
+
+# The baseline whose allocation comes from the global Fisher ranking.
+FISHER_FIT = "fisher-global"
 
 
 @dataclass
@@ -51,7 +57,7 @@ class SearchContext:
         that mean what they say."""
         if self.steering is None:
             return params, {}
-        return self.steering.project(params, steer=not baseline or baseline == UNIFORM_FIT)
+        return self.steering.project(params, steer=baseline in (None, UNIFORM_FIT, FISHER_FIT))
 
     def prepare(self, params: dict[str, Any], baseline: str | None = None
                 ) -> tuple[PruningPlan, dict[str, float]]:
@@ -84,11 +90,28 @@ class SearchContext:
 
     def baselines(self) -> dict[str, dict[str, Any]]:
         """Reference plans tried first: dense, uniform ones and, when steering, the uniform
-        allocation scaled onto the budget (what a person would pick by hand)."""
+        allocation scaled onto the budget (what a person would pick by hand). A space that
+        ranks by Fisher importance also starts from the allocation its global ranking gives
+        (scaled onto the budget when steering)."""
         out = self.space.baselines()
         if self.steering is not None:
             out[UNIFORM_FIT] = self.space.uniform_params(self.space.space.sparsity.high)
+        allocation = self._fisher_allocation()
+        if allocation:
+            out[FISHER_FIT] = self.space.allocation_params(allocation, "fisher")
         return out
+
+    def _fisher_allocation(self) -> dict[str, float]:
+        """Per-group sparsities of the global Fisher ranking at 50 % (none if the space does
+        not rank by Fisher or does not sample a sparsity per group)."""
+        space = self.space.space
+        if "fisher" not in space.criteria or space.share != "per_layer":
+            return {}
+        model = self.task.build_model()
+        _, inspection = build_groups(model, self.task.example_inputs)
+        batches = self.task.calibration_batches(self.settings.calibration_batches)
+        stats = collect_statistics(model, batches, fisher=True, seed=self.settings.seed)
+        return global_allocation(inspection.groups, stats, 0.5, high=space.sparsity.high)
 
 
 class Backend(abc.ABC):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from autoprune.criteria import get_criterion
-from autoprune.data_importance import collect_statistics
+from autoprune.data_importance import collect_statistics, global_allocation
 from autoprune.errors import PlanError
 from autoprune.plan import LayerRule, PruningPlan
 from autoprune.prune import prune_model_
@@ -109,3 +109,27 @@ def test_data_aware_criteria_prune_other_channels_than_magnitude_and_need_data()
                      (x[:1],))
     with pytest.raises(PlanError, match="'fisher' scores whole channels"):
         LayerRule("unstructured", 0.5, "fisher")
+
+
+def test_global_allocation_removes_the_least_important_units_across_groups():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=128, hidden_size=48, num_hidden_layers=3,
+                                     num_attention_heads=6, intermediate_size=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    with torch.no_grad():  # layer 1's heads and FFN matter little: it should lose the most
+        model.encoder.layer[1].attention.output.dense.weight.mul_(0.01)
+        model.encoder.layer[1].output.dense.weight.mul_(0.01)
+    batches = _batches(n=4)
+    _, inspection = build_groups(model, (batches[0][0],))
+    stats = collect_statistics(model, batches, fisher=True)
+    alloc = global_allocation(inspection.groups, stats, 0.5)
+    heads = {g.name: g for g in inspection.groups if g.num_heads}
+    ffn = {g.name: g for g in inspection.groups if not g.num_heads}
+    assert set(alloc) == set(heads) | set(ffn)
+    # half of all heads and half of all FFN channels go, unevenly
+    assert sum(alloc[n] * g.num_heads for n, g in heads.items()) == 9
+    assert sum(alloc[n] * g.channels for n, g in ffn.items()) == pytest.approx(48)
+    layer1 = [n for n in alloc if ".layer.1." in n]
+    assert all(alloc[n] >= 0.75 for n in layer1), alloc
+    assert len(set(alloc.values())) > 2

@@ -1,0 +1,28 @@
+"""A space ranking by Fisher importance starts from the global Fisher allocation."""
+
+import json
+
+from autoprune.cli import main
+from autoprune.search._base import FISHER_FIT
+
+SYNTHETIC = "autoprune.testing.tasks:synthetic_task"
+
+
+def test_a_fisher_space_tries_the_global_fisher_allocation_scaled_onto_the_budget(
+        tmp_path, fast_target):
+    space = tmp_path / "fisher.yaml"
+    space.write_text("name: fisher\nsparsity: {low: 0.0, high: 0.8, step: 0.05}\n"
+                     "criteria: [fisher]\n")
+    out = tmp_path / "run"
+    assert main(["search", "--task", SYNTHETIC, "--space", str(space), "--target", fast_target,
+                 "--budget", "params<50%", "--trials", "6", "--finetune-steps", "2",
+                 "--output", str(out), "--quiet"]) == 0
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    fit = next(t for t in trials if t["baseline"] == FISHER_FIT)
+    rules = fit["plan"]["rules"]
+    sparsities = [r["sparsity"] for r in rules.values() if r["mode"] == "structured"]
+    assert {r["criterion"] for r in rules.values() if r["mode"] == "structured"} == {"fisher"}
+    assert len(set(sparsities)) > 1  # not uniform: the global ranking decides
+    # steered onto the budget: it keeps about half of the dense model's parameters
+    dense = next(t for t in trials if t["baseline"] == "dense")
+    assert 0.35 < fit["metrics"]["params"] / dense["metrics"]["params"] <= 0.5
