@@ -56,6 +56,15 @@ def _input_names(onnx_model: bytes) -> list[str]:
     return [i.name for i in graph.input if i.name not in initializers]
 
 
+def _has_sequence_axis(onnx_model: bytes) -> bool:
+    """Whether an input has the symbolic ``sequence`` axis of export_onnx(dynamic_batch=True)."""
+    import onnx
+
+    graph = onnx.load_model_from_string(onnx_model).graph
+    return any(d.dim_param == "sequence" for i in graph.input
+               for d in i.type.tensor_type.shape.dim)
+
+
 def _as_arrays(inputs: Any) -> list[Any]:
     """A batch's inputs (a tensor or a tuple/list of tensors) as numpy arrays."""
     tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
@@ -104,7 +113,9 @@ def quantize_onnx(onnx_model: bytes, scheme: str, calibration: Sequence[Any] = (
     with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         src, pre, dst = (Path(tmp) / f"{n}.onnx" for n in ("model", "pre", "int8"))
         src.write_bytes(onnx_model)
-        quant_pre_process(str(src), str(pre))
+        # ORT's symbolic shape inference gives up on a transformer's symbolic sequence
+        # length ("Incomplete symbolic shape inference"); ONNX's own inference suffices.
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=_has_sequence_axis(onnx_model))
         if scheme == "int8":
             quantize_static(str(pre), str(dst), _Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8,

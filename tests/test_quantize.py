@@ -243,3 +243,29 @@ def test_plan_and_summary_show_the_scheme_and_the_fp32_metric_beside_it():
                   if line.startswith("| 1 ")]
     assert [(r[2].strip(), r[-1].strip()) for r in front_rows] == [
         ("0.9600 (fp32 0.9700)", "int8")]
+
+
+def test_a_text_model_ships_with_a_symbolic_sequence_length_and_quantizes_dynamically():
+    transformers = pytest.importorskip("transformers")
+    from examples.hf_encoder_task import TextEmbedder
+
+    config = transformers.BertConfig(vocab_size=128, hidden_size=48, num_hidden_layers=2,
+                                     num_attention_heads=6, intermediate_size=96)
+    torch.manual_seed(0)
+    model = TextEmbedder(transformers.BertModel(config)).eval()
+    ids = torch.randint(0, 128, (1, 16))
+    exported = export_onnx(model, (ids, torch.ones_like(ids)), dynamic_batch=True)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in onnx.load_model_from_string(exported.onnx_bytes).graph.input}
+    assert dims == {"input_0": ["batch", "sequence"], "input_1": ["batch", "sequence"]}
+    shipped = quantize_onnx(exported.onnx_bytes, "int8-dynamic")
+    ops = Counter(n.op_type for n in onnx.load_model_from_string(shipped).graph.node)
+    assert ops["MatMulInteger"] >= 12  # q, k, v, output and both FFN layers, twice
+    short = torch.randint(0, 128, (3, 7))  # another batch size and length than exported
+    mask = torch.ones_like(short)
+    with torch.no_grad():
+        want = model(short, mask)
+    for onnx_model, tolerance in ((exported.onnx_bytes, 1e-4), (shipped, 0.2)):
+        got = OrtModule(onnx_model)(short, mask)
+        assert got.shape == (3, 48)
+        assert (got - want).abs().max() < tolerance * want.abs().max()

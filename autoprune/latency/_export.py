@@ -40,7 +40,7 @@ class ExportResult:
     output_names: tuple[str, ...]  # graph output names
     max_abs_diff: float  # max |ORT - PyTorch| over all outputs on the example input
     tolerance: float  # the allowed max_abs_diff (atol + rtol * max |PyTorch output|)
-    dynamic_batch: bool  # whether dim 0 of inputs and outputs is symbolic ("batch")
+    dynamic_batch: bool  # whether dim 0 (and dim 1 of token inputs) is symbolic
 
     @property
     def ok(self) -> bool:
@@ -74,7 +74,9 @@ def export_onnx(
         example_inputs: the tensors the model is called with.
         path: if given, the ONNX file is also written there.
         opset: ONNX opset version (pinned; 17 by default).
-        dynamic_batch: make dim 0 of every input and output symbolic.
+        dynamic_batch: make dim 0 of every input and output symbolic, and dim 1 of every
+            integer input of rank 2 (token ids, attention masks): text batches vary in
+            length, so a text model serves them only with a symbolic sequence length.
         check: raise :class:`ExportError` when ORT and PyTorch differ by more than the
             tolerance ``atol + rtol * max|PyTorch output|``.
         rtol: relative part of the tolerance.
@@ -101,6 +103,10 @@ def export_onnx(
         dynamic_axes = (
             {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
         )
+        if dynamic_batch:
+            for name, t in zip(input_names, inputs):
+                if t.dim() == 2 and not t.is_floating_point():
+                    dynamic_axes[name][1] = "sequence"
         buffer = io.BytesIO()
         try:
             with warnings.catch_warnings():

