@@ -20,6 +20,7 @@ from autoprune.data_importance import (
     FisherImportance,
     InputStatistics,
     activation_weight_scores,
+    fisher_head_scores,
 )
 
 __all__ = ["Criterion", "CALIBRATION", "register_criterion", "get_criterion", "list_criteria"]
@@ -44,6 +45,8 @@ class Criterion:
     # (layer, statistics) -> one score per weight, same shape; None: whole channels only
     weight_scores: Callable[[nn.Module, InputStatistics | None], torch.Tensor] | None
     calibration: str = "none"  # what it needs from calibration batches, one of CALIBRATION
+    # (statistics, group, heads) -> one score per head; None: the mean of its channels' scores
+    head_scores: Callable[[InputStatistics, tp.Group, int], torch.Tensor | None] | None = None
 
 
 _CRITERIA: dict[str, Criterion] = {}
@@ -100,4 +103,5 @@ register_criterion(Criterion(
     "random", lambda _: tp.importance.RandomImportance(), _elementwise(_random_scores)))
 register_criterion(Criterion(
     "activation", ActivationImportance, activation_weight_scores, calibration="activations"))
-register_criterion(Criterion("fisher", FisherImportance, None, calibration="fisher"))
+register_criterion(Criterion("fisher", FisherImportance, None, calibration="fisher",
+                             head_scores=fisher_head_scores))

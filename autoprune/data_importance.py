@@ -28,7 +28,8 @@ from torch import nn
 from autoprune.nested import tensors
 
 __all__ = ["InputStatistics", "collect_statistics", "ActivationImportance", "FisherImportance",
-           "activation_weight_scores", "global_allocation", "mask_gradients"]
+           "activation_weight_scores", "fisher_head_scores", "global_allocation",
+           "mask_gradients"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -179,6 +180,16 @@ class FisherImportance(_StatisticsImportance):
         return None if per_sample is None else per_sample.square().sum(0)
 
 
+def fisher_head_scores(stats: InputStatistics, group: tp.Group, heads: int
+                       ) -> torch.Tensor | None:
+    """Each head's own Fisher score: per sample, the gradient of one mask on the whole head
+    (the sum of its channels'), squared, summed over samples."""
+    per_sample = mask_gradients(group, stats)
+    if per_sample is None:
+        return None
+    return per_sample.view(per_sample.shape[0], heads, -1).sum(-1).square().sum(0)
+
+
 def global_allocation(groups: list, stats: InputStatistics, sparsity: float,
                       high: float = 0.9) -> dict[str, float]:
     """Per-group sparsities that remove ``sparsity`` of all heads (across the head groups)
@@ -199,8 +210,9 @@ def global_allocation(groups: list, stats: InputStatistics, sparsity: float,
         if per_sample is None:
             continue
         if g.num_heads:
-            per_sample = per_sample.view(per_sample.shape[0], g.num_heads, -1).sum(-1)
-        scores[g.name] = per_sample.square().sum(0)
+            scores[g.name] = fisher_head_scores(stats, g.tp_group, g.num_heads)
+        else:
+            scores[g.name] = per_sample.square().sum(0)
     out: dict[str, float] = {}
     for heads in (True, False):
         kind = [g.name for g in groups if g.name in scores and bool(g.num_heads) == heads]

@@ -163,9 +163,13 @@ def _prune_structured(
             scores = get_criterion("l1").group_importance(None)(group.tp_group)
         scores = scores.detach().cpu().float()
         if group.num_heads:  # whole heads, scored by their mean (as Torch-Pruning does)
-            per_head = scores.numel() // group.num_heads
+            per_head = scores.numel() // group.num_heads  # or by the criterion's own score
             keep = count_kept(group.num_heads, rule.sparsity)
-            heads = _pick(scores.view(group.num_heads, per_head).mean(1), group.num_heads - keep)
+            head_fn = get_criterion(crit).head_scores
+            by_head = head_fn(stats, group.tp_group, group.num_heads) if head_fn else None
+            if by_head is None:
+                by_head = scores.view(group.num_heads, per_head).mean(1)
+            heads = _pick(by_head.detach().cpu().float(), group.num_heads - keep)
             idxs = (heads[:, None] * per_head + torch.arange(per_head)).flatten()
         elif group.channel_groups > 1:  # the same positions in every group (Torch-Pruning's
             n = group.channel_groups  # channel groups): grouped convs stay grouped
