@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import gc
 import math
 import time
@@ -22,7 +23,7 @@ from autoprune._filelock import file_lock
 from autoprune.budget import Budget, Objective, latency_metrics
 from autoprune.criteria import get_criterion
 from autoprune.errors import AutopruneError, TrialFailure
-from autoprune.plan import PruningPlan
+from autoprune.plan import LayerRule, PruningPlan
 
 __all__ = ["TrialSettings", "TrialResult", "run_trial", "measure_plan", "STATUSES",
            "SCREENED", "BUSY", "FASTEST"]
@@ -222,9 +223,20 @@ def measure_plan(task: Any, plan: PruningPlan, settings: TrialSettings, targets:
     """Cost metrics of ``plan``: size and MACs, and latency on ``targets`` (full protocol
     unless ``screen``). No fine-tuning: cost depends on the pruned shapes only. The search
     measures the dense model, its cost profile and its fronts' re-measurements with it."""
-    _, pruned, _ = _prune(task, plan, settings)
+    _, pruned, _ = _prune(task, _shapes_only(plan), settings)
     return {**_cost_metrics(pruned, task.example_inputs),
             **_measure(task, pruned, plan, settings, targets, screen=screen)}
+
+
+def _shapes_only(plan: PruningPlan) -> PruningPlan:
+    """``plan`` with criteria that read calibration data replaced by l1: the pruned shapes,
+    all that cost depends on, are the same, without the calibration passes."""
+    def cheap(rule: LayerRule) -> LayerRule:
+        data = get_criterion(rule.criterion).calibration != "none"
+        return dataclasses.replace(rule, criterion="l1") if data else rule
+
+    return dataclasses.replace(plan, default=cheap(plan.default),
+                               rules={k: cheap(r) for k, r in plan.rules.items()})
 
 
 def _cost_metrics(model: Any, example_inputs: tuple) -> dict[str, float]:

@@ -184,3 +184,20 @@ def test_a_side_by_side_timing_that_times_nothing_is_not_retried_round_after_rou
     confirm_module.confirm_and_time(None, [a], config, TrialSettings([Target(name="fast")]),
                                     say=lambda _: None)
     assert len(rounds) == 2 and SCREENED + "fast" not in a.metrics
+
+
+def test_cost_measurements_skip_the_calibration_passes_of_data_aware_criteria(monkeypatch):
+    from autoprune import data_importance
+    from autoprune.plan import PruningPlan
+    from autoprune.testing.tasks import synthetic_task
+    from autoprune.trial import TrialSettings, measure_plan
+
+    task = synthetic_task()
+    calls = []
+    real = data_importance.collect_statistics
+    monkeypatch.setattr("autoprune.prune._apply.collect_statistics",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    fisher = measure_plan(task, PruningPlan.uniform(0.5, criterion="fisher"),
+                          TrialSettings(targets=[]), [])
+    assert not calls
+    assert fisher == measure_plan(task, PruningPlan.uniform(0.5), TrialSettings(targets=[]), [])
