@@ -10,6 +10,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from autoprune.prune._attention import (
+    AttentionLayout,
+    AttentionPruner,
+    HeadGroup,
+    find_decoder_attention,
+    opaque_attention,
+)
+from autoprune.prune._bounded import bounded_analysis
 from autoprune.prune._diagnose import tensors, why_unreached
 
 __all__ = ["PrunableGroup", "Unprunable", "ModelInspection", "inspect_model", "build_groups",
@@ -33,6 +41,8 @@ class PrunableGroup:
     num_heads: int | None = None  # set for attention groups: heads are removed whole
     head_owners: list[str] = field(default_factory=list)  # attention modules to update
     channel_groups: int = 1  # grouped conv / GroupNorm groups: each loses the same channels
+    heads_per_unit: int = 1  # query heads per unit: grouped-query attention prunes whole
+    # key/value groups (num_heads counts them), each with this many query heads
     tp_group: object = field(default=None, repr=False)  # the Torch-Pruning group (internal)
 
     @property
@@ -42,6 +52,8 @@ class PrunableGroup:
 
     def describe_units(self) -> str:
         """``12 heads``, ``64 ch`` or ``64 ch in 8 groups`` (what ``autoprune layers`` shows)."""
+        if self.num_heads and self.heads_per_unit > 1:
+            return f"{self.num_heads} kv groups of {self.heads_per_unit} heads"
         if self.num_heads:
             return f"{self.num_heads} heads"
         if self.channel_groups > 1:
@@ -181,7 +193,22 @@ def _channel_groups(dg: tp.DependencyGraph, group: tp.Group) -> int:
             out = dg.is_out_channel_pruning_fn(dep.handler)
             counts.append(pruner.get_out_channel_groups(m) if out
                           else pruner.get_in_channel_groups(m))
-    return math.lcm(*counts)
+    return math.lcm(*counts, _self_coupling(dg, group))
+
+
+def _self_coupling(dg: tp.DependencyGraph, group: tp.Group) -> int:
+    """k for a fused Linear whose output is split into k equal parts combined channel by
+    channel (Phi-3's ``gate_up_proj``: gate * up): removing channel i removes i + C/k, ... too,
+    so the k parts are channel groups. 1 for every other layer."""
+    root, fn = group[0].dep.target.module, group[0].dep.handler
+    if not isinstance(root, nn.Linear):
+        return 1
+    probe = dg.get_pruning_group(root, fn, [0])
+    hit = sorted({i for d, idxs in probe if d.target.module is root
+                  and dg.is_out_channel_pruning_fn(d.handler) for i in idxs})
+    size = len(group[0].idxs)
+    k = len(hit)
+    return k if k > 1 and size % k == 0 and hit == [j * size // k for j in range(k)] else 1
 
 
 def _shared_owners(dg: tp.DependencyGraph, group: tp.Group, attn: dict[nn.Module, nn.Module],
@@ -259,17 +286,38 @@ def build_groups(
         outputs.extend(tensors(out))
         return out
 
-    with warnings.catch_warnings():
+    layouts = find_decoder_attention(model)
+    pruner = AttentionPruner(layouts)
+    with warnings.catch_warnings(), opaque_attention(layouts):
         warnings.simplefilter("ignore")  # TP warns about unwrapped parameters it handles fine
         dg = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, forward_fn=forward,
-            output_transform=tensors)  # dicts (e.g. a transformers ModelOutput) flattened
+            output_transform=tensors,  # dicts (e.g. a transformers ModelOutput) flattened
+            customized_pruners={type(m): pruner for m in layouts})
     macs = {m: c[0] for m, c in layer_costs(model, example_inputs).items()}
     total_macs = sum(macs.values()) or 1
     attn = _attention_linears(model)
     output_layers = _output_layers(dg, {t.grad_fn for t in outputs if t.grad_fn is not None})
+    with bounded_analysis(dg, names):
+        groups, hidden, unprunable, covered = _find_groups(
+            dg, model, example_inputs, names, macs, total_macs, attn, output_layers, layouts)
+    order = {n: i for i, n in enumerate(names.values())}
+    for found in (groups, hidden):
+        found.sort(key=lambda gr: order[gr.name])
+    unprunable.sort(key=lambda u: order[u.name])
+    model.train(was_training)
+    inspection = ModelInspection(
+        groups, unprunable, sum(p.numel() for p in model.parameters()), int(total_macs), hidden)
+    return dg, inspection
 
+
+def _find_groups(dg: tp.DependencyGraph, model: nn.Module, example_inputs: tuple,
+                 names: dict[nn.Module, str], macs: dict[nn.Module, int], total_macs: int,
+                 attn: dict[nn.Module, nn.Module], output_layers: list[nn.Module],
+                 layouts: dict[nn.Module, AttentionLayout]) -> tuple[list, list, list, set]:
+    """Groups, hidden-width groups, unprunable layers and the layers they cover."""
     groups, hidden, covered, unprunable = [], [], set(), []
+    groups += [_head_group(lay, names, macs, total_macs) for lay in layouts.values()]
     for g in dg.get_all_groups(ignored_layers=output_layers, root_module_types=_ROOT_TYPES):
         group = _make_group(dg, g, names, macs, total_macs, attn)
         producers = [m for d, _ in g if dg.is_out_channel_pruning_fn(d.handler)
@@ -280,7 +328,8 @@ def build_groups(
                                                 f"into {group.channel_groups} equal groups")
                            for m in dict.fromkeys(producers)]
         elif any(type(o).__module__.startswith("transformers.")
-                 for o in _shared_owners(dg, g, attn, outputs=False)):
+                 for o in _shared_owners(dg, g, attn, outputs=False)
+                 + [d.target.module for d, _ in g if d.target.module in layouts]):
             hidden.append(group)
         else:
             groups.append(group)
@@ -299,14 +348,21 @@ def build_groups(
         reasons = why_unreached(model, example_inputs, missing)
         unprunable += [Unprunable(names[m], "not reached by the dependency graph: " + reasons[m])
                        for m in missing]
-    order = {n: i for i, n in enumerate(names.values())}
-    for found in (groups, hidden):
-        found.sort(key=lambda gr: order[gr.name])
-    unprunable.sort(key=lambda u: order[u.name])
-    model.train(was_training)
-    inspection = ModelInspection(
-        groups, unprunable, sum(p.numel() for p in model.parameters()), int(total_macs), hidden)
-    return dg, inspection
+    return groups, hidden, unprunable, covered
+
+
+def _head_group(lay: AttentionLayout, names: dict[nn.Module, str], macs: dict[nn.Module, int],
+                total_macs: int) -> PrunableGroup:
+    """The key/value groups of a decoder attention module (see ``_attention``)."""
+    projections = list(dict.fromkeys((lay.q, lay.k, lay.v)))
+    layers = projections + [lay.out]
+    params = sum(p.numel() for m in projections for p in m.parameters())
+    params += lay.out.weight.numel()  # the output projection's bias stays (hidden width)
+    return PrunableGroup(
+        name=names[lay.q], coupled=[names[m] for m in layers],
+        producers=[names[m] for m in projections], channels=lay.kv_heads * lay.head_dim,
+        params=params, flops_share=sum(macs.get(m, 0) for m in layers) / total_macs,
+        num_heads=lay.kv_heads, heads_per_unit=lay.group_size, tp_group=HeadGroup(lay, names))
 
 
 def _dim_size(module: nn.Module, dim: int | None) -> int:
