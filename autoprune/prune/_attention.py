@@ -1,14 +1,19 @@
-"""Decoder attention (grouped-query, rotary, fused q/k/v) pruned by whole key/value groups.
+"""Attention modules Torch-Pruning cannot trace head by head, pruned here as one unit.
 
-Llama, Qwen2, Mistral and Phi-3 attention modules keep ``head_dim`` and
-``num_key_value_groups`` (query heads per key/value head) and project with ``q_proj``,
-``k_proj``, ``v_proj`` (or one fused ``qkv_proj``: queries, then keys, then values) and
-``o_proj``. Torch-Pruning cannot follow channels through their rotary embeddings (it never
-finishes), so each such module is one unit of its dependency graph: the graph sees only its
-input and output width (the model's hidden width), and this module removes heads inside it.
-The unit removed is a key/value group: one key head, one value head and the
-``num_key_value_groups`` query heads that share them, with their ``o_proj`` inputs. The number
-of query heads per key/value head, ``head_dim`` and the rotary dimension stay as they were.
+Decoder attention (Llama, Qwen2, Mistral: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``;
+Phi-3: one fused ``qkv_proj`` holding queries, then keys, then values) keeps ``head_dim`` and
+``num_key_value_groups`` (query heads per key/value head) and applies rotary embeddings, whose
+slices and concatenations Torch-Pruning follows forever. Swin's window attention adds a relative
+position bias table with one column per head. T5 attention shares one relative position bias,
+computed by the first layer, across every layer.
+
+Each such module is one unit of the dependency graph: while the graph is traced, the module
+computes one element-wise op of its input, so the graph sees only its input and output width
+(the model's hidden width). Heads are removed here: the unit is a key/value group, one key head,
+one value head and the query heads sharing them, with their output-projection inputs and their
+bias-table columns. ``head_dim``, the query heads per key/value head and the rotary dimension
+stay as they were. T5 heads are left whole (the shared bias would have to lose the same heads in
+every layer); the reason is listed with the model's unprunable layers.
 """
 
 from __future__ import annotations
@@ -16,15 +21,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning import _helpers
 from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.node import Node
 
-__all__ = ["AttentionLayout", "find_decoder_attention", "opaque_attention", "AttentionPruner",
+__all__ = ["AttentionLayout", "find_attention", "opaque_attention", "AttentionPruner",
            "HeadGroup"]
 
 _SEPARATE = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -44,6 +50,9 @@ class AttentionLayout:
     heads: int  # query heads
     kv_heads: int  # key/value heads (= heads without grouped-query attention)
     head_dim: int  # channels per head
+    tables: list[tuple[nn.Module, str]] = field(default_factory=list)  # (owner, parameter name)
+    # of per-head bias tables: one column (last dim) per query head
+    whole: str | None = None  # why the heads are left whole, if they are
 
     @property
     def group_size(self) -> int:
@@ -51,33 +60,71 @@ class AttentionLayout:
         return self.heads // self.kv_heads
 
 
-def _layout(module: nn.Module) -> AttentionLayout | None:
+def _heads(q: nn.Linear, k: nn.Linear, v: nn.Linear, out: nn.Linear, head_dim: int,
+           group_size: int) -> tuple[int, int] | None:
+    """(query heads, key/value heads) of separate projections, or None if they do not fit."""
+    heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
+    fits = (q.out_features == heads * head_dim == out.in_features
+            and v.out_features == k.out_features == kv_heads * head_dim)
+    return (heads, kv_heads) if fits and kv_heads >= 1 and heads == kv_heads * group_size else None
+
+
+def _decoder_layout(module: nn.Module) -> AttentionLayout | None:
+    """Llama/Qwen2/Mistral (separate) and Phi-3 (fused) attention; Swin's window attention."""
     head_dim = getattr(module, "head_dim", None)
     groups = getattr(module, "num_key_value_groups", None)
-    if not (isinstance(head_dim, int) and isinstance(groups, int) and head_dim > 0 and groups > 0):
+    bias = getattr(module, "relative_position_bias", None)
+    table = getattr(bias, "relative_position_bias_table", None)
+    if not isinstance(head_dim, int) or head_dim < 1:
         return None
+    if not (isinstance(groups, int) and groups > 0):
+        if not isinstance(table, nn.Parameter):  # no rotary and no bias table: TP traces it
+            return None
+        groups = 1
+    tables = [(bias, "relative_position_bias_table")] if isinstance(table, nn.Parameter) else []
     children = dict(module.named_children())
     if all(isinstance(children.get(n), nn.Linear) for n in _SEPARATE):
         q, k, v, out = (children[n] for n in _SEPARATE)
-        heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
-        offsets = (0, 0, 0)
-        sizes_ok = q.out_features == heads * head_dim and v.out_features == k.out_features
-    elif all(isinstance(children.get(n), nn.Linear) for n in _FUSED):
-        q = k = v = children["qkv_proj"]
+        counts = _heads(q, k, v, out, head_dim, groups)
+        if counts is None:
+            return None
+        return AttentionLayout(module, q, k, v, out, (0, 0, 0), *counts, head_dim, tables)
+    if all(isinstance(children.get(n), nn.Linear) for n in _FUSED):
+        q = children["qkv_proj"]
         out = children["o_proj"]
         heads = out.in_features // head_dim
-        kv_heads = (q.out_features - heads * head_dim) // (2 * head_dim)
+        kv_heads = heads // groups
+        if q.out_features != (heads + 2 * kv_heads) * head_dim or heads != kv_heads * groups:
+            return None
         offsets = (0, heads * head_dim, (heads + kv_heads) * head_dim)
-        sizes_ok = q.out_features == (heads + 2 * kv_heads) * head_dim
-    else:
-        return None
-    if not sizes_ok or kv_heads < 1 or heads != kv_heads * groups:
-        return None
-    return AttentionLayout(module, q, k, v, out, offsets, heads, kv_heads, head_dim)
+        return AttentionLayout(module, q, q, q, out, offsets, heads, kv_heads, head_dim, tables)
+    return None
 
 
-def find_decoder_attention(model: nn.Module) -> dict[nn.Module, AttentionLayout]:
-    """Every decoder attention module of ``model`` (see the module docstring), in model order."""
+def _t5_layout(module: nn.Module) -> AttentionLayout | None:
+    """T5 attention: one unit, heads left whole (the relative position bias is shared)."""
+    heads, head_dim = getattr(module, "n_heads", None), getattr(module, "key_value_proj_dim", None)
+    if not (hasattr(module, "has_relative_attention_bias") and isinstance(heads, int)
+            and isinstance(head_dim, int)):
+        return None
+    children = dict(module.named_children())
+    if not all(isinstance(children.get(n), nn.Linear) for n in "qkvo"):
+        return None
+    q, k, v, out = (children[n] for n in "qkvo")
+    if _heads(q, k, v, out, head_dim, 1) != (heads, heads):
+        return None
+    return AttentionLayout(
+        module, q, k, v, out, (0, 0, 0), heads, heads, head_dim,
+        whole="heads left whole: T5's relative position bias is computed by the first layer and "
+              "added in every layer, so one layer's heads cannot be removed alone")
+
+
+def _layout(module: nn.Module) -> AttentionLayout | None:
+    return _decoder_layout(module) or _t5_layout(module)
+
+
+def find_attention(model: nn.Module) -> dict[nn.Module, AttentionLayout]:
+    """Every attention module of ``model`` handled here (see the module docstring), in order."""
     found = {}
     for module in model.modules():
         layout = _layout(module)
@@ -87,16 +134,34 @@ def find_decoder_attention(model: nn.Module) -> dict[nn.Module, AttentionLayout]
 
 
 @contextmanager
-def opaque_attention(layouts: dict[nn.Module, AttentionLayout]) -> Iterator[None]:
-    """While tracing, each attention module computes one element-wise op of its input (same
-    shape as its output), so Torch-Pruning sees it as a single node from the hidden width to
-    the hidden width and never walks its rotary embeddings."""
+def opaque_attention(model: nn.Module, example_inputs: tuple,
+                     layouts: dict[nn.Module, AttentionLayout]) -> Iterator[None]:
+    """While tracing, each attention module returns one element-wise op of its input in place
+    of its output (the rest of what it returns, e.g. attention weights or a position bias, as
+    one real forward pass of ``example_inputs`` gave it, detached), so Torch-Pruning sees it as
+    a single node from the hidden width to the hidden width."""
+    rest: dict[nn.Module, tuple] = {}
 
-    def stand_in(hidden_states, *args, **kwargs):
-        return hidden_states * 0.0, None
+    def record(module: nn.Module, _inputs, output) -> None:
+        rest[module] = tuple(o.detach() if isinstance(o, torch.Tensor) else o
+                             for o in output[1:]) if isinstance(output, tuple) else None
+
+    handles = [m.register_forward_hook(record) for m in layouts]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def stand_in(module: nn.Module):
+        def forward(hidden_states, *args, **kwargs):
+            out = hidden_states * 0.0
+            return out if rest[module] is None else (out, *rest[module])
+        return forward
 
     for module in layouts:
-        module.forward = stand_in
+        module.forward = stand_in(module)
     try:
         yield
     finally:
@@ -177,6 +242,11 @@ class HeadGroup(tp.Group):
             per_module[dep.target.module] = (fn, seen + cut)
         for module, (fn, cut) in per_module.items():
             fn(module, sorted(cut))
+        keep = [h for h in range(lay.heads) if h // lay.group_size not in gone_set]
+        for owner, name in lay.tables:
+            table = getattr(owner, name)
+            setattr(owner, name, nn.Parameter(table.data[..., keep].contiguous(),
+                                              requires_grad=table.requires_grad))
         _set_heads(lay, lay.kv_heads - len(gone))
 
     def __repr__(self) -> str:
@@ -192,7 +262,7 @@ def _set_heads(lay: AttentionLayout, kv_heads: int) -> None:
         if isinstance(getattr(attn, attr, None), int):
             setattr(attn, attr, value)
     config = getattr(attn, "config", None)
-    if config is not None and hasattr(config, "num_attention_heads"):
+    if isinstance(getattr(config, "num_attention_heads", None), int):
         attn.config = copy.copy(config)  # layers differ now: Phi-3 reads its heads from here
         attn.config.num_attention_heads = heads
         if hasattr(config, "num_key_value_heads"):

@@ -14,7 +14,7 @@ from autoprune.prune._attention import (
     AttentionLayout,
     AttentionPruner,
     HeadGroup,
-    find_decoder_attention,
+    find_attention,
     opaque_attention,
 )
 from autoprune.prune._bounded import bounded_analysis
@@ -286,9 +286,9 @@ def build_groups(
         outputs.extend(tensors(out))
         return out
 
-    layouts = find_decoder_attention(model)
+    layouts = find_attention(model)
     pruner = AttentionPruner(layouts)
-    with warnings.catch_warnings(), opaque_attention(layouts):
+    with warnings.catch_warnings(), opaque_attention(model, example_inputs, layouts):
         warnings.simplefilter("ignore")  # TP warns about unwrapped parameters it handles fine
         dg = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, forward_fn=forward,
@@ -317,13 +317,19 @@ def _find_groups(dg: tp.DependencyGraph, model: nn.Module, example_inputs: tuple
                  layouts: dict[nn.Module, AttentionLayout]) -> tuple[list, list, list, set]:
     """Groups, hidden-width groups, unprunable layers and the layers they cover."""
     groups, hidden, covered, unprunable = [], [], set(), []
-    groups += [_head_group(lay, names, macs, total_macs) for lay in layouts.values()]
+    groups += [_head_group(lay, names, macs, total_macs) for lay in layouts.values()
+               if not lay.whole]
+    unprunable += [Unprunable(names[lay.module], lay.whole) for lay in layouts.values()
+                   if lay.whole]
     for g in dg.get_all_groups(ignored_layers=output_layers, root_module_types=_ROOT_TYPES):
         group = _make_group(dg, g, names, macs, total_macs, attn)
         producers = [m for d, _ in g if dg.is_out_channel_pruning_fn(d.handler)
                      and isinstance(m := d.target.module, _ROOT_TYPES)]
         covered.update(producers)
-        if group.channels % group.channel_groups:
+        partial = _partial_copies(dg, g, names)
+        if partial:
+            unprunable += [Unprunable(names[m], partial) for m in dict.fromkeys(producers)]
+        elif group.channels % group.channel_groups:
             unprunable += [Unprunable(names[m], f"its {group.channels} channels do not split "
                                                 f"into {group.channel_groups} equal groups")
                            for m in dict.fromkeys(producers)]
@@ -349,6 +355,28 @@ def _find_groups(dg: tp.DependencyGraph, model: nn.Module, example_inputs: tuple
         unprunable += [Unprunable(names[m], "not reached by the dependency graph: " + reasons[m])
                        for m in missing]
     return groups, hidden, unprunable, covered
+
+
+def _partial_copies(dg: tp.DependencyGraph, group: tp.Group,
+                    names: dict[nn.Module, str]) -> str | None:
+    """Why pruning ``group`` would break a layer that takes copies of its channels, or None.
+
+    A layer reached with more indices than the group has channels takes several copies of them
+    (a concatenation of the same tensor, e.g. Swin's patch merging); every input of such a
+    layer is a copy, so the group must reach all of them. Torch-Pruning sometimes follows only
+    some of the copies.
+    """
+    channels = len(group[0].idxs)
+    for dep, idxs in group:
+        m = dep.target.module
+        if not isinstance(m, nn.Module) or len(idxs) <= channels:
+            continue
+        size = _dim_size(m, 0 if dg.is_out_channel_pruning_fn(dep.handler) else 1)
+        if size and len(idxs) < size:
+            return (f"Torch-Pruning follows its {channels} channels into only {len(idxs)} of the "
+                    f"{size} channels of {names.get(m, type(m).__name__)}, which concatenates "
+                    f"copies of them (e.g. a patch merging): removing them would break that layer")
+    return None
 
 
 def _head_group(lay: AttentionLayout, names: dict[nn.Module, str], macs: dict[nn.Module, int],
