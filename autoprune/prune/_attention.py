@@ -119,8 +119,24 @@ def _t5_layout(module: nn.Module) -> AttentionLayout | None:
               "added in every layer, so one layer's heads cannot be removed alone")
 
 
+def _thirds_layout(module: nn.Module) -> AttentionLayout | None:
+    """GPT-2 attention (``c_attn`` as ``nn.Linear``: queries, keys, values in thirds; ``c_proj``;
+    ``num_heads``, ``head_dim`` and ``split_size``)."""
+    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    qkv, out = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
+    if not (isinstance(heads, int) and isinstance(head_dim, int)
+            and isinstance(getattr(module, "split_size", None), int)
+            and isinstance(qkv, nn.Linear) and isinstance(out, nn.Linear)):
+        return None
+    width = heads * head_dim
+    if qkv.out_features != 3 * width or out.in_features != width:
+        return None  # e.g. cross-attention (keys and values only)
+    return AttentionLayout(module, qkv, qkv, qkv, out, (0, width, 2 * width), heads, heads,
+                           head_dim)
+
+
 def _layout(module: nn.Module) -> AttentionLayout | None:
-    return _decoder_layout(module) or _t5_layout(module)
+    return _decoder_layout(module) or _thirds_layout(module) or _t5_layout(module)
 
 
 def find_attention(model: nn.Module) -> dict[nn.Module, AttentionLayout]:
@@ -258,7 +274,7 @@ def _set_heads(lay: AttentionLayout, kv_heads: int) -> None:
     heads = kv_heads * lay.group_size
     attn = lay.module
     for attr, value in (("num_heads", heads), ("num_attention_heads", heads),
-                        ("num_key_value_heads", kv_heads)):
+                        ("num_key_value_heads", kv_heads), ("split_size", heads * lay.head_dim)):
         if isinstance(getattr(attn, attr, None), int):
             setattr(attn, attr, value)
     config = getattr(attn, "config", None)

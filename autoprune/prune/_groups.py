@@ -10,6 +10,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from autoprune.errors import UsageError
 from autoprune.prune._attention import (
     AttentionLayout,
     AttentionPruner,
@@ -18,6 +19,7 @@ from autoprune.prune._attention import (
     opaque_attention,
 )
 from autoprune.prune._bounded import bounded_analysis
+from autoprune.prune._conv1d import is_conv1d
 from autoprune.prune._diagnose import tensors, why_unreached
 
 __all__ = ["PrunableGroup", "Unprunable", "ModelInspection", "inspect_model", "build_groups",
@@ -276,9 +278,16 @@ def build_groups(
     model: nn.Module, example_inputs: tuple
 ) -> tuple[tp.DependencyGraph, ModelInspection]:
     """Build the dependency graph and the groups structured pruning may remove."""
+    names = {m: n for n, m in model.named_modules()}
+    conv1d = [n for m, n in names.items() if is_conv1d(m)]
+    if conv1d:
+        raise UsageError(
+            f"{type(model).__name__} has transformers Conv1D layers ({', '.join(conv1d[:3])}"
+            f"{', ...' if len(conv1d) > 3 else ''}), which Torch-Pruning cannot prune. Convert "
+            f"them to nn.Linear (same outputs) where the model is built: "
+            f"autoprune.prune.conv1d_to_linear_(model).")
     was_training = model.training
     model.eval()
-    names = {m: n for n, m in model.named_modules()}
     outputs: list[torch.Tensor] = []
 
     def forward(model: nn.Module, inputs: tuple) -> object:

@@ -1,7 +1,8 @@
 """Decoder LLMs: grouped-query and fused attention pruned by whole key/value groups.
 
-Tiny random-init Llama, Qwen2, Mistral and Phi-3 causal LMs built from configs (no download):
-2 layers, hidden 64, 8 query heads of 8, FFN 96; the key/value heads differ per family.
+Tiny random-init Llama, Qwen2, Mistral, Phi-3 and GPT-2 causal LMs built from configs (no
+download): 2 layers, hidden 64, 8 query heads of 8, FFN 96; the key/value heads differ per
+family.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ transformers = pytest.importorskip("transformers")
 
 import torch_pruning as tp  # noqa: E402
 
-from autoprune.errors import AnalysisError  # noqa: E402
+from autoprune.errors import AnalysisError, UsageError  # noqa: E402
 from autoprune.latency import export_onnx  # noqa: E402
 from autoprune.plan import LayerRule, PruningPlan  # noqa: E402
-from autoprune.prune import apply_plan, count_kept, inspect_model  # noqa: E402
+from autoprune.prune import (  # noqa: E402
+    apply_plan,
+    conv1d_to_linear_,
+    count_kept,
+    inspect_model,
+)
 from autoprune.prune._bounded import bounded_analysis, group_size_limit  # noqa: E402
 from autoprune.prune._diagnose import tensors  # noqa: E402
 
@@ -163,3 +169,74 @@ def test_analysis_that_cannot_finish_stops_and_names_the_module():
 def test_the_analysis_bound_is_linear_in_model_size():
     one, two = group_size_limit(_raw_graph(1)[1]), group_size_limit(_raw_graph(2)[1])
     assert 1.5 < two / one < 2.1
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS,
+                                     n_head=HEADS, n_inner=FFN, use_cache=False,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval(), (torch.randint(0, VOCAB, (1, 8)),)
+
+
+class _Serving(torch.nn.Module):
+    """The past_key_values-free forward exported for serving: ids and mask in, logits out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_gpt2_conv1d_is_refused_with_the_fix_and_converts_exactly():
+    model, inputs = _gpt2()
+    with pytest.raises(UsageError, match=r"conv1d_to_linear_\(model\)"):
+        inspect_model(model, inputs)
+    dense = model(*inputs).logits
+    conv1d_to_linear_(model)
+    assert isinstance(model.transformer.h[0].attn.c_attn, torch.nn.Linear)
+    torch.testing.assert_close(model(*inputs).logits, dense, atol=1e-6, rtol=1e-5)
+    info = inspect_model(model, inputs)
+    heads = [g for g in info.groups if g.num_heads]
+    assert [(g.name, g.num_heads, g.channels) for g in heads] == [
+        (f"transformer.h.{i}.attn.c_attn", HEADS, HIDDEN) for i in range(LAYERS)]
+    assert [g.channels for g in info.groups if not g.num_heads] == [FFN] * LAYERS
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_gpt2_fused_c_attn_loses_whole_heads_in_each_third(sparsity):
+    model, inputs = _gpt2()
+    conv1d_to_linear_(model)
+    pruned = apply_plan(model, PruningPlan.uniform(sparsity), inputs)
+    kept = count_kept(HEADS, sparsity)
+    for block in pruned.transformer.h:
+        attn = block.attn
+        assert (attn.num_heads, attn.split_size) == (kept, kept * HEAD_DIM)
+        assert (attn.c_attn.out_features, attn.c_proj.in_features) == (
+            3 * kept * HEAD_DIM, kept * HEAD_DIM)
+        assert block.mlp.c_fc.out_features == count_kept(FFN, sparsity)
+    assert pruned(*inputs).logits.shape == (1, 8, VOCAB)
+    generated = pruned.generate(inputs[0], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert generated.shape == (1, 16)
+    result = export_onnx(_Serving(pruned), (inputs[0], torch.ones_like(inputs[0])))
+    assert result.ok and result.max_abs_diff < 1e-4
+
+
+def test_gpt2_the_zeroed_head_is_removed_from_all_three_thirds():
+    model, inputs = _gpt2()
+    conv1d_to_linear_(model)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for third in range(3):
+                cut = slice(third * HIDDEN + 2 * HEAD_DIM, third * HIDDEN + 3 * HEAD_DIM)
+                block.attn.c_attn.weight[cut] = 0
+                block.attn.c_attn.bias[cut] = 0
+            block.attn.c_proj.weight[:, 2 * HEAD_DIM:3 * HEAD_DIM] = 0
+    plan = PruningPlan(rules={f"transformer.h.{i}.attn.c_attn": LayerRule("structured", 1 / 8)
+                              for i in range(LAYERS)})
+    pruned = apply_plan(model, plan, inputs)
+    assert [b.attn.num_heads for b in pruned.transformer.h] == [HEADS - 1] * LAYERS
+    torch.testing.assert_close(pruned(*inputs).logits, model(*inputs).logits,
+                               atol=1e-5, rtol=1e-4)
