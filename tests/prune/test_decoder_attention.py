@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import torch_pruning as tp  # noqa: E402
 
+from autoprune.criteria import list_criteria  # noqa: E402
 from autoprune.errors import AnalysisError, UsageError  # noqa: E402
 from autoprune.latency import export_onnx  # noqa: E402
 from autoprune.plan import LayerRule, PruningPlan  # noqa: E402
@@ -240,3 +241,16 @@ def test_gpt2_the_zeroed_head_is_removed_from_all_three_thirds():
     assert [b.attn.num_heads for b in pruned.transformer.h] == [HEADS - 1] * LAYERS
     torch.testing.assert_close(pruned(*inputs).logits, model(*inputs).logits,
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("criterion", list_criteria())
+def test_every_criterion_scores_kv_groups(criterion):
+    model, inputs = _model("llama")
+    targets = torch.randint(0, VOCAB, (1, 8))
+
+    def loss(out, t):
+        return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), t.flatten())
+
+    pruned = apply_plan(model, PruningPlan(default=LayerRule("structured", 0.5, criterion)),
+                        inputs, calibration=[(inputs, targets)], loss_fn=loss)
+    assert [_widths(a) for a in _attention(pruned)] == [(32, 8, 8, 32)] * LAYERS
