@@ -13,7 +13,9 @@ computes one element-wise op of its input, so the graph sees only its input and 
 one value head and the query heads sharing them, with their output-projection inputs and their
 bias-table columns. ``head_dim``, the query heads per key/value head and the rotary dimension
 stay as they were. T5 heads are left whole (the shared bias would have to lose the same heads in
-every layer); the reason is listed with the model's unprunable layers.
+every layer), and so are timm-style ``qkv``/``proj`` modules, whose forward reshapes the heads'
+output to the input width (which therefore stays too); the reason is listed with the model's
+unprunable layers.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class AttentionLayout:
     tables: list[tuple[nn.Module, str]] = field(default_factory=list)  # (owner, parameter name)
     # of per-head bias tables: one column (last dim) per query head
     whole: str | None = None  # why the heads are left whole, if they are
+    fixed_width: bool = False  # its forward also needs its input width unchanged
 
     @property
     def group_size(self) -> int:
@@ -135,8 +138,29 @@ def _thirds_layout(module: nn.Module) -> AttentionLayout | None:
                            head_dim)
 
 
+def _timm_layout(module: nn.Module) -> AttentionLayout | None:
+    """timm-style attention (``qkv``: queries, keys, values in thirds; ``proj``; ``num_heads``):
+    one unit left whole, hidden width included. Its forward reshapes the heads' output to its
+    input width (``reshape(B, N, C)``), so it breaks when either changes."""
+    heads, qkv, out = (getattr(module, n, None) for n in ("num_heads", "qkv", "proj"))
+    if not (isinstance(heads, int) and heads > 0 and isinstance(qkv, nn.Linear)
+            and isinstance(out, nn.Linear)):
+        return None
+    width = out.in_features
+    head_dim = getattr(module, "head_dim", width // heads)
+    if (not isinstance(head_dim, int) or width != heads * head_dim
+            or qkv.out_features != 3 * width):
+        return None
+    return AttentionLayout(
+        module, qkv, qkv, qkv, out, (0, width, 2 * width), heads, heads, head_dim,
+        whole="heads left whole: this attention module (timm's layout: fused qkv, proj) "
+              "reshapes its heads' output to its input width, so it cannot lose heads",
+        fixed_width=True)
+
+
 def _layout(module: nn.Module) -> AttentionLayout | None:
-    return _decoder_layout(module) or _thirds_layout(module) or _t5_layout(module)
+    return (_decoder_layout(module) or _thirds_layout(module) or _timm_layout(module)
+            or _t5_layout(module))
 
 
 def find_attention(model: nn.Module) -> dict[nn.Module, AttentionLayout]:

@@ -336,7 +336,12 @@ def _find_groups(dg: tp.DependencyGraph, model: nn.Module, example_inputs: tuple
                      and isinstance(m := d.target.module, _ROOT_TYPES)]
         covered.update(producers)
         partial = _partial_copies(dg, g, names)
-        if partial:
+        fixed = [m for d, _ in g if (m := d.target.module) in layouts and layouts[m].fixed_width]
+        if fixed:
+            why = (f"its channels are the input width of {names[fixed[0]]}, whose forward "
+                   f"reshapes its output to that width: removing them would break it")
+            unprunable += [Unprunable(names[m], why) for m in dict.fromkeys(producers)]
+        elif partial:
             unprunable += [Unprunable(names[m], partial) for m in dict.fromkeys(producers)]
         elif group.channels % group.channel_groups:
             unprunable += [Unprunable(names[m], f"its {group.channels} channels do not split "
