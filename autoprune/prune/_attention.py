@@ -33,7 +33,7 @@ from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.node import Node
 
 __all__ = ["AttentionLayout", "find_attention", "opaque_attention", "AttentionPruner",
-           "HeadGroup"]
+           "add_head_dependencies"]
 
 _SEPARATE = ("q_proj", "k_proj", "v_proj", "o_proj")
 _FUSED = ("qkv_proj", "o_proj")
@@ -229,6 +229,27 @@ class AttentionPruner(tp.pruner.function.BasePruningFunc):
             tp.prune_linear_in_channels(proj, idxs)
         return layer
 
+    def prune_heads(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+        """The root of a key/value-group group: ``idxs`` are the query channels of whole
+        key/value groups. The projections lose their channels through the group's other
+        dependencies (:func:`add_head_dependencies`); here the bias tables lose the removed
+        heads' columns and the head counts are updated."""
+        lay = self.layouts[layer]
+        width = lay.group_size * lay.head_dim  # query channels per key/value group
+        gone = sorted({i // width for i in idxs})
+        if sorted(idxs) != [g * width + c for g in gone for c in range(width)]:
+            raise ValueError(f"prune_heads takes the query channels of whole key/value groups "
+                             f"({width} each), got {idxs}")
+        if len(gone) >= lay.kv_heads:
+            raise ValueError(f"prune_heads cannot remove all {lay.kv_heads} key/value groups")
+        keep = [h for h in range(lay.heads) if h // lay.group_size not in set(gone)]
+        for owner, name in lay.tables:
+            table = getattr(owner, name)
+            setattr(owner, name, nn.Parameter(table.data[..., keep].contiguous(),
+                                              requires_grad=table.requires_grad))
+        _set_heads(lay, lay.kv_heads - len(gone))
+        return layer
+
     def get_out_channels(self, layer: nn.Module) -> int:
         return self.layouts[layer].out.out_features
 
@@ -236,61 +257,51 @@ class AttentionPruner(tp.pruner.function.BasePruningFunc):
         return self.layouts[layer].q.in_features
 
 
-class HeadGroup(tp.Group):
-    """The key/value groups of one attention module as a Torch-Pruning group.
+class _FromQueries:
+    """Index mapping from a unit's query channels (root indices) to a projection's channels:
+    the same channel (queries, output-projection inputs), or the channel of the key/value head
+    the query head shares (keys, values)."""
 
-    Its units (root indices) are the key channels, ``kv_heads * head_dim``; the query channels
-    and output-projection inputs of the query heads sharing a key head map onto that head's key
-    channels, so Torch-Pruning's importance scorers sum them in. ``prune(idxs)`` takes key
-    channels that make up whole key heads.
+    def __init__(self, offset: int, head_dim: int, group_size: int, shared: bool):
+        self.offset, self.head_dim, self.group_size = offset, head_dim, group_size
+        self.shared = shared  # keys and values: one head per group_size query heads
+
+    def __call__(self, idxs: list) -> list:
+        mapped = {}  # each channel once (Torch-Pruning counts repeats as removed channels),
+        for i in idxs:  # credited to the first query channel that maps to it
+            c = i.idx
+            if self.shared:
+                head, d = divmod(c, self.head_dim)
+                c = head // self.group_size * self.head_dim + d
+            mapped.setdefault(self.offset + c, i.root_idx)
+        return [_helpers._HybridIndex(idx=c, root_idx=r) for c, r in mapped.items()]
+
+
+def add_head_dependencies(dg: tp.DependencyGraph, pruner: AttentionPruner,
+                          names: dict[nn.Module, str]) -> None:
+    """Let ``dg`` build the key/value-group group of every attention unit: rooted at the unit
+    with :meth:`AttentionPruner.prune_heads` on its query channels, it reaches the output
+    projection's inputs, the query channels and the channels of the key and value heads they
+    share.
+
+    ``dg.get_pruning_group(unit, pruner.prune_heads, idxs)`` then returns a Torch-Pruning group
+    its scorers work on (the output projection comes first, with one entry per root index, as
+    they expect) and whose ``prune()`` removes them and updates the head counts. These
+    dependencies are triggered only by ``prune_heads``, so no other group reaches them.
     """
-
-    def __init__(self, layout: AttentionLayout, names: dict[nn.Module, str]):
-        super().__init__()
-        self.layout = layout
-        lay, hd = layout, layout.head_dim
-        kv_units = range(lay.kv_heads * hd)
-        q_roots = [(h // lay.group_size) * hd + d for h in range(lay.heads) for d in range(hd)]
-        out_fn, in_fn = tp.prune_linear_out_channels, tp.prune_linear_in_channels
-        self._add(lay.k, out_fn, [lay.offsets[1] + i for i in kv_units], list(kv_units), names)
-        self._add(lay.v, out_fn, [lay.offsets[2] + i for i in kv_units], list(kv_units), names)
-        self._add(lay.q, out_fn, [lay.offsets[0] + i for i in range(len(q_roots))], q_roots, names)
-        self._add(lay.out, in_fn, list(range(len(q_roots))), q_roots, names)
-
-    def _add(self, module: nn.Module, fn, idxs: list[int], roots: list[int],
-             names: dict[nn.Module, str]) -> None:
-        node = Node(module, None, names.get(module))
-        item = _helpers.GroupItem(Dependency(fn, fn, source=node, target=node), idxs)
-        item.root_idxs = roots
-        self._group.append(item)
-
-    def prune(self, idxs: list[int] | None = None, record_history: bool = False) -> None:
-        """Remove the key/value groups whose key channels ``idxs`` lists (whole heads)."""
-        lay, hd = self.layout, self.layout.head_dim
-        idxs = list(range(lay.kv_heads * hd)) if idxs is None else idxs
-        gone = sorted({i // hd for i in idxs})
-        if sorted(idxs) != [g * hd + d for g in gone for d in range(hd)]:
-            raise ValueError(f"HeadGroup.prune takes whole key heads of {hd} channels, got {idxs}")
-        if len(gone) >= lay.kv_heads:
-            raise ValueError("HeadGroup.prune cannot remove every key/value group")
-        gone_set = set(gone)
-        per_module: dict[nn.Module, tuple] = {}
-        for item in self._group:
-            dep, local = item
-            cut = [i for i, r in zip(local, item.root_idxs) if r // hd in gone_set]
-            fn, seen = per_module.get(dep.target.module, (dep.handler, []))
-            per_module[dep.target.module] = (fn, seen + cut)
-        for module, (fn, cut) in per_module.items():
-            fn(module, sorted(cut))
-        keep = [h for h in range(lay.heads) if h // lay.group_size not in gone_set]
-        for owner, name in lay.tables:
-            table = getattr(owner, name)
-            setattr(owner, name, nn.Parameter(table.data[..., keep].contiguous(),
-                                              requires_grad=table.requires_grad))
-        _set_heads(lay, lay.kv_heads - len(gone))
-
-    def __repr__(self) -> str:
-        return f"HeadGroup({self.layout.kv_heads} key/value groups of {self.layout.group_size})"
+    out_fn, in_fn = tp.prune_linear_out_channels, tp.prune_linear_in_channels
+    for module, lay in pruner.layouts.items():
+        if lay.whole:
+            continue
+        source = dg.module2node[module]
+        targets: dict[nn.Module, Node] = {}  # one node per module: fused parts are merged
+        roles = ((lay.out, in_fn, 0, False), (lay.q, out_fn, lay.offsets[0], False),
+                 (lay.k, out_fn, lay.offsets[1], True), (lay.v, out_fn, lay.offsets[2], True))
+        for proj, fn, offset, shared in roles:
+            target = targets.setdefault(proj, Node(proj, None, names.get(proj)))
+            dep = Dependency(pruner.prune_heads, fn, source=source, target=target)
+            dep.index_mapping[0] = _FromQueries(offset, lay.head_dim, lay.group_size, shared)
+            source.dependencies.append(dep)
 
 
 def _set_heads(lay: AttentionLayout, kv_heads: int) -> None:

@@ -14,7 +14,7 @@ from autoprune.errors import UsageError
 from autoprune.prune._attention import (
     AttentionLayout,
     AttentionPruner,
-    HeadGroup,
+    add_head_dependencies,
     find_attention,
     opaque_attention,
 )
@@ -303,13 +303,14 @@ def build_groups(
             model, example_inputs=example_inputs, forward_fn=forward,
             output_transform=tensors,  # dicts (e.g. a transformers ModelOutput) flattened
             customized_pruners={type(m): pruner for m in layouts})
+    add_head_dependencies(dg, pruner, names)
     macs = {m: c[0] for m, c in layer_costs(model, example_inputs).items()}
     total_macs = sum(macs.values()) or 1
     attn = _attention_linears(model)
     output_layers = _output_layers(dg, {t.grad_fn for t in outputs if t.grad_fn is not None})
     with bounded_analysis(dg, names):
         groups, hidden, unprunable, covered = _find_groups(
-            dg, model, example_inputs, names, macs, total_macs, attn, output_layers, layouts)
+            dg, model, example_inputs, names, macs, total_macs, attn, output_layers, pruner)
     order = {n: i for i, n in enumerate(names.values())}
     for found in (groups, hidden):
         found.sort(key=lambda gr: order[gr.name])
@@ -323,11 +324,12 @@ def build_groups(
 def _find_groups(dg: tp.DependencyGraph, model: nn.Module, example_inputs: tuple,
                  names: dict[nn.Module, str], macs: dict[nn.Module, int], total_macs: int,
                  attn: dict[nn.Module, nn.Module], output_layers: list[nn.Module],
-                 layouts: dict[nn.Module, AttentionLayout]) -> tuple[list, list, list, set]:
+                 pruner: AttentionPruner) -> tuple[list, list, list, set]:
     """Groups, hidden-width groups, unprunable layers and the layers they cover."""
     groups, hidden, covered, unprunable = [], [], set(), []
-    groups += [_head_group(lay, names, macs, total_macs) for lay in layouts.values()
-               if not lay.whole]
+    layouts = pruner.layouts
+    groups += [_head_group(dg, pruner, lay, names, macs, total_macs)
+               for lay in layouts.values() if not lay.whole]
     unprunable += [Unprunable(names[lay.module], lay.whole) for lay in layouts.values()
                    if lay.whole]
     for g in dg.get_all_groups(ignored_layers=output_layers, root_module_types=_ROOT_TYPES):
@@ -393,18 +395,22 @@ def _partial_copies(dg: tp.DependencyGraph, group: tp.Group,
     return None
 
 
-def _head_group(lay: AttentionLayout, names: dict[nn.Module, str], macs: dict[nn.Module, int],
+def _head_group(dg: tp.DependencyGraph, pruner: AttentionPruner, lay: AttentionLayout,
+                names: dict[nn.Module, str], macs: dict[nn.Module, int],
                 total_macs: int) -> PrunableGroup:
-    """The key/value groups of a decoder attention module (see ``_attention``)."""
+    """The key/value groups of an attention unit (see ``_attention``): a Torch-Pruning group
+    rooted at the unit, which ``dg`` rebuilds for any whole key heads."""
     projections = list(dict.fromkeys((lay.q, lay.k, lay.v)))
     layers = projections + [lay.out]
     params = sum(p.numel() for m in projections for p in m.parameters())
     params += lay.out.weight.numel()  # the output projection's bias stays (hidden width)
     return PrunableGroup(
         name=names[lay.q], coupled=[names[m] for m in layers],
-        producers=[names[m] for m in projections], channels=lay.kv_heads * lay.head_dim,
+        producers=[names[m] for m in projections], channels=lay.heads * lay.head_dim,
         params=params, flops_share=sum(macs.get(m, 0) for m in layers) / total_macs,
-        num_heads=lay.kv_heads, heads_per_unit=lay.group_size, tp_group=HeadGroup(lay, names))
+        num_heads=lay.kv_heads, heads_per_unit=lay.group_size,
+        tp_group=dg.get_pruning_group(lay.module, pruner.prune_heads,
+                                      list(range(lay.heads * lay.head_dim))))
 
 
 def _dim_size(module: nn.Module, dim: int | None) -> int:

@@ -29,6 +29,7 @@ from autoprune.prune import (  # noqa: E402
 )
 from autoprune.prune._bounded import bounded_analysis, group_size_limit  # noqa: E402
 from autoprune.prune._diagnose import tensors  # noqa: E402
+from autoprune.prune._groups import build_groups  # noqa: E402
 
 HEADS, HEAD_DIM, FFN, LAYERS, VOCAB = 8, 8, 96, 2, 128
 HIDDEN = HEADS * HEAD_DIM
@@ -77,7 +78,7 @@ def test_one_kv_group_unit_and_one_ffn_group_per_layer(family):
     heads = [g for g in info.groups if g.num_heads]
     ffn = [g for g in info.groups if not g.num_heads]
     assert [(g.num_heads, g.heads_per_unit, g.channels) for g in heads] == [
-        (kv_heads, HEADS // kv_heads, kv_heads * HEAD_DIM)] * LAYERS
+        (kv_heads, HEADS // kv_heads, HIDDEN)] * LAYERS
     fused = family == "phi3"
     assert [g.name.rsplit(".", 1)[1] for g in heads] == ["qkv_proj" if fused else "q_proj"] * 2
     assert [(g.channels, g.channel_groups) for g in ffn] == [
@@ -254,3 +255,20 @@ def test_every_criterion_scores_kv_groups(criterion):
     pruned = apply_plan(model, PruningPlan(default=LayerRule("structured", 0.5, criterion)),
                         inputs, calibration=[(inputs, targets)], loss_fn=loss)
     assert [_widths(a) for a in _attention(pruned)] == [(32, 8, 8, 32)] * LAYERS
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_a_kv_group_removal_is_rebuilt_from_its_root_through_the_graph(family):
+    """What apply does: the dependency graph rebuilds the removal from the group's root and
+    chosen query channels (key/value group 0), and pruning it leaves a working model."""
+    model, inputs = _model(family)
+    kv_heads = FAMILIES[family][2]
+    width = HEADS // kv_heads * HEAD_DIM
+    dg, info = build_groups(model, inputs)
+    root = next(g for g in info.groups if g.num_heads).tp_group[0].dep
+    dg.get_pruning_group(root.target.module, root.handler, list(range(width))).prune()
+    first, second = _attention(model)
+    assert _widths(first) == (HIDDEN - width, (kv_heads - 1) * HEAD_DIM,
+                              (kv_heads - 1) * HEAD_DIM, HIDDEN - width)
+    assert _widths(second) == (HIDDEN, kv_heads * HEAD_DIM, kv_heads * HEAD_DIM, HIDDEN)
+    assert model(*inputs).logits.shape == (1, 8, VOCAB)
