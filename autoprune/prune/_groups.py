@@ -227,18 +227,24 @@ def _shared_owners(dg: tp.DependencyGraph, group: tp.Group, attn: dict[nn.Module
 
 def _make_group(dg: tp.DependencyGraph, g: tp.Group, names: dict[nn.Module, str],
                 macs: dict[nn.Module, int], total_macs: int,
-                attn: dict[nn.Module, nn.Module]) -> PrunableGroup:
+                attn: dict[nn.Module, nn.Module],
+                layouts: dict[nn.Module, AttentionLayout]) -> PrunableGroup:
     root = g[0].dep.target.module
     outs = [d.target.module for d, _ in g if dg.is_out_channel_pruning_fn(d.handler)]
     layers = [d.target.module for d, _ in g if isinstance(d.target.module, nn.Module)]
     uniq = list(dict.fromkeys(m for m in layers if m in names))
     owners = _shared_owners(dg, g, attn, outputs=True)
+    touched: dict[nn.Module, tuple[int, int]] = {}  # layer: (dim, channels) losing params
+    for d, idxs in g:
+        m, dim = d.target.module, (0 if dg.is_out_channel_pruning_fn(d.handler) else 1)
+        if m in layouts:  # an attention unit: its projections lose the channels
+            lay = layouts[m]
+            for proj in ([lay.out] if dim == 0 else dict.fromkeys((lay.q, lay.k, lay.v))):
+                touched[proj] = (dim, len(idxs))
+        elif m in uniq:
+            touched[m] = (dim, len(idxs))
     params = 0
-    for m in uniq:
-        dim = g_dim = None
-        for d, idxs in g:
-            if d.target.module is m:
-                g_dim, dim = len(idxs), (0 if dg.is_out_channel_pruning_fn(d.handler) else 1)
+    for m, (dim, g_dim) in touched.items():
         size = _dim_size(m, dim)
         if size:
             params += sum(p.numel() for p in m.parameters(recurse=False)) * g_dim // size
@@ -248,7 +254,7 @@ def _make_group(dg: tp.DependencyGraph, g: tp.Group, names: dict[nn.Module, str]
         producers=[names[m] for m in dict.fromkeys(outs) if isinstance(m, _ROOT_TYPES)],
         channels=len(g[0].idxs),
         params=params,
-        flops_share=sum(macs.get(m, 0) for m in uniq) / total_macs,
+        flops_share=sum(macs.get(m, 0) for m in touched) / total_macs,
         num_heads=head_count(owners[0]) if owners else None,
         head_owners=[names[o] for o in owners],
         channel_groups=1 if owners else _channel_groups(dg, g),
@@ -333,7 +339,7 @@ def _find_groups(dg: tp.DependencyGraph, model: nn.Module, example_inputs: tuple
     unprunable += [Unprunable(names[lay.module], lay.whole) for lay in layouts.values()
                    if lay.whole]
     for g in dg.get_all_groups(ignored_layers=output_layers, root_module_types=_ROOT_TYPES):
-        group = _make_group(dg, g, names, macs, total_macs, attn)
+        group = _make_group(dg, g, names, macs, total_macs, attn, layouts)
         producers = [m for d, _ in g if dg.is_out_channel_pruning_fn(d.handler)
                      and isinstance(m := d.target.module, _ROOT_TYPES)]
         covered.update(producers)
@@ -419,6 +425,8 @@ def _dim_size(module: nn.Module, dim: int | None) -> int:
         return 0
     if w.dim() == 1:  # norm layers: one value per channel
         return w.shape[0]
+    if isinstance(module, nn.Embedding):  # its channels are the embedding width, whatever dim
+        return w.shape[1]
     if isinstance(module, nn.modules.conv._ConvNd) and dim == 1:
         return w.shape[1] * module.groups
     return w.shape[dim]

@@ -85,6 +85,10 @@ def test_one_kv_group_unit_and_one_ffn_group_per_layer(family):
         (2 * FFN, 2) if fused else (FFN, 1)] * LAYERS
     # The residual width runs into lm_head: listed as hidden, pruned only when named.
     assert [g.channels for g in info.hidden] == [HIDDEN]
+    # Every weight matrix has a hidden-width side (the attention units' projections included);
+    # only the RMSNorm weights, unwrapped parameters, are not counted.
+    assert 0.98 * info.total_params < info.hidden[0].params <= info.total_params
+    assert info.hidden[0].flops_share == pytest.approx(1.0)
     assert [u.name for u in info.unprunable] == ["lm_head"]
     assert f"{kv_heads} kv groups of {HEADS // kv_heads} heads" in info.table()
 
