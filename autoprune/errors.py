@@ -11,6 +11,7 @@ __all__ = [
     "SearchSpaceError",
     "TargetError",
     "ExportError",
+    "AnalysisError",
     "TrialFailure",
     "NonFiniteLossError",
 ]
@@ -46,6 +47,10 @@ class TargetError(UsageError):
 
 class ExportError(AutopruneError):
     """A model could not be exported to ONNX; the message names the failing op or module."""
+
+
+class AnalysisError(AutopruneError):
+    """Dependency analysis of a model could not finish; the message names the module."""
 
 
 class TrialFailure(AutopruneError):

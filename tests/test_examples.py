@@ -8,7 +8,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["python_api.py", "apply_saved_plan.py", "custom_task.py"])
+@pytest.mark.parametrize("script", ["python_api.py", "apply_saved_plan.py", "custom_task.py",
+                                    "causal_lm_task.py"])
 def test_example_runs_as_is(script, tmp_path):
     done = subprocess.run([sys.executable, str(EXAMPLES / script)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=900)

@@ -11,6 +11,7 @@ from autoprune.prune._apply import (
     has_masks,
     prune_model_,
 )
+from autoprune.prune._conv1d import conv1d_to_linear_
 from autoprune.prune._groups import (
     ModelInspection,
     PrunableGroup,
@@ -27,6 +28,7 @@ __all__ = [
     "Unprunable",
     "apply_plan",
     "bake_masks_",
+    "conv1d_to_linear_",
     "baked_copy",
     "count_kept",
     "group_rule",

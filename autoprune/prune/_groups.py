@@ -10,6 +10,16 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from autoprune.errors import UsageError
+from autoprune.prune._attention import (
+    AttentionLayout,
+    AttentionPruner,
+    add_head_dependencies,
+    find_attention,
+    opaque_attention,
+)
+from autoprune.prune._bounded import bounded_analysis
+from autoprune.prune._conv1d import is_conv1d
 from autoprune.prune._diagnose import tensors, why_unreached
 
 __all__ = ["PrunableGroup", "Unprunable", "ModelInspection", "inspect_model", "build_groups",
@@ -33,6 +43,8 @@ class PrunableGroup:
     num_heads: int | None = None  # set for attention groups: heads are removed whole
     head_owners: list[str] = field(default_factory=list)  # attention modules to update
     channel_groups: int = 1  # grouped conv / GroupNorm groups: each loses the same channels
+    heads_per_unit: int = 1  # query heads per unit: grouped-query attention prunes whole
+    # key/value groups (num_heads counts them), each with this many query heads
     tp_group: object = field(default=None, repr=False)  # the Torch-Pruning group (internal)
 
     @property
@@ -42,6 +54,8 @@ class PrunableGroup:
 
     def describe_units(self) -> str:
         """``12 heads``, ``64 ch`` or ``64 ch in 8 groups`` (what ``autoprune layers`` shows)."""
+        if self.num_heads and self.heads_per_unit > 1:
+            return f"{self.num_heads} kv groups of {self.heads_per_unit} heads"
         if self.num_heads:
             return f"{self.num_heads} heads"
         if self.channel_groups > 1:
@@ -181,7 +195,22 @@ def _channel_groups(dg: tp.DependencyGraph, group: tp.Group) -> int:
             out = dg.is_out_channel_pruning_fn(dep.handler)
             counts.append(pruner.get_out_channel_groups(m) if out
                           else pruner.get_in_channel_groups(m))
-    return math.lcm(*counts)
+    return math.lcm(*counts, _self_coupling(dg, group))
+
+
+def _self_coupling(dg: tp.DependencyGraph, group: tp.Group) -> int:
+    """k for a fused Linear whose output is split into k equal parts combined channel by
+    channel (Phi-3's ``gate_up_proj``: gate * up): removing channel i removes i + C/k, ... too,
+    so the k parts are channel groups. 1 for every other layer."""
+    root, fn = group[0].dep.target.module, group[0].dep.handler
+    if not isinstance(root, nn.Linear):
+        return 1
+    probe = dg.get_pruning_group(root, fn, [0])
+    hit = sorted({i for d, idxs in probe if d.target.module is root
+                  and dg.is_out_channel_pruning_fn(d.handler) for i in idxs})
+    size = len(group[0].idxs)
+    k = len(hit)
+    return k if k > 1 and size % k == 0 and hit == [j * size // k for j in range(k)] else 1
 
 
 def _shared_owners(dg: tp.DependencyGraph, group: tp.Group, attn: dict[nn.Module, nn.Module],
@@ -198,18 +227,24 @@ def _shared_owners(dg: tp.DependencyGraph, group: tp.Group, attn: dict[nn.Module
 
 def _make_group(dg: tp.DependencyGraph, g: tp.Group, names: dict[nn.Module, str],
                 macs: dict[nn.Module, int], total_macs: int,
-                attn: dict[nn.Module, nn.Module]) -> PrunableGroup:
+                attn: dict[nn.Module, nn.Module],
+                layouts: dict[nn.Module, AttentionLayout]) -> PrunableGroup:
     root = g[0].dep.target.module
     outs = [d.target.module for d, _ in g if dg.is_out_channel_pruning_fn(d.handler)]
     layers = [d.target.module for d, _ in g if isinstance(d.target.module, nn.Module)]
     uniq = list(dict.fromkeys(m for m in layers if m in names))
     owners = _shared_owners(dg, g, attn, outputs=True)
+    touched: dict[nn.Module, tuple[int, int]] = {}  # layer: (dim, channels) losing params
+    for d, idxs in g:
+        m, dim = d.target.module, (0 if dg.is_out_channel_pruning_fn(d.handler) else 1)
+        if m in layouts:  # an attention unit: its projections lose the channels
+            lay = layouts[m]
+            for proj in ([lay.out] if dim == 0 else dict.fromkeys((lay.q, lay.k, lay.v))):
+                touched[proj] = (dim, len(idxs))
+        elif m in uniq:
+            touched[m] = (dim, len(idxs))
     params = 0
-    for m in uniq:
-        dim = g_dim = None
-        for d, idxs in g:
-            if d.target.module is m:
-                g_dim, dim = len(idxs), (0 if dg.is_out_channel_pruning_fn(d.handler) else 1)
+    for m, (dim, g_dim) in touched.items():
         size = _dim_size(m, dim)
         if size:
             params += sum(p.numel() for p in m.parameters(recurse=False)) * g_dim // size
@@ -219,7 +254,7 @@ def _make_group(dg: tp.DependencyGraph, g: tp.Group, names: dict[nn.Module, str]
         producers=[names[m] for m in dict.fromkeys(outs) if isinstance(m, _ROOT_TYPES)],
         channels=len(g[0].idxs),
         params=params,
-        flops_share=sum(macs.get(m, 0) for m in uniq) / total_macs,
+        flops_share=sum(macs.get(m, 0) for m in touched) / total_macs,
         num_heads=head_count(owners[0]) if owners else None,
         head_owners=[names[o] for o in owners],
         channel_groups=1 if owners else _channel_groups(dg, g),
@@ -249,9 +284,16 @@ def build_groups(
     model: nn.Module, example_inputs: tuple
 ) -> tuple[tp.DependencyGraph, ModelInspection]:
     """Build the dependency graph and the groups structured pruning may remove."""
+    names = {m: n for n, m in model.named_modules()}
+    conv1d = [n for m, n in names.items() if is_conv1d(m)]
+    if conv1d:
+        raise UsageError(
+            f"{type(model).__name__} has transformers Conv1D layers ({', '.join(conv1d[:3])}"
+            f"{', ...' if len(conv1d) > 3 else ''}), which Torch-Pruning cannot prune. Convert "
+            f"them to nn.Linear (same outputs) where the model is built: "
+            f"autoprune.prune.conv1d_to_linear_(model).")
     was_training = model.training
     model.eval()
-    names = {m: n for n, m in model.named_modules()}
     outputs: list[torch.Tensor] = []
 
     def forward(model: nn.Module, inputs: tuple) -> object:
@@ -259,28 +301,63 @@ def build_groups(
         outputs.extend(tensors(out))
         return out
 
-    with warnings.catch_warnings():
+    layouts = find_attention(model)
+    pruner = AttentionPruner(layouts)
+    with warnings.catch_warnings(), opaque_attention(model, example_inputs, layouts):
         warnings.simplefilter("ignore")  # TP warns about unwrapped parameters it handles fine
         dg = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, forward_fn=forward,
-            output_transform=tensors)  # dicts (e.g. a transformers ModelOutput) flattened
+            output_transform=tensors,  # dicts (e.g. a transformers ModelOutput) flattened
+            customized_pruners={type(m): pruner for m in layouts})
+    add_head_dependencies(dg, pruner, names)
     macs = {m: c[0] for m, c in layer_costs(model, example_inputs).items()}
     total_macs = sum(macs.values()) or 1
     attn = _attention_linears(model)
     output_layers = _output_layers(dg, {t.grad_fn for t in outputs if t.grad_fn is not None})
+    with bounded_analysis(dg, names):
+        groups, hidden, unprunable, covered = _find_groups(
+            dg, model, example_inputs, names, macs, total_macs, attn, output_layers, pruner)
+    order = {n: i for i, n in enumerate(names.values())}
+    for found in (groups, hidden):
+        found.sort(key=lambda gr: order[gr.name])
+    unprunable.sort(key=lambda u: order[u.name])
+    model.train(was_training)
+    inspection = ModelInspection(
+        groups, unprunable, sum(p.numel() for p in model.parameters()), int(total_macs), hidden)
+    return dg, inspection
 
+
+def _find_groups(dg: tp.DependencyGraph, model: nn.Module, example_inputs: tuple,
+                 names: dict[nn.Module, str], macs: dict[nn.Module, int], total_macs: int,
+                 attn: dict[nn.Module, nn.Module], output_layers: list[nn.Module],
+                 pruner: AttentionPruner) -> tuple[list, list, list, set]:
+    """Groups, hidden-width groups, unprunable layers and the layers they cover."""
     groups, hidden, covered, unprunable = [], [], set(), []
+    layouts = pruner.layouts
+    groups += [_head_group(dg, pruner, lay, names, macs, total_macs)
+               for lay in layouts.values() if not lay.whole]
+    unprunable += [Unprunable(names[lay.module], lay.whole) for lay in layouts.values()
+                   if lay.whole]
     for g in dg.get_all_groups(ignored_layers=output_layers, root_module_types=_ROOT_TYPES):
-        group = _make_group(dg, g, names, macs, total_macs, attn)
+        group = _make_group(dg, g, names, macs, total_macs, attn, layouts)
         producers = [m for d, _ in g if dg.is_out_channel_pruning_fn(d.handler)
                      and isinstance(m := d.target.module, _ROOT_TYPES)]
         covered.update(producers)
-        if group.channels % group.channel_groups:
+        partial = _partial_copies(dg, g, names)
+        fixed = [m for d, _ in g if (m := d.target.module) in layouts and layouts[m].fixed_width]
+        if fixed:
+            why = (f"its channels are the input width of {names[fixed[0]]}, whose forward "
+                   f"reshapes its output to that width: removing them would break it")
+            unprunable += [Unprunable(names[m], why) for m in dict.fromkeys(producers)]
+        elif partial:
+            unprunable += [Unprunable(names[m], partial) for m in dict.fromkeys(producers)]
+        elif group.channels % group.channel_groups:
             unprunable += [Unprunable(names[m], f"its {group.channels} channels do not split "
                                                 f"into {group.channel_groups} equal groups")
                            for m in dict.fromkeys(producers)]
         elif any(type(o).__module__.startswith("transformers.")
-                 for o in _shared_owners(dg, g, attn, outputs=False)):
+                 for o in _shared_owners(dg, g, attn, outputs=False)
+                 + [d.target.module for d, _ in g if d.target.module in layouts]):
             hidden.append(group)
         else:
             groups.append(group)
@@ -299,14 +376,47 @@ def build_groups(
         reasons = why_unreached(model, example_inputs, missing)
         unprunable += [Unprunable(names[m], "not reached by the dependency graph: " + reasons[m])
                        for m in missing]
-    order = {n: i for i, n in enumerate(names.values())}
-    for found in (groups, hidden):
-        found.sort(key=lambda gr: order[gr.name])
-    unprunable.sort(key=lambda u: order[u.name])
-    model.train(was_training)
-    inspection = ModelInspection(
-        groups, unprunable, sum(p.numel() for p in model.parameters()), int(total_macs), hidden)
-    return dg, inspection
+    return groups, hidden, unprunable, covered
+
+
+def _partial_copies(dg: tp.DependencyGraph, group: tp.Group,
+                    names: dict[nn.Module, str]) -> str | None:
+    """Why pruning ``group`` would break a layer that takes copies of its channels, or None.
+
+    A layer reached with more indices than the group has channels takes several copies of them
+    (a concatenation of the same tensor, e.g. Swin's patch merging); every input of such a
+    layer is a copy, so the group must reach all of them. Torch-Pruning sometimes follows only
+    some of the copies.
+    """
+    channels = len(group[0].idxs)
+    for dep, idxs in group:
+        m = dep.target.module
+        if not isinstance(m, nn.Module) or len(idxs) <= channels:
+            continue
+        size = _dim_size(m, 0 if dg.is_out_channel_pruning_fn(dep.handler) else 1)
+        if size and len(idxs) < size:
+            return (f"Torch-Pruning follows its {channels} channels into only {len(idxs)} of the "
+                    f"{size} channels of {names.get(m, type(m).__name__)}, which concatenates "
+                    f"copies of them (e.g. a patch merging): removing them would break that layer")
+    return None
+
+
+def _head_group(dg: tp.DependencyGraph, pruner: AttentionPruner, lay: AttentionLayout,
+                names: dict[nn.Module, str], macs: dict[nn.Module, int],
+                total_macs: int) -> PrunableGroup:
+    """The key/value groups of an attention unit (see ``_attention``): a Torch-Pruning group
+    rooted at the unit, which ``dg`` rebuilds for any whole key heads."""
+    projections = list(dict.fromkeys((lay.q, lay.k, lay.v)))
+    layers = projections + [lay.out]
+    params = sum(p.numel() for m in projections for p in m.parameters())
+    params += lay.out.weight.numel()  # the output projection's bias stays (hidden width)
+    return PrunableGroup(
+        name=names[lay.q], coupled=[names[m] for m in layers],
+        producers=[names[m] for m in projections], channels=lay.heads * lay.head_dim,
+        params=params, flops_share=sum(macs.get(m, 0) for m in layers) / total_macs,
+        num_heads=lay.kv_heads, heads_per_unit=lay.group_size,
+        tp_group=dg.get_pruning_group(lay.module, pruner.prune_heads,
+                                      list(range(lay.heads * lay.head_dim))))
 
 
 def _dim_size(module: nn.Module, dim: int | None) -> int:
@@ -315,6 +425,8 @@ def _dim_size(module: nn.Module, dim: int | None) -> int:
         return 0
     if w.dim() == 1:  # norm layers: one value per channel
         return w.shape[0]
+    if isinstance(module, nn.Embedding):  # its channels are the embedding width, whatever dim
+        return w.shape[1]
     if isinstance(module, nn.modules.conv._ConvNd) and dim == 1:
         return w.shape[1] * module.groups
     return w.shape[dim]
