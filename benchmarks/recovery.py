@@ -10,9 +10,11 @@ Every shipped model is also measured on 256 natural sentences of another kind, f
     .venv/bin/python benchmarks/recovery.py ablation --sparsity 0.5
     .venv/bin/python benchmarks/recovery.py default --budget "latency<60%" --quantize none
     .venv/bin/python benchmarks/recovery.py cnn
+    .venv/bin/python benchmarks/recovery.py int8
 
 ``ablation`` prunes at one sparsity (heads and FFN channels) and adds one recovery step per
-row; ``cnn`` prunes the digits CNN and reconstructs it without training; ``default`` runs
+row; ``cnn`` prunes the digits CNN and reconstructs it without training; ``int8`` quantizes
+the dense encoder with dynamic INT8 weights per tensor and per channel; ``default`` runs
 ``autoprune search --space encoder`` and ``autoprune apply`` of the recommended plan as a
 user would, then measures what ``apply`` wrote. Each writes its output to
 ``benchmarks/results/recovery-<command>-<date>.txt``.
@@ -191,6 +193,38 @@ def cnn(args: argparse.Namespace, log: Log) -> None:
                 f"{task.evaluate(pruned):.4f} | {seconds:.1f} |")
 
 
+def int8(args: argparse.Namespace, log: Log) -> None:
+    """Dynamic INT8 of the dense encoder: weights per tensor against per output channel."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    task = minilm_task.make_task()
+    dense = task.build_model().eval()
+    other = other_data(task, dense)
+    fp32 = export_onnx(dense, task.example_inputs, dynamic_batch=True).onnx_bytes
+    models = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
+        src.write_bytes(fp32)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        for name, per_channel in (("per tensor", False), ("per channel", True)):
+            dst = Path(tmp) / "int8.onnx"
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8,
+                             per_channel=per_channel)
+            models[name] = dst.read_bytes()
+    assert models["per channel"] == quantize_model(task, dense, "int8-dynamic")  # shipped
+    rows = compare_latency({"dense": dense, **dict.fromkeys(models, dense)},
+                           task.example_inputs, "cpu-1t", onnx_models={"dense": fp32, **models},
+                           repeats=2)
+    log("| dynamic INT8 weights | same | other | speed-up |")
+    log("|---|---|---|---|")
+    for row in rows[1:]:
+        same, diff = fidelity(OrtModule(models[row.name]), task, other)
+        log(f"| {row.name} | {same:.3f} | {diff:.3f} | {row.speedup:.2f}x |")
+
+
 def run_logged(command: list[str], log: Log) -> None:
     """Run a command; its output goes into the log, warnings left out."""
     done = subprocess.run(command, capture_output=True, text=True)
@@ -255,6 +289,7 @@ def main() -> int:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of each row")
     p.add_argument("--lr", type=float, default=1e-4, help="the pruned model's learning rate")
+    sub.add_parser("int8", help="dynamic INT8 of the dense encoder, per tensor or channel")
     p = sub.add_parser("cnn", help="the digits CNN: reconstruction without training")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75])
     p = sub.add_parser("default", help="autoprune search --space encoder, then apply")
@@ -269,7 +304,8 @@ def main() -> int:
     log = Log(args.command)
     log(provenance.header())
     log()
-    {"ablation": ablation, "cnn": cnn, "default": default}[args.command](args, log)
+    commands = {"ablation": ablation, "cnn": cnn, "default": default, "int8": int8}
+    commands[args.command](args, log)
     log(f"\nload: {provenance.load()} at the end")
     return 0
 
