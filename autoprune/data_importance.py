@@ -131,13 +131,14 @@ def _column_energy(module: nn.Module) -> torch.Tensor:
     return energy.flatten()  # group g's input channels follow group g-1's
 
 
+def _width(group: tp.Group) -> int:
+    """The number of channels of a full Torch-Pruning group (its root layer's)."""
+    return len(group[0].idxs)
+
+
 class _StatisticsImportance(tp.importance.Importance):
     def __init__(self, stats: InputStatistics):
         self.stats = stats
-
-    @staticmethod
-    def _root_size(group: tp.Group) -> int:
-        return len(group[0].idxs)
 
 
 class ActivationImportance(_StatisticsImportance):
@@ -146,7 +147,7 @@ class ActivationImportance(_StatisticsImportance):
 
     @torch.no_grad()
     def __call__(self, group: tp.Group) -> torch.Tensor | None:
-        scores, seen = torch.zeros(self._root_size(group)), False
+        scores, seen = torch.zeros(_width(group)), False
         for module, idxs, root in _consumers(group):
             if module not in self.stats.sq_mean:
                 continue
@@ -165,7 +166,7 @@ def mask_gradients(group: tp.Group, stats: InputStatistics) -> torch.Tensor | No
         if grads is None:
             continue
         if per_sample is None:
-            per_sample = torch.zeros(grads.shape[0], len(group[0].idxs))
+            per_sample = torch.zeros(grads.shape[0], _width(group))
         per_sample.index_add_(1, torch.tensor(root), grads[:, idxs])
     return per_sample
 

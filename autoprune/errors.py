@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "unknown_fields",
     "AutopruneError",
     "UsageError",
     "PlanError",
@@ -63,3 +64,12 @@ class TrialFailure(AutopruneError):
 
 class NonFiniteLossError(TrialFailure):
     """Fine-tuning produced a NaN or infinite loss."""
+
+
+def unknown_fields(data: dict, allowed: set[str]) -> str:
+    """``"unknown field(s) a, b; allowed: x, y"`` for keys of ``data`` not in ``allowed``,
+    or ``""``: the tail of the error a file's reader raises, with its own field path."""
+    unknown = sorted(set(data) - allowed)
+    if not unknown:
+        return ""
+    return f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"

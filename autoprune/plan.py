@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from autoprune.errors import PlanError
+from autoprune.errors import PlanError, unknown_fields
 
 __all__ = ["PLAN_VERSION", "MODES", "CRITERIA", "UNSTRUCTURED_CRITERIA", "QUANTIZE",
            "LayerRule", "Recovery", "PruningPlan"]
@@ -210,10 +210,8 @@ class PruningPlan:
             data = data["plan"]
         known = {"version", "default", "rules", "quantize", "finetune", "recovery",
                  "fingerprint"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise PlanError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: "
-                            f"{', '.join(sorted(known))}")
+        if extra := unknown_fields(data, known):
+            raise PlanError(f"{source}: {extra}")
         version = data.get("version", PLAN_VERSION)
         if type(version) is not int or version not in _QUANTIZE_OF_VERSION:
             raise PlanError(f"{source}.version: plan format {version!r} is not supported "
@@ -295,11 +293,8 @@ def _rule_from(data: Any, where: str) -> LayerRule:
     if not isinstance(data, dict):
         raise PlanError(f"{where}: expected a mapping like {{mode: structured, sparsity: 0.5, "
                         f"criterion: l1}}, got {data!r}")
-    allowed = {"mode", "sparsity", "criterion", "round_to"}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise PlanError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
-                        f"{', '.join(sorted(allowed))}")
+    if extra := unknown_fields(data, {f.name for f in fields(LayerRule)}):
+        raise PlanError(f"{where}: {extra}")
     rule = object.__new__(LayerRule)  # validate with the field path before constructing
     defaults = (("mode", "skip"), ("sparsity", 0.0), ("criterion", "l1"), ("round_to", None))
     for k, default in defaults:
@@ -314,11 +309,8 @@ def _recovery_from(data: Any, where: str) -> Recovery:
     if not isinstance(data, dict):
         raise PlanError(f"{where}: expected a mapping like {{reconstruct: true, "
                         f"calibration_samples: 256, hidden_distill: 0.0}}, got {data!r}")
-    allowed = {f.name for f in fields(Recovery)}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise PlanError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
-                        f"{', '.join(sorted(allowed))}")
+    if extra := unknown_fields(data, {f.name for f in fields(Recovery)}):
+        raise PlanError(f"{where}: {extra}")
     recovery = object.__new__(Recovery)  # validate with the field path before constructing
     for f in fields(Recovery):
         object.__setattr__(recovery, f.name, data.get(f.name, f.default))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from autoprune.errors import PlanError, SearchSpaceError
+from autoprune.errors import PlanError, SearchSpaceError, unknown_fields
 from autoprune.plan import (
     CRITERIA,
     MODES,
@@ -91,10 +91,8 @@ class SearchSpace:
             raise SearchSpaceError(f"{source}: expected a mapping, got {type(data).__name__}")
         known = {"name", "description", "groups", "sparsity", "share", "stage_pattern", "modes",
                  "criteria", "criteria_share", "round_to", "quantize", "finetune", "recovery"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SearchSpaceError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: "
-                                   f"{', '.join(sorted(known))}")
+        if extra := unknown_fields(data, known):
+            raise SearchSpaceError(f"{source}: {extra}")
         groups = data.get("groups") or {}
         if not isinstance(groups, dict):
             raise SearchSpaceError(f"{source}.groups: expected {{include: [...], exclude: [...]}}")
@@ -228,11 +226,8 @@ def _recovery_choices(value: Any, where: str) -> dict[str, tuple]:
     if not isinstance(value, dict):
         raise SearchSpaceError(f"{where}: expected a mapping such as {{reconstruct: [true, "
                                f"false], hidden_distill: [0.0, 1.0]}}")
-    allowed = {f.name for f in fields(Recovery)}
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise SearchSpaceError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: "
-                               f"{', '.join(sorted(allowed))}")
+    if extra := unknown_fields(value, {f.name for f in fields(Recovery)}):
+        raise SearchSpaceError(f"{where}: {extra}")
     choices = {}
     for name, options in value.items():
         options = options if isinstance(options, list) else [options]

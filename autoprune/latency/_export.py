@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import ExportError
+from autoprune.nested import tensors
 
 __all__ = ["ExportResult", "export_onnx", "onnx_digest"]
 
@@ -98,7 +99,7 @@ def export_onnx(
     source.eval()
     try:
         with torch.no_grad():
-            reference = _flatten_outputs(source(*inputs))
+            reference = tensors(source(*inputs))
         output_names = tuple(f"output_{i}" for i in range(len(reference)))
         dynamic_axes = (
             {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
@@ -196,16 +197,6 @@ def _as_tuple(example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> tuple[to
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     return tuple(example_inputs)
-
-
-def _flatten_outputs(out: object) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten_outputs(o)]
-    return []
 
 
 def _ort_max_abs_diff(

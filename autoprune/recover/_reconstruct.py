@@ -207,8 +207,9 @@ def reconstruct_(
         result.seconds = time.perf_counter() - start
         return result
 
-    # The dense layers' outputs, the channels the pruned layers keep, in the pruned model's
-    # forward order; a layer called twice in one pass (shared weights) is left alone.
+    # The dense layers' outputs, the channels the pruned layers keep, in forward order (the
+    # pruned model runs its layers in the dense model's order); a layer called twice in one
+    # pass (shared weights) is left alone.
     targets: dict[str, list[torch.Tensor]] = {n: [] for n in todo}
     order: list[str] = []
     calls: dict[str, int] = {}
@@ -216,29 +217,23 @@ def reconstruct_(
     def keep_target(name: str):
         def hook(module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
             calls[name] = calls.get(name, 0) + 1
-            y = _out_rows(module, out.detach().float())
-            targets[name].append(y[..., kept_out[name]] if name in kept_out else y)
-        return hook
-
-    def note_order(name: str):
-        def hook(*_):
             if name not in order:
                 order.append(name)
+            y = _out_rows(module, out.detach().float())
+            targets[name].append(y[..., kept_out[name]] if name in kept_out else y)
         return hook
 
     was = pruned.training, dense.training
     pruned.eval(), dense.eval()
     handles = [dense_layers[n].register_forward_hook(keep_target(n)) for n in todo]
-    handles += [m.register_forward_hook(note_order(n)) for n, m in todo.items()]
     try:
         with torch.no_grad():
             for inputs in batches:
                 _forward(dense, inputs)
-                if not order:
-                    _forward(pruned, inputs)
         for n in list(todo):
             if calls.get(n, 0) != len(batches):
-                result.skipped[n] = "called more than once per forward pass (shared weights)"
+                result.skipped[n] = ("not called in a forward pass" if not calls.get(n) else
+                                     "called more than once per forward pass (shared weights)")
                 del todo[n]
     finally:
         for h in handles:
