@@ -18,7 +18,7 @@ from autoprune.latency._target import Target
 
 __all__ = ["LatencyCache", "CACHE_FORMAT_VERSION"]
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: models exported with symbolic batch and sequence
 
 
 class LatencyCache:

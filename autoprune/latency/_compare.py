@@ -161,8 +161,9 @@ def compare_latency(
     baked = {name: baked_copy(m) for name, m in models.items()}
     given = onnx_models or {}
     onnx_models = {
-        name: given.get(name) or export_onnx(m, inputs, opset=DEFAULT_OPSET).onnx_bytes
-        for name, m in baked.items()
+        name: given.get(name) or export_onnx(m, inputs, opset=DEFAULT_OPSET,
+                                             dynamic_batch=True).onnx_bytes
+        for name, m in baked.items()  # exported as apply ships them
     }
     if target.is_remote:
         from autoprune.latency._client import measure_remote

@@ -440,8 +440,9 @@ def measure_latency(
         if hit is not None:
             return hit
 
-    if onnx_model is None:
-        onnx_model = export_onnx(model, inputs, opset=DEFAULT_OPSET).onnx_bytes
+    if onnx_model is None:  # exported as apply ships it (symbolic batch and sequence)
+        onnx_model = export_onnx(model, inputs, opset=DEFAULT_OPSET,
+                                 dynamic_batch=True).onnx_bytes
     arrays = [t.numpy() for t in inputs]
     protocol = target.screening() if screen else target
     stats = _measure_onnx_on_target(onnx_model, arrays, protocol, limit_ms)

@@ -45,6 +45,7 @@ class LayerFit:
     error_before: float  # the pruned layer as it was
     error_after: float  # after the refit (equal to error_before if it was kept)
     choice: str  # the ridge chosen ("0.01"), "bias" (bias refit only) or "keep"
+    residual: bool = False  # fitted to the dense norm input the layer adds to (see below)
 
 
 @dataclass
@@ -175,6 +176,70 @@ def _forward(model: nn.Module, inputs: object) -> None:
     model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """LayerNorm, or an RMSNorm by its class name (Llama's, T5's ``T5LayerNorm``)."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(
+        ("RMSNorm", "LayerNorm"))
+
+
+class _Capture:
+    """While open, :meth:`run` runs the pruned model only as far as it must: to ``layer``'s
+    input, or, with a ``sink`` norm, to the sink's input, returning the layer's input and what
+    the model adds to the layer's output before the sink (``sink input - layer output``)."""
+
+    def __init__(self, layer: nn.Module, sink: nn.Module | None) -> None:
+        self.layer, self.sink, self.handles = layer, sink, []
+        self.x = self.y = None
+
+    def __enter__(self) -> _Capture:
+        def take_x(_m: nn.Module, args: tuple) -> None:
+            self.x = args[0].detach().float()
+            if self.sink is None:
+                raise _Stop()
+
+        def take_y(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            self.y = out.detach().float()
+
+        def stop(_m: nn.Module, args: tuple) -> None:
+            raise _Stop(args[0].detach().float())
+
+        self.handles = [self.layer.register_forward_pre_hook(take_x)]
+        if self.sink is not None:
+            self.handles += [self.layer.register_forward_hook(take_y),
+                             self.sink.register_forward_pre_hook(stop)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def run(self, model: nn.Module, inputs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        try:
+            _forward(model, inputs)
+            raise RuntimeError("the layer was not reached")
+        except _Stop as stop:
+            if self.sink is None or stop.args[0].shape != self.y.shape:
+                return self.x, None
+            return self.x, stop.args[0] - self.y
+
+
+def _adds_to(model: nn.Module, layer: nn.Module, sink: nn.Module, inputs: object) -> bool:
+    """Whether ``sink``'s input is ``layer``'s output plus a term that does not depend on it:
+    doubling the layer's output must move the sink's input by exactly that output."""
+    with torch.no_grad(), _Capture(layer, sink) as cap:
+        _, rest = cap.run(model, inputs)
+        y = cap.y
+        handle = layer.register_forward_hook(lambda _m, _a, out: out * 2)
+        try:
+            _, rest2 = cap.run(model, inputs)
+        finally:
+            handle.remove()
+    if rest is None or rest.shape != y.shape:
+        return False
+    # _Capture saw y before the doubling hook ran, so the sink's input rest + 2y gives rest + y
+    return bool(((rest2 - rest - y).norm() <= 1e-4 * (y.norm() + rest.norm())).item())
+
+
 def reconstruct_(
     pruned: nn.Module,
     dense: nn.Module,
@@ -209,13 +274,22 @@ def reconstruct_(
 
     # The dense layers' outputs, the channels the pruned layers keep, in forward order (the
     # pruned model runs its layers in the dense model's order); a layer called twice in one
-    # pass (shared weights) is left alone.
+    # pass (shared weights) is left alone. A layer whose output is added to a residual stream
+    # just before a normalization (a transformer's attention output and FFN down projection)
+    # is fitted to the dense normalization's input instead: it then also absorbs the drift
+    # the residual stream carries from earlier layers.
     targets: dict[str, list[torch.Tensor]] = {n: [] for n in todo}
+    sums: dict[str, list[torch.Tensor]] = {}  # layer -> the dense norm inputs it feeds
+    sink_of: dict[str, str] = {}  # layer -> the norm it feeds
     order: list[str] = []
     calls: dict[str, int] = {}
+    last: list[str | None] = [None]  # the last layer that ran, until a norm runs
 
     def keep_target(name: str):
         def hook(module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            last[0] = name
+            if name not in todo:
+                return
             calls[name] = calls.get(name, 0) + 1
             if name not in order:
                 order.append(name)
@@ -223,9 +297,18 @@ def reconstruct_(
             targets[name].append(y[..., kept_out[name]] if name in kept_out else y)
         return hook
 
+    def see_norm(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            layer, last[0] = last[0], None
+            if layer in todo and layer not in kept_out and sink_of.setdefault(layer, name) == name:
+                sums.setdefault(layer, []).append(args[0].detach().float())
+        return hook
+
     was = pruned.training, dense.training
     pruned.eval(), dense.eval()
-    handles = [dense_layers[n].register_forward_hook(keep_target(n)) for n in todo]
+    handles = [m.register_forward_hook(keep_target(n)) for n, m in dense_layers.items()]
+    handles += [m.register_forward_pre_hook(see_norm(n))
+                for n, m in dense.named_modules() if _is_norm(m)]
     try:
         with torch.no_grad():
             for inputs in batches:
@@ -240,23 +323,23 @@ def reconstruct_(
             h.remove()
 
     result.samples = sum(t.shape[0] for t in next(iter(targets.values()))) if targets else 0
+    pruned_modules = dict(pruned.named_modules())
     for name in [n for n in order if n in todo]:
         module = todo[name]
+        sink = sink_of.get(name)
+        if sink is not None and (len(sums[name]) != len(batches) or sink not in pruned_modules
+                                 or not _adds_to(pruned, module, pruned_modules[sink],
+                                                 batches[0])):
+            sink = None
         fit, held = _Moments(), _Moments()
         seen = 0
-
-        def capture(mod: nn.Module, args: tuple) -> None:
-            raise _Stop(args[0].detach().float())
-
-        handle = module.register_forward_pre_hook(capture)
-        try:
+        dense_y = sums.pop(name) if sink else targets.pop(name)
+        with _Capture(module, pruned_modules[sink] if sink else None) as cap:
             with torch.no_grad():
-                for inputs, y in zip(batches, targets.pop(name)):
-                    try:
-                        _forward(pruned, inputs)
-                        raise RuntimeError(f"{name} was not reached")
-                    except _Stop as stop:
-                        x = stop.args[0]
+                for inputs, y in zip(batches, dense_y):
+                    x, rest = cap.run(pruned, inputs)
+                    if sink:  # the residual the pruned model adds, moved to the target
+                        y = _out_rows(module, y) - _out_rows(module, rest)
                     a = _with_bias(_rows(module, x), module.bias is not None)
                     index = torch.arange(seen, seen + a.shape[0])
                     held_rows = index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
@@ -264,12 +347,13 @@ def reconstruct_(
                     if held_rows.any():
                         held.add(a[held_rows], y[held_rows])
                     seen += a.shape[0]
-        finally:
-            handle.remove()
+        targets.pop(name, None), sums.pop(name, None)
         if held.gram is None or fit.gram is None:
             result.skipped[name] = f"too few calibration samples ({seen}) to hold some back"
             continue
-        result.fits.append(_fit_layer(name, module, fit, held))
+        layer_fit = _fit_layer(name, module, fit, held)
+        layer_fit.residual = sink is not None
+        result.fits.append(layer_fit)
     pruned.train(was[0]), dense.train(was[1])
     result.seconds = time.perf_counter() - start
     return result

@@ -215,7 +215,7 @@ def test_cache_file_is_reused_by_a_resumed_search(fast_target, tmp_path, count_m
     path = tmp_path / "run" / "latency_cache.json"
     stats = measure_latency(model, inputs, fast_target, cache=LatencyCache(path))
     data = json.loads(path.read_text())
-    assert data["version"] == 1 and len(data["entries"]) == 1
+    assert data["version"] == 2 and len(data["entries"]) == 1
 
     resumed = LatencyCache(path)
     again = measure_latency(create_test_model("resnet_tiny"), inputs, fast_target, cache=resumed)
