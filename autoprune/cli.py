@@ -46,7 +46,7 @@ def _search(args: argparse.Namespace) -> int:
             finetune_steps=args.finetune_steps, screen_latency=not args.full_latency,
             steer=not args.no_steer, workers=args.workers,
             backend_options=options, progress=not args.quiet, token_file=args.token_file,
-            verify=args.verify, quantize=args.quantize)
+            verify=args.verify, quantize=args.quantize, device=args.device)
     except KeyboardInterrupt:
         if args.output and not (Path(args.output) / "run.json").is_file():
             print("\ninterrupted before the first trial: nothing to resume; run the same "
@@ -62,14 +62,16 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
+    from autoprune.device import resolve_device
     from autoprune.finalize import finalize_plan
     from autoprune.plan import PruningPlan
     from autoprune.task import load_task
 
     plan = PruningPlan.load(args.plan)
+    device = resolve_device(args.device)  # before the task loads: a missing GPU fails fast
     metrics = finalize_plan(load_task(args.task), plan, args.output,
                             finetune_steps=args.finetune_steps, targets=args.target,
-                            token_file=args.token_file, seed=args.seed)
+                            token_file=args.token_file, seed=args.seed, device=device)
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         shown = f"{value:.6g}" if isinstance(value, float) else str(value)
@@ -152,6 +154,13 @@ def _add_task(p: argparse.ArgumentParser, required: bool = True) -> None:
                         "package.module:make_task")
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="where reconstruction, fine-tuning and evaluation run: auto (a GPU "
+                        "when torch sees one; default), cpu, cuda, cuda:N. Latency is "
+                        "measured on --target")
+
+
 def _add_targets(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", action="append", default=None,
                    help="latency target: cpu-1t (default), cpu, a profile .yaml/.json, or "
@@ -224,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["none", "static", "dynamic"],
                    help="limit the space's precision choices to fp32 and this INT8 scheme "
                         "(none: fp32 only, for targets without INT8 kernels)")
+    _add_device(p)
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     p.add_argument("--verify", type=int, default=0, metavar="K",
                    help="at the end, fine-tune the front's top K plans and K others with the "
@@ -237,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int,
                    help="fine-tuning steps (default: the task's, as in the search)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning seed")
+    _add_device(p)
     _add_targets(p)
 
     p = command("layers", _layers, "list prunable groups and layers that cannot be pruned")

@@ -24,6 +24,7 @@ def finalize_plan(
     targets: list[str] | None = None,
     token_file: str | None = None,
     seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Apply ``plan`` to the task's model, fine-tune, export and measure; write ``output/``.
 
@@ -31,6 +32,8 @@ def finalize_plan(
     ``metrics.json`` (task metric, latency per target, params, MACs, size). Returns the metrics.
     The metric and the latency are those of ``model.onnx``: for a quantizing plan, the metric
     of the quantized model run by ONNX Runtime, with the fp32 value as ``<metric>_fp32``.
+    Reconstruction and fine-tuning run on ``device`` (a resolved torch device); pruning,
+    export and latency on the CPU.
     """
     from autoprune.finetune import finetune_
     from autoprune.latency import export_onnx, load_target, measure_latency
@@ -48,6 +51,7 @@ def finalize_plan(
     pruned = copy.deepcopy(model)
     report = prune_model_(pruned, plan, task.example_inputs, calibration=calibration,
                           loss_fn=task.loss_fn, seed=seed)
+    model.to(device), pruned.to(device)
     phase = time.time()
     fitted = reconstruct_plan_(task, model, pruned, report, plan.recovery, seed)
     seconds = {"reconstruct": time.time() - phase}
@@ -58,7 +62,7 @@ def finalize_plan(
     finetune_(pruned, task, settings, teacher=model,
               hidden_distill=plan.recovery.hidden_distill)
     seconds["finetune"] = time.time() - phase
-    bake_masks_(pruned.eval())
+    model.cpu(), bake_masks_(pruned.cpu().eval())
     exported = export_onnx(pruned, task.example_inputs, dynamic_batch=True)
     shipped = None if plan.quantize == "none" else quantize_model(task, pruned, plan.quantize)
     onnx_bytes = shipped or exported.onnx_bytes

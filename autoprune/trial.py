@@ -63,6 +63,9 @@ class TrialSettings:
     # The dense teacher's outputs on training batches (a recover.TeacherCache shared by the
     # search's trials); None: each trial's fresh dense model is the teacher
     teacher_cache: Any = None
+    # Where calibration of reconstruction, fine-tuning and the fp32 evaluation run (a torch
+    # device from device.resolve_device); pruning and latency stay on the CPU
+    device: str = "cpu"
 
     @property
     def primary(self) -> str:
@@ -324,6 +327,7 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
                           for b in broken)
         return "infeasible", f"breaks {shown}; not fine-tuned"
 
+    model.to(settings.device), pruned.to(settings.device)
     with clock("reconstruct"):
         fitted = reconstruct_plan_(task, model, pruned, report, plan.recovery, settings.seed)
     if fitted is not None and fitted.fits:
@@ -340,7 +344,7 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
         metrics[task.metric.name] = float(last[1])
         return "pruned", f"stopped early at step {last[0]} ({task.metric.name} {last[1]:.4g})"
     with clock("quantize"):  # the fine-tuned weights, quantized as they ship
-        shipped = _shipped(task, pruned, plan)
+        shipped = None if plan.quantize == "none" else _shipped(task, pruned.cpu(), plan)
     with clock("evaluate"):
         values = evaluate_shipped(task, pruned, shipped)
     value = values[task.metric.name]

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from autoprune.nested import tensors
-from autoprune.task import iterate_seeded
+from autoprune.task import _model_device, _to_device, iterate_seeded
 
 __all__ = ["LayerFit", "ReconstructionReport", "reconstruct_", "reconstruct_plan_",
            "calibration_batches"]
@@ -121,7 +121,7 @@ class _Moments:
 
 
 def _with_bias(a: torch.Tensor, bias: bool) -> torch.Tensor:
-    return torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype)], -1) if bias else a
+    return torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device)], -1) if bias else a
 
 
 def _solve(fit: _Moments, theta0: torch.Tensor, bias: bool, choice: str) -> torch.Tensor | None:
@@ -135,7 +135,7 @@ def _solve(fit: _Moments, theta0: torch.Tensor, bias: bool, choice: str) -> torc
         theta[-1] = (fit.cross[-1] - fit.gram[-1, :-1] @ theta0[:-1]) / rows
         return theta
     lam = float(choice) * float(fit.gram.diagonal()[: n - bias].mean().clamp(min=1e-12))
-    reg = torch.full((n,), lam, dtype=torch.float64)
+    reg = torch.full((n,), lam, dtype=torch.float64, device=fit.gram.device)
     if bias:
         reg[-1] = 0.0
     lhs = fit.gram + torch.diag(reg)
@@ -256,7 +256,8 @@ def reconstruct_(
         >>> reconstruct_(pruned, dense, report.kept_in, report.kept_out, batches)  # doctest: +SKIP
     """
     start = time.perf_counter()
-    batches = [b[0] for b in batches]
+    device = _model_device(pruned)
+    batches = [_to_device(b[0], device) for b in batches]
     result = ReconstructionReport()
     layers, dense_layers = _layers(pruned), _layers(dense)
     todo = {}
@@ -341,7 +342,7 @@ def reconstruct_(
                     if sink:  # the residual the pruned model adds, moved to the target
                         y = _out_rows(module, y) - _out_rows(module, rest)
                     a = _with_bias(_rows(module, x), module.bias is not None)
-                    index = torch.arange(seen, seen + a.shape[0])
+                    index = torch.arange(seen, seen + a.shape[0], device=a.device)
                     held_rows = index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
                     fit.add(a[~held_rows], y[~held_rows])
                     if held_rows.any():

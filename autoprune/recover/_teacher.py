@@ -41,8 +41,10 @@ class TeacherCache:
         >>> outputs, blocks = cache.outputs(inputs, ["encoder.layer.0"])  # doctest: +SKIP
     """
 
-    def __init__(self, build_teacher: Callable[[], nn.Module], max_bytes: int = 2 << 30):
+    def __init__(self, build_teacher: Callable[[], nn.Module], max_bytes: int = 2 << 30,
+                 device: str = "cpu"):
         self._build = build_teacher  # makes the dense model (once, on first use)
+        self.device = device  # where the teacher runs (the trials' --device)
         self._teacher: nn.Module | None = None
         self._entries: dict[tuple[str, tuple[str, ...]], tuple[Any, dict]] = {}
         self._bytes = 0
@@ -52,7 +54,7 @@ class TeacherCache:
     @property
     def teacher(self) -> nn.Module:
         if self._teacher is None:
-            self._teacher = self._build().eval()
+            self._teacher = self._build().to(self.device).eval()
         return self._teacher
 
     def outputs(self, inputs: Any, blocks: list[str]) -> tuple[Any, dict[str, torch.Tensor]]:

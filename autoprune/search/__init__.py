@@ -15,6 +15,7 @@ from autoprune.busy import busy_note
 from autoprune.costmodel import CostModel, CostStructure
 from autoprune.errors import BudgetError, UsageError
 from autoprune.plan import PruningPlan
+from autoprune.device import resolve_device
 from autoprune.recover import TeacherCache
 from autoprune.results import RunConfig, pareto_front, summarize, write_run
 from autoprune.search._base import (
@@ -98,11 +99,15 @@ def run_search(
     token_file: str | None = None,
     verify: int = 0,
     quantize: str | None = None,
+    device: str = "auto",
 ) -> SearchResult:
     """Run a pruning-plan search and write its run directory; see ``autoprune search --help``.
 
     ``quantize`` (``none``, ``static``, ``dynamic``) limits the space's precision choices to
     fp32 and that scheme, for targets without INT8 kernels.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) is where trials reconstruct,
+    fine-tune and evaluate; latency is measured on the targets.
 
     ``verify=K`` fine-tunes the front's top K plans and K others with the task's full budget
     at the end and reports how well the search's metric predicted theirs (search/_verify.py).
@@ -111,6 +116,7 @@ def run_search(
     from autoprune.prune import inspect_model
     from autoprune.task import load_task
 
+    device = resolve_device(device)  # before anything runs: a missing GPU is a usage error
     run_dir = Path(output) if output else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
         raise UsageError(f"--verify takes a number of plans >= 0, got {verify!r}")
@@ -178,8 +184,8 @@ def run_search(
     settings = TrialSettings(
         targets=target_objs, budgets=budget_objs, finetune=ft,
         latency_cache=LatencyCache(run_dir / "latency_cache.json"),
-        teacher_cache=TeacherCache(task_obj.build_model),
-        screen_latency=screen_latency, seed=seed)
+        teacher_cache=TeacherCache(task_obj.build_model, device=device),
+        screen_latency=screen_latency, seed=seed, device=device)
     say = (lambda text: print(text, flush=True)) if progress else (lambda _: None)
     ctx = SearchContext(
         task_spec=task_spec, task=task_obj, space=bound, settings=settings,

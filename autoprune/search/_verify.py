@@ -127,11 +127,12 @@ def pick_plans(results: list[TrialResult], config: RunConfig, k: int) -> list[Tr
     return top + [rest[i] for i in picks]
 
 
-def final_result(task: Any, plan: Any, seed: int) -> TrialResult:
+def final_result(task: Any, plan: Any, seed: int, device: str = "cpu") -> TrialResult:
     """``plan`` fine-tuned with the task's full budget and evaluated (no latency, no budget):
     what ``autoprune apply`` gives the user."""
     full = task.finetune.replace(eval_every=0)
-    return run_trial(task, plan, TrialSettings(targets=[], finetune=full, seed=seed))
+    return run_trial(task, plan, TrialSettings(targets=[], finetune=full, seed=seed,
+                                               device=device))
 
 
 def verify_search(task: Any, results: list[TrialResult], config: RunConfig,
@@ -155,7 +156,7 @@ def verify_search(task: Any, results: list[TrialResult], config: RunConfig,
         f"({task.finetune.steps} steps)")
     lat = latency_key(config.primary)
     for r in plans:
-        final = final_result(task, r.plan, config.seed)
+        final = final_result(task, r.plan, config.seed, settings.device)
         value = final.metrics.get(config.metric, math.nan)
         out.plans.append({"trial": r.number, "baseline": r.baseline,
                           "proxy": r.metrics[config.metric], "final": value,
@@ -163,7 +164,7 @@ def verify_search(task: Any, results: list[TrialResult], config: RunConfig,
                           "reason": final.reason})
     out.tau = kendall_tau([p["proxy"] for p in out.plans], [p["final"] for p in out.plans])
     if plans:
-        again = final_result(task, plans[0].plan, config.seed + 1)
+        again = final_result(task, plans[0].plan, config.seed + 1, settings.device)
         out.noise = abs(again.metrics.get(config.metric, math.nan) - out.plans[0]["final"])
     (run_dir / VERIFY_FILE).write_text(json.dumps(out.to_dict(), indent=2))
     return out

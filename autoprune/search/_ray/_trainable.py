@@ -94,7 +94,8 @@ def _worker_state(job: _Job) -> tuple[Any, Any, Any]:
         cache = LatencyCache()  # in memory: new entries go back to the driver (LATENCY_KEY)
         cache.merge(job.latency)
         settings = dataclasses.replace(job.settings, measure_lock=lock, latency_cache=cache,
-                                       teacher_cache=TeacherCache(task.build_model))
+                                       teacher_cache=TeacherCache(
+                                           task.build_model, device=job.settings.device))
         _WORKER_STATE.clear()  # one search at a time per worker process
         _WORKER_STATE[key] = (task, settings, node)
     return _WORKER_STATE[key]
