@@ -24,6 +24,10 @@ __all__ = ["SearchContext", "Backend", "register_backend", "get_backend", "Early
 
 # The baseline whose allocation comes from the global Fisher ranking.
 FISHER_FIT = "fisher-global"
+# A fit baseline (uniform-fit, fisher-global) that misses a cost budget is steered again, with
+# the cost model refit on its measurement, at most this many times: the cost model's few-%
+# error can otherwise leave the search's best start point just outside the budget, untried.
+FIT_RETRIES = 2
 
 
 @dataclass
@@ -73,6 +77,14 @@ class SearchContext:
             return None
         return TrialResult(plan, earlier.status, dict(earlier.metrics), earlier.reason,
                            reused_from=earlier.number)
+
+    def steer_again(self, result: TrialResult, results: list[TrialResult]) -> bool:
+        """Whether ``result``, a fit baseline that broke a cost budget, is tried once more
+        (steered by the cost model that has now seen it); see FIT_RETRIES."""
+        if (self.steering is None or result.status != "infeasible"
+                or result.baseline not in (UNIFORM_FIT, FISHER_FIT)):
+            return False
+        return sum(r.baseline == result.baseline for r in results) <= FIT_RETRIES
 
     def record(self, result: TrialResult) -> None:
         """Remember a finished trial (for reuse) and refit the cost model from it."""

@@ -134,6 +134,8 @@ class OptunaBackend(Backend):
             result = self._run_one(ctx, trial, stopper)
             results.append(result)
             self._tell(study, trial, result, ctx)
+            if ctx.steer_again(result, results):
+                study.enqueue_trial(result.params, user_attrs={"baseline": result.baseline})
             if ctx.progress:
                 ctx.progress(result, results)
         return results

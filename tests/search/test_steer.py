@@ -158,3 +158,27 @@ def test_the_backend_measures_the_dense_model_and_the_cost_profile(
     assert config.reference == metrics[0]
     profile = (result.run_dir / "cost_profile.jsonl").read_text().splitlines()
     assert profile_screen is True and len(profiled) == len(profile) >= 4
+
+
+def test_a_fit_baseline_that_misses_the_budget_is_steered_again(tmp_path, fast_target,
+                                                                 monkeypatch):
+    from autoprune.search._base import SearchContext
+
+    real, missed = SearchContext.steer, []
+
+    def first_fit_misses(self, params, baseline=None):  # as a cost model a few % off would
+        if baseline == UNIFORM_FIT and not missed:
+            missed.append(params)
+            return {k: 0.05 if k.startswith("s.") else v for k, v in params.items()}, {}
+        return real(self, params, baseline)
+
+    monkeypatch.setattr(SearchContext, "steer", first_fit_misses)
+    result = run_search(SYNTHETIC, "per_layer_structured", ["params<40%"],
+                        targets=[fast_target], trials=7, finetune_steps=3,
+                        output=tmp_path / "r", progress=False)
+    fits = [r for r in result.results if r.baseline == UNIFORM_FIT]
+    assert len(missed) == 1 and len(fits) == 2
+    assert fits[0].status == "infeasible" and fits[0].reason.startswith("breaks params<40%")
+    assert fits[1].status == "complete" and fits[1].params == fits[0].params
+    assert fits[1].metrics["params"] < 0.4 * result.results[0].metrics["params"]
+    assert fits[1].number > fits[0].number
