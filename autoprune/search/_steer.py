@@ -82,7 +82,7 @@ class Steering:
         # budget, the 80th 77-80 %, for 1.5-3 points more margin.
         return float(np.clip(np.percentile(recent, 90), 0.01, 0.25))
 
-    def project(self, params: dict[str, Any], steer: bool = True
+    def project(self, params: dict[str, Any], steer: bool = True, extra_margin: float = 0.0
                 ) -> tuple[dict[str, Any], dict[str, float]]:
         """``params`` with each structured unit's sparsity scaled by one factor so that the
         predicted cost just meets the tightest budget, and the plan's predicted metrics.
@@ -90,7 +90,8 @@ class Steering:
         Units keep their sampled proportions (an all-zero allocation counts as uniform); each
         sparsity stays inside the space's range. A budget the dense model already meets, or
         one whose cost the model cannot predict yet, does not steer. With ``steer=False``
-        only the prediction is made.
+        only the prediction is made. ``extra_margin`` (a share of the budget) keeps a latency
+        further inside its budget.
         """
         units = self._structured_units(params)
         if not units or not self.active or not steer:
@@ -98,11 +99,11 @@ class Steering:
         shares = {u: float(params[f"s.{u}"]) for u in units}
         if not any(shares.values()):
             shares = dict.fromkeys(units, 1.0)
-        t = self._scale(params, units, shares)
+        t = self._scale(params, units, shares, extra_margin)
         if t is None:  # out of reach while some units keep everything: they take a share too
             least = min(v for v in shares.values() if v > 0)
             shares = {u: v or least for u, v in shares.items()}
-            t = self._scale(params, units, shares)
+            t = self._scale(params, units, shares, extra_margin)
         if t is None:  # the budget is out of the space's reach: prune as much as it allows
             t = self.space.space.sparsity.high / min(v for v in shares.values() if v > 0)
         if not t:
@@ -110,15 +111,16 @@ class Steering:
         steered = self._scaled(params, units, shares, t)
         return steered, self._predicted(steered)
 
-    def _scale(self, params: dict[str, Any], units: list[str], shares: dict[str, float]
-               ) -> float | None:
+    def _scale(self, params: dict[str, Any], units: list[str], shares: dict[str, float],
+               extra_margin: float = 0.0) -> float | None:
         """The smallest factor whose predicted costs meet every budget, 0 if no budget needs
         one, None if even the largest factor does not meet them. Predicted latency is not
         monotonic in sparsity (a conv whose input channels drop off the kernels' blocks slows
         down), so a coarse scan finds the first factor that meets them and bisection refines
         it from the one before."""
         t_max = self.space.space.sparsity.high / min(v for v in shares.values() if v > 0)
-        limits = [(b.metric_key(self.primary), b.value * (1 - self._margin(b)))
+        limits = [(b.metric_key(self.primary), b.value * (
+                      1 - self._margin(b) - (extra_margin if b.metric == "latency" else 0.0)))
                   for b in self.budgets]
 
         def meets(scale: float) -> bool:

@@ -26,3 +26,19 @@ def test_a_fisher_space_tries_the_global_fisher_allocation_scaled_onto_the_budge
     # steered onto the budget: it keeps about half of the dense model's parameters
     dense = next(t for t in trials if t["baseline"] == "dense")
     assert 0.35 < fit["metrics"]["params"] / dense["metrics"]["params"] <= 0.5
+
+
+def test_a_space_with_int8_also_starts_from_the_fisher_allocation_in_int8(tmp_path,
+                                                                           fast_target):
+    space = tmp_path / "fisher.yaml"
+    space.write_text("name: fisher\nsparsity: {low: 0.0, high: 0.8, step: 0.05}\n"
+                     "criteria: [fisher]\nquantize: [none, int8-dynamic]\n")
+    out = tmp_path / "run"
+    assert main(["search", "--task", SYNTHETIC, "--space", str(space), "--target", fast_target,
+                 "--budget", "params<50%", "--trials", "8", "--finetune-steps", "2",
+                 "--output", str(out), "--quiet"]) == 0
+    trials = {t["baseline"]: t for t in map(json.loads,
+                                            (out / "trials.jsonl").read_text().splitlines())}
+    fp32, int8 = trials[FISHER_FIT], trials[f"{FISHER_FIT}-int8-dynamic"]
+    assert (fp32["plan"]["quantize"], int8["plan"]["quantize"]) == ("none", "int8-dynamic")
+    assert int8["params"] == {**fp32["params"], "quantize": "int8-dynamic"}

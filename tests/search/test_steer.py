@@ -59,6 +59,16 @@ def test_projection_lands_predicted_latency_just_inside_the_budget(steering):
         assert steered["criterion"] == sampled["criterion"]
 
 
+def test_an_extra_margin_lands_further_inside_a_latency_budget(steering):
+    steer, budget = steering
+    sampled = _sample(steer.space, 0)
+    _, plain = steer.project(sampled)
+    steered, further = steer.project(sampled, extra_margin=0.1)
+    # 5 % (the margin) + 10 % inside, short of it by no more than the channel blocks' step
+    assert budget.value * 0.7 <= further[PREDICTED + KEY] <= budget.value * 0.85 + 1e-9
+    assert further[PREDICTED + KEY] < plain[PREDICTED + KEY] - 0.05 * budget.value
+
+
 def test_projection_takes_the_least_pruning_that_fits_where_latency_is_not_monotonic(steering):
     # A machine where 35-45 % sparsity is slower than 30 % (e.g. input channels off the conv
     # kernels' blocks): bisection from the middle would settle past the bump, at 45 %.
@@ -93,8 +103,8 @@ def test_a_steered_search_records_measured_latency_never_the_prediction(
         tmp_path, fast_target, compute_bound_task, monkeypatch):
     real = Steering.project
 
-    def wrong_prediction(self, params, steer=True):  # the model's numbers are never recorded
-        params, predicted = real(self, params, steer)
+    def wrong_prediction(self, params, steer=True, extra_margin=0.0):  # never recorded
+        params, predicted = real(self, params, steer, extra_margin)
         return params, {**predicted, PREDICTED + latency_key("fast"): 1e6}
 
     monkeypatch.setattr(Steering, "project", wrong_prediction)
