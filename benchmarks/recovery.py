@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import subprocess
 import sys
 import time
@@ -236,13 +237,14 @@ def run_logged(command: list[str], log: Log) -> None:
 
 
 def default(args: argparse.Namespace, log: Log) -> None:
+    """The default path as a user runs it, then the same final fine-tuning of the best uniform
+    plan at the recommended plan's latency (or faster): search against uniform, as shipped."""
     task_spec = f"{HERE / 'minilm_task.py'}:make_task"
     bin_dir = Path(sys.executable).parent
     if args.measure:  # an earlier run: measure what its apply wrote again
         run = Path(args.measure)
-        log(f"measuring the run in {run} again; its summary and apply's metrics.json:")
+        log(f"measuring the run in {run} again; its summary:")
         run_logged([str(bin_dir / "autoprune"), "show", str(run / "search")], log)
-        log((run / "ship" / "metrics.json").read_text())
     else:
         run = RESULTS.parent / "runs" / f"recovery-{time.strftime('%Y%m%d-%H%M%S')}"
         search = ["autoprune", "search", "--task", task_spec, "--space", "encoder",
@@ -254,14 +256,23 @@ def default(args: argparse.Namespace, log: Log) -> None:
         started = time.time()
         run_logged([str(bin_dir / search[0]), *search[1:]], log)
         log(f"search: {time.time() - started:.0f} s")
-    from autoprune.results import load_run, recommend
+    from autoprune.results import load_run, recommend, uniform_reference
 
     config, results = load_run(run / "search")
     best = recommend(results, config)
-    if not args.measure:
-        plan_file = run / "search" / "pareto" / f"trial_{best.number}.json"
-        apply = ["autoprune", "apply", str(plan_file), "--task", task_spec,
-                 "--finetune-steps", str(args.apply_steps), "--output", str(run / "ship")]
+    uniform = uniform_reference(results, config, best)
+    shipped = {"recommended": (best, run / "ship")}
+    if uniform is not None and uniform is not best:
+        shipped["uniform"] = (uniform, run / "ship-uniform")
+    for trial, out in shipped.values():
+        if (out / "model.onnx").is_file():
+            continue
+        apply = ["autoprune", "apply", str(run / "search" / "pareto" / f"trial_{trial.number}"
+                                           ".json"), "--task", task_spec, "--finetune-steps",
+                 str(args.apply_steps), "--output", str(out)]
+        if not (run / "search" / "pareto" / f"trial_{trial.number}.json").is_file():
+            trial.plan.save(out.with_suffix(".plan.json"))
+            apply[2] = str(out.with_suffix(".plan.json"))
         log("$ " + " ".join(apply))
         started = time.time()
         run_logged([str(bin_dir / apply[0]), *apply[1:]], log)
@@ -269,17 +280,23 @@ def default(args: argparse.Namespace, log: Log) -> None:
     task = minilm_task.make_task()
     dense = task.build_model().eval()
     other = other_data(task, dense)
-    shipped = (run / "ship" / "model.onnx").read_bytes()
-    same, diff = fidelity(OrtModule(shipped), task, other)
-    plan = PruningPlan.load(run / "ship" / "plan.json")
-    architecture = copy.deepcopy(dense)  # the shipped shapes (timed as the shipped bytes)
-    prune_model_(architecture, plan, task.example_inputs, calibration=task.calibration_batches(4),
-                 loss_fn=task.loss_fn)
-    log(f"recommended plan: trial {best.number}, quantize {plan.quantize}, recovery "
-        f"{plan.recovery.to_dict()}, fine-tuning {plan.finetune}")
-    log(f"shipped model.onnx: fidelity {same:.3f} (same kind) / {diff:.3f} (other kind); "
-        f"{speedup(dense, architecture, task, shipped):.2f}x faster than dense fp32, timed "
-        f"side by side on cpu-1t")
+    log()
+    log("| shipped | trial | search's cosine | fidelity, same | fidelity, other | speed-up | "
+        "apply s |")
+    log("|---|---|---|---|---|---|---|")
+    for name, (trial, out) in shipped.items():
+        onnx = (out / "model.onnx").read_bytes()
+        same, diff = fidelity(OrtModule(onnx), task, other)
+        plan = PruningPlan.load(out / "plan.json")
+        architecture = copy.deepcopy(dense)  # the shipped shapes (timed as the shipped bytes)
+        prune_model_(architecture, plan, task.example_inputs,
+                     calibration=task.calibration_batches(4), loss_fn=task.loss_fn)
+        seconds = json.loads((out / "metrics.json").read_text())["seconds"]
+        log(f"| {name} ({plan.quantize}) | {trial.number} {trial.baseline or ''} | "
+            f"{trial.metrics[config.metric]:.3f} | {same:.3f} | {diff:.3f} | "
+            f"{speedup(dense, architecture, task, onnx):.2f}x | {seconds:.0f} |")
+    log(f"recommended plan's recovery {best.plan.recovery.to_dict()}, fine-tuning "
+        f"{best.plan.finetune}")
 
 
 def main() -> int:

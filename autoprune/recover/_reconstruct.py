@@ -121,7 +121,9 @@ class _Moments:
 
 
 def _with_bias(a: torch.Tensor, bias: bool) -> torch.Tensor:
-    return torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device)], -1) if bias else a
+    if not bias:
+        return a
+    return torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device)], -1)
 
 
 def _solve(fit: _Moments, theta0: torch.Tensor, bias: bool, choice: str) -> torch.Tensor | None:

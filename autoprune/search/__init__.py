@@ -13,9 +13,9 @@ from typing import Any
 from autoprune.budget import latency_key, parse_budgets, parse_objectives, resolve_budgets
 from autoprune.busy import busy_note
 from autoprune.costmodel import CostModel, CostStructure
+from autoprune.device import resolve_device
 from autoprune.errors import BudgetError, UsageError
 from autoprune.plan import PruningPlan
-from autoprune.device import resolve_device
 from autoprune.recover import TeacherCache
 from autoprune.results import RunConfig, pareto_front, summarize, write_run
 from autoprune.search._base import (
