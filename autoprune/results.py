@@ -367,6 +367,13 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
     busy = busy_lines(results, config)
     if busy:
         lines += ["", *busy]
+    fell_back = [r for r in results if r.fallbacks and r.reused_from is None]
+    if fell_back:
+        lines += ["", f"## Criterion fallbacks ({len(fell_back)} trials)", ""]
+        for r in fell_back[:20]:
+            kinds = ", ".join(sorted(set(r.fallbacks.values())))
+            lines.append(f"- trial {r.number}: {len(r.fallbacks)} group(s) ranked {kinds} (the "
+                         f"criterion cannot score them), e.g. {next(iter(r.fallbacks))}")
     failed = [r for r in results if r.status in ("failed", "infeasible")]
     if failed:
         lines += ["", f"## Failed and infeasible trials ({len(failed)})", ""]

@@ -86,6 +86,8 @@ class TrialResult:
     baseline: str | None = None  # "dense" / "uniform-structured-0.5" for reference trials
     reused_from: int | None = None  # the earlier trial of the same plan whose result this is
     node: str | None = None  # the Ray node that ran the trial (its node id); None: in-process
+    # groups the plan's criterion could not rank, and what ranked them ("bn_scale -> l1")
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     def feasible(self, budgets: list[Budget], primary: str) -> bool:
         return self.status == "complete" and all(b.met_by(self.metrics, primary) for b in budgets)
@@ -106,6 +108,7 @@ class TrialResult:
             "params": self.params, "plan": self.plan.to_dict(),
             **({"reused_from": self.reused_from} if self.reused_from is not None else {}),
             **({"node": self.node} if self.node is not None else {}),
+            **({"fallbacks": self.fallbacks} if self.fallbacks else {}),
         }
 
     @classmethod
@@ -114,7 +117,8 @@ class TrialResult:
                    metrics=d.get("metrics", {}), reason=d.get("reason", ""),
                    timings=d.get("timings", {}), number=d.get("number"),
                    params=d.get("params", {}), baseline=d.get("baseline"),
-                   reused_from=d.get("reused_from"), node=d.get("node"))
+                   reused_from=d.get("reused_from"), node=d.get("node"),
+                   fallbacks=d.get("fallbacks", {}))
 
 
 def _release_memory() -> None:
@@ -286,10 +290,12 @@ def run_trial(
     """
     clock = _Clock()
     metrics: dict[str, float] = {}
+    fallbacks: dict[str, str] = {}
     gc.collect(1)  # young garbage from between trials, before it is frozen with the rest
     gc.freeze()  # what exists now outlives the trial: the end-of-trial collection skips it
     try:
-        status, reason = _run(task, plan, settings, clock, metrics, on_intermediate)
+        status, reason = _run(task, plan, settings, clock, metrics, fallbacks,
+                              on_intermediate)
     except TrialFailure as e:
         status, reason = "failed", e.reason
     except AutopruneError as e:
@@ -299,18 +305,20 @@ def run_trial(
         status, reason = "failed", f"{type(e).__name__} in trial: {first}"
     finally:  # also on Ctrl-C: never leave the heap frozen
         _release_memory()  # the trial's models are unreachable now: _run has returned
-    return TrialResult(plan, status, metrics, reason, clock.timings)
+    return TrialResult(plan, status, metrics, reason, clock.timings, fallbacks=fallbacks)
 
 
 def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
-         metrics: dict[str, float], on_intermediate: Callable | None) -> tuple[str, str]:
-    """The trial's work; fills ``metrics`` and returns (status, reason)."""
+         metrics: dict[str, float], fallbacks: dict[str, str],
+         on_intermediate: Callable | None) -> tuple[str, str]:
+    """The trial's work; fills ``metrics`` and ``fallbacks`` and returns (status, reason)."""
     from autoprune.finetune import finetune_
     from autoprune.quantize import evaluate_shipped
     from autoprune.recover import reconstruct_plan_
 
     with clock("prune"):
         model, pruned, report = _prune(task, plan, settings)
+        fallbacks.update(report.fallbacks)
         metrics.update(_cost_metrics(pruned, task.example_inputs))
     with clock("quantize"):
         shipped = _shipped(task, pruned, plan)

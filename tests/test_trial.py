@@ -201,3 +201,26 @@ def test_cost_measurements_skip_the_calibration_passes_of_data_aware_criteria(mo
                           TrialSettings(targets=[]), [])
     assert not calls
     assert fisher == measure_plan(task, PruningPlan.uniform(0.5), TrialSettings(targets=[]), [])
+
+
+def test_criterion_fallbacks_are_kept_with_the_trial_and_shown_in_the_summary():
+    from autoprune.results import summarize
+
+    lat = latency_key("cpu-1t")
+    config = RunConfig(task=SYNTHETIC, space={"name": "bn"}, budgets=[],
+                       targets=[{"name": "cpu-1t", "spec": "cpu-1t"}],
+                       objectives=[{"key": "accuracy", "direction": "maximize"},
+                                   {"key": lat, "direction": "minimize"}],
+                       metric="accuracy", metric_direction="maximize")
+    fell_back = TrialResult(PruningPlan.uniform(0.5, criterion="bn_scale"), "complete",
+                            {"accuracy": 0.9, lat: 1.0}, number=1,
+                            fallbacks={"layers.0.fc1": "bn_scale -> l1",
+                                       "layers.1.fc1": "bn_scale -> l1"})
+    again = TrialResult.from_dict(fell_back.to_dict())
+    assert again.fallbacks == fell_back.fallbacks
+    plain = TrialResult(PruningPlan(), "complete", {"accuracy": 0.95, lat: 2.0}, number=0,
+                        baseline="dense")
+    assert "fallbacks" not in plain.to_dict()
+    text = summarize([plain, fell_back], config)
+    assert ("## Criterion fallbacks (1 trials)\n\n- trial 1: 2 group(s) ranked bn_scale -> l1 "
+            "(the criterion cannot score them), e.g. layers.0.fc1") in text

@@ -35,6 +35,9 @@ class PruneReport:
     structured: dict[str, tuple[int, int]] = field(default_factory=dict)  # group: (before, after)
     unstructured: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer: (zeroed, n)
     notes: list[str] = field(default_factory=list)  # fallbacks and other remarks
+    # the criterion that ranked each structured group (l1 where the plan's could not score it)
+    criteria: dict[str, str] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # group: "bn_scale -> l1"
     # Conv/Linear layers that lost output (input) channels: the dense model's indices of the
     # channels they keep, in order (what reconstruction matches against the dense model)
     kept_out: dict[str, list[int]] = field(default_factory=dict)
@@ -160,7 +163,10 @@ def _prune_structured(
         scores = get_criterion(crit).group_importance(stats)(group.tp_group)
         if scores is None:  # e.g. bn_scale on a group without BatchNorm
             report.notes.append(f"{group.name}: {crit} cannot score this group, used l1")
-            scores = get_criterion("l1").group_importance(None)(group.tp_group)
+            report.fallbacks[group.name] = f"{crit} -> l1"
+            crit = "l1"
+            scores = get_criterion(crit).group_importance(None)(group.tp_group)
+        report.criteria[group.name] = crit
         scores = scores.detach().cpu().float()
         if group.num_heads:  # whole heads, scored by their mean (as Torch-Pruning does)
             per_head = scores.numel() // group.num_heads  # or by the criterion's own score

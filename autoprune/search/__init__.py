@@ -26,7 +26,13 @@ from autoprune.search._base import (
     get_backend,
     register_backend,
 )
-from autoprune.search._preflight import check_budgets, check_reach, check_targets, check_trials
+from autoprune.search._preflight import (
+    check_budgets,
+    check_criteria,
+    check_reach,
+    check_targets,
+    check_trials,
+)
 from autoprune.search._steer import PROFILE_FILE, Steering
 from autoprune.space import GroupInfo, SearchSpace, load_space
 from autoprune.trial import TrialResult, TrialSettings
@@ -198,6 +204,7 @@ def run_search(
         say("measuring the dense model (full latency protocol)")
         config.reference = backend_obj.measure(ctx, [PruningPlan()])[0]
     settings.budgets, warnings = resolve_budgets(budget_objs, config.reference, names[0])
+    warnings += check_criteria(space_obj, inspection.groups)
     ctx.steering = _steering(task_obj, model, inspection, bound, settings, config, run_dir,
                              lambda plans: backend_obj.measure(ctx, plans, screen=True), say)
     if not resume:  # a resumed run keeps its budgets: nothing the advice could change

@@ -24,10 +24,13 @@ __all__ = ["SearchContext", "Backend", "register_backend", "get_backend", "Early
 
 # The baseline whose allocation comes from the global Fisher ranking.
 FISHER_FIT = "fisher-global"
-# A fit baseline (uniform-fit, fisher-global) that misses a cost budget is steered again, with
-# the cost model refit on its measurement, at most this many times: the cost model's few-%
-# error can otherwise leave the search's best start point just outside the budget, untried.
+# A fit baseline (uniform-fit, fisher-global) that misses a cost budget, or lands more than
+# FIT_SLACK of it further inside than it aimed, is steered again with the cost model refit on
+# its measurement, at most FIT_RETRIES times: the cost model's few-% error can otherwise leave
+# the search's best start point just outside the budget, untried, or prune it more than the
+# budget asks.
 FIT_RETRIES = 2
+FIT_SLACK = 0.05
 # Steered start points aim this share further inside a latency budget than sampled plans: the
 # end of a search judges latency side by side with the dense model, which on the pretrained
 # MiniLM read start points a few % slower than the quick screening that steered them
@@ -89,14 +92,21 @@ class SearchContext:
         if earlier is None:
             return None
         return TrialResult(plan, earlier.status, dict(earlier.metrics), earlier.reason,
-                           reused_from=earlier.number)
+                           reused_from=earlier.number, fallbacks=dict(earlier.fallbacks))
 
     def steer_again(self, result: TrialResult, results: list[TrialResult]) -> bool:
-        """Whether ``result``, a fit baseline that broke a cost budget, is tried once more
-        (steered by the cost model that has now seen it); see FIT_RETRIES."""
-        if (self.steering is None or result.status != "infeasible"
+        """Whether ``result``, a fit baseline that broke a cost budget or met it with room to
+        spare, is tried once more (steered by the cost model that has now seen it); see
+        FIT_RETRIES."""
+        if (self.steering is None or result.status not in ("infeasible", "complete")
                 or not _is_fit(result.baseline)):
             return False
+        if result.status == "complete":  # room to spare beyond the margin it aimed at
+            upper = [b for b in self.settings.budgets if b.is_cost and b.op in ("<", "<=")]
+            spare = min((-b.violation_by(result.metrics, self.settings.primary)
+                         - self.steering.margin(b, FIT_MARGIN) for b in upper), default=0.0)
+            if spare <= FIT_SLACK:
+                return False
         return sum(r.baseline == result.baseline for r in results) <= FIT_RETRIES
 
     def record(self, result: TrialResult) -> None:

@@ -6,7 +6,9 @@ is written.
 - budgets fit their metric (a fraction such as accuracy is within [0, 1]) and do not contradict
   each other (``latency<1ms`` with ``latency>2ms``);
 - every target's ONNX Runtime execution providers exist where it measures;
-- every remote target answers ``GET /info`` within a few seconds and accepts the token.
+- every remote target answers ``GET /info`` within a few seconds and accepts the token;
+- a criterion the space offers that cannot rank some of the model's groups (``bn_scale``
+  where no BatchNorm follows) is a warning naming them (``check_criteria``).
 
 One check needs measurements, so it runs after the dense model and the steering's cost profile
 are measured, still before the first trial and before ``run.json`` is written: the space can
@@ -24,9 +26,32 @@ from typing import Any
 from autoprune.budget import Budget
 from autoprune.errors import BudgetError, TargetError, UsageError
 
-__all__ = ["check_trials", "check_budgets", "check_targets", "check_reach", "REMOTE_TIMEOUT"]
+__all__ = ["check_trials", "check_budgets", "check_targets", "check_reach", "check_criteria",
+           "REMOTE_TIMEOUT"]
 
 REMOTE_TIMEOUT = 4.0  # seconds to connect to and hear from a latency server's /info
+
+
+def check_criteria(space: Any, groups: list) -> list[str]:
+    """Warnings for the space's structured criteria that cannot rank some of ``groups`` (the
+    inspection's): trials rank those by l1 and record it as a fallback."""
+    from autoprune.criteria import get_criterion
+
+    if "structured" not in space.modes:
+        return []
+    warnings = []
+    for name in space.criteria:
+        criterion = get_criterion(name)
+        if criterion.calibration != "none":  # data-aware criteria rank every group
+            continue
+        cannot = [g.name for g in groups if criterion.group_importance(None)(g.tp_group) is None]
+        if cannot:
+            warnings.append(
+                f"criterion {name!r} of search space {space.name!r} cannot rank {len(cannot)} "
+                f"of {len(groups)} groups (e.g. {cannot[0]}): trials rank them by l1 and record "
+                f"it (fallbacks in trials.jsonl and the summary); drop {name!r} from the space's "
+                f"criteria to search only what applies")
+    return warnings
 
 
 def check_trials(trials: int) -> None:

@@ -71,6 +71,11 @@ class Steering:
             out[f"s.{u}"] = round(min(max(t * shares[u], r.low), r.high), 4)
         return out
 
+    def margin(self, budget: Budget, extra: float = 0.0) -> float:
+        """The share of ``budget`` a steered plan aims inside it (``extra`` added for a
+        latency budget)."""
+        return self._margin(budget) + (extra if budget.metric == "latency" else 0.0)
+
     def _margin(self, budget: Budget) -> float:
         if budget.metric != "latency":
             return _EXACT_MARGIN
@@ -119,8 +124,7 @@ class Steering:
         down), so a coarse scan finds the first factor that meets them and bisection refines
         it from the one before."""
         t_max = self.space.space.sparsity.high / min(v for v in shares.values() if v > 0)
-        limits = [(b.metric_key(self.primary), b.value * (
-                      1 - self._margin(b) - (extra_margin if b.metric == "latency" else 0.0)))
+        limits = [(b.metric_key(self.primary), b.value * (1 - self.margin(b, extra_margin)))
                   for b in self.budgets]
 
         def meets(scale: float) -> bool:

@@ -89,6 +89,32 @@ def test_criteria_choose_different_channels():
     assert not torch.equal(kept["l1"], kept["random"])
 
 
+def test_the_criterion_that_ranked_each_group_is_recorded_with_its_fallbacks():
+    from autoprune.prune import prune_model_
+    from autoprune.search._preflight import check_criteria
+    from autoprune.space import SearchSpace
+
+    plan = PruningPlan.uniform(0.5, criterion="bn_scale")
+    # a transformer has no BatchNorm: bn_scale ranks none of its groups, l1 ranks them all
+    model = _model("transformer_tiny")
+    groups = [g.name for g in inspect_model(model, model.example_inputs()).groups]
+    report = prune_model_(model, plan, model.example_inputs())
+    assert report.criteria == dict.fromkeys(groups, "l1")
+    assert report.fallbacks == dict.fromkeys(groups, "bn_scale -> l1")
+    # a CNN whose convs feed BatchNorms is ranked by bn_scale itself
+    cnn = _model("resnet_tiny")
+    report = prune_model_(cnn, plan, cnn.example_inputs())
+    assert set(report.criteria.values()) == {"bn_scale"} and not report.fallbacks
+    # and a space offering bn_scale says so before the first trial
+    space = SearchSpace(name="bn", criteria=("bn_scale", "l1"))
+    model = _model("transformer_tiny")
+    (warning,) = check_criteria(space, inspect_model(model, model.example_inputs()).groups)
+    assert warning.startswith(f"criterion 'bn_scale' of search space 'bn' cannot rank "
+                              f"{len(groups)} of {len(groups)} groups (e.g. {groups[0]}): trials "
+                              f"rank them by l1")
+    assert check_criteria(space, inspect_model(cnn, cnn.example_inputs()).groups) == []
+
+
 def test_taylor_without_calibration_is_a_clear_error():
     model = _model("resnet_tiny")
     with pytest.raises(PlanError, match="taylor.*calibration"):
