@@ -25,8 +25,10 @@ def _git(*args: str) -> str:
 
 
 def commit() -> str:
-    """The checked-out commit, marked if tracked files differ from it."""
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    """The checked-out commit, marked if tracked files differ from it (results files left
+    aside: a run writing one is not a change to the code)."""
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 ":(exclude)benchmarks/results")
     return (_git("rev-parse", "--short", "HEAD") or "unknown") + (
         " (uncommitted changes in the tree)" if dirty else "")
 

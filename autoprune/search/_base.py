@@ -63,6 +63,8 @@ class SearchContext:
     steering: Steering | None = None  # scales allocations onto the cost budgets (or None)
     # plan key -> the first finished trial of that plan: a repeat reuses its result
     recorded: dict[str, TrialResult] = field(default_factory=dict)
+    # The global Fisher ranking's allocation at an overall sparsity (set with the baselines)
+    fisher_at: Callable[[float], dict[str, float]] | None = None
 
     def plan_for(self, params: dict[str, Any]):
         """The plan for sampled parameters, stamped with the model's architecture signature."""
@@ -76,6 +78,15 @@ class SearchContext:
         if self.steering is None:
             return params, {}
         fit = _is_fit(baseline)
+        if fit and baseline.startswith(FISHER_FIT) and self.fisher_at is not None:
+            # along the global ranking: its allocation at the overall sparsity that fits, not
+            # the 50 % allocation scaled (which keeps the 50 % proportions at every budget)
+            def at(sparsity: float) -> dict[str, Any]:
+                shares = self.space.allocation_params(self.fisher_at(sparsity), "fisher")
+                return {**params, **{k: v for k, v in shares.items() if k.startswith("s.")}}
+
+            return self.steering.project_along(at, self.space.space.sparsity.high,
+                                               extra_margin=FIT_MARGIN)
         return self.steering.project(params, steer=baseline is None or fit,
                                      extra_margin=FIT_MARGIN if fit else 0.0)
 
@@ -107,7 +118,10 @@ class SearchContext:
                          - self.steering.margin(b, FIT_MARGIN) for b in upper), default=0.0)
             if spare <= FIT_SLACK:
                 return False
-        return sum(r.baseline == result.baseline for r in results) <= FIT_RETRIES
+        if sum(r.baseline == result.baseline for r in results) > FIT_RETRIES:
+            return False
+        again, _ = self.prepare(result.params, result.baseline)
+        return again.key() != result.plan.key()  # the refit cost model moves it
 
     def record(self, result: TrialResult) -> None:
         """Remember a finished trial (for reuse) and refit the cost model from it."""
@@ -127,7 +141,7 @@ class SearchContext:
         """Reference plans tried first: dense, uniform ones and, when steering, the uniform
         allocation scaled onto the budget (what a person would pick by hand). A space that
         ranks by Fisher importance also starts from the allocation its global ranking gives
-        (scaled onto the budget when steering), in fp32 and in each INT8 scheme it offers."""
+        (when steering: at the overall sparsity whose predicted cost fits), in fp32 and in each INT8 scheme it offers."""
         out = self.space.baselines()
         if self.steering is not None:
             out[UNIFORM_FIT] = self.space.uniform_params(self.space.space.sparsity.high)
@@ -141,7 +155,7 @@ class SearchContext:
 
     def _fisher_allocation(self) -> dict[str, float]:
         """Per-group sparsities of the global Fisher ranking at 50 % (none if the space does
-        not rank by Fisher or does not sample a sparsity per group)."""
+        not rank by Fisher or does not sample a sparsity per group); sets ``fisher_at``."""
         space = self.space.space
         if "fisher" not in space.criteria or space.share != "per_layer":
             return {}
@@ -149,7 +163,9 @@ class SearchContext:
         _, inspection = build_groups(model, self.task.example_inputs)
         batches = self.task.calibration_batches(self.settings.calibration_batches)
         stats = collect_statistics(model, batches, fisher=True, seed=self.settings.seed)
-        return global_allocation(inspection.groups, stats, 0.5, high=space.sparsity.high)
+        self.fisher_at = lambda s: global_allocation(inspection.groups, stats, s,
+                                                     high=space.sparsity.high)
+        return self.fisher_at(0.5)
 
 
 class Backend(abc.ABC):

@@ -124,14 +124,32 @@ class Steering:
         down), so a coarse scan finds the first factor that meets them and bisection refines
         it from the one before."""
         t_max = self.space.space.sparsity.high / min(v for v in shares.values() if v > 0)
+        return self._least(lambda t: self._scaled(params, units, shares, t), t_max,
+                           extra_margin)
+
+    def project_along(self, params_at: Callable[[float], dict[str, Any]], top: float,
+                      extra_margin: float = 0.0) -> tuple[dict[str, Any], dict[str, float]]:
+        """The parameters ``params_at(x)`` of the least ``x`` in ``[0, top]`` whose predicted
+        costs meet the budgets (``top`` if none does), and their predicted metrics: steering
+        along a path of plans other than one scale of fixed shares, e.g. a global ranking's
+        allocation at each overall sparsity."""
+        x = self._least(params_at, top, extra_margin) if self.active else 0.0
+        steered = params_at(top if x is None else x)
+        return steered, self._predicted(steered)
+
+    def _least(self, params_at: Callable[[float], dict[str, Any]], top: float,
+               extra_margin: float) -> float | None:
+        """The least ``x`` in ``[0, top]`` whose ``params_at(x)`` meets the budgets (see
+        :meth:`_scale`)."""
         limits = [(b.metric_key(self.primary), b.value * (1 - self.margin(b, extra_margin)))
                   for b in self.budgets]
 
-        def meets(scale: float) -> bool:
-            cost = self._predict(self._scaled(params, units, shares, scale))
+        def meets(x: float) -> bool:
+            cost = self._predict(params_at(x))
             return all(not math.isfinite(cost.get(key, math.nan)) or cost[key] <= limit
                        for key, limit in limits)
 
+        t_max = top
         if meets(0.0):
             return 0.0
         grid = [t_max * i / _SCAN for i in range(1, _SCAN + 1)]

@@ -69,6 +69,24 @@ def test_an_extra_margin_lands_further_inside_a_latency_budget(steering):
     assert further[PREDICTED + KEY] < plain[PREDICTED + KEY] - 0.05 * budget.value
 
 
+def test_steering_along_a_path_takes_its_least_point_that_fits(steering):
+    steer, budget = steering
+    space = steer.space
+
+    def uniform_at(x):
+        return {"criterion": "l1", "ft.lr_scale": 1.0,
+                **{f"s.{u}": round(x, 4) for u in space.units}}
+
+    along, predicted = steer.project_along(uniform_at, 0.75)
+    scaled, _ = steer.project(uniform_at(0.5))  # one uniform scale: the same least point
+    assert along == pytest.approx(scaled, abs=1e-3)
+    assert budget.value * 0.8 <= predicted[PREDICTED + KEY] <= budget.value * 0.95 + 1e-9
+    # a budget out of the path's reach takes its end
+    far = Steering(space, steer.model, [parse_budget("latency<1%").resolve(
+        {KEY: budget.value / 0.7}, "cpu")], "cpu")
+    assert far.project_along(uniform_at, 0.75)[0] == uniform_at(0.75)
+
+
 def test_projection_takes_the_least_pruning_that_fits_where_latency_is_not_monotonic(steering):
     # A machine where 35-45 % sparsity is slower than 30 % (e.g. input channels off the conv
     # kernels' blocks): bisection from the middle would settle past the bump, at 45 %.
