@@ -141,7 +141,8 @@ class SearchContext:
         """Reference plans tried first: dense, uniform ones and, when steering, the uniform
         allocation scaled onto the budget (what a person would pick by hand). A space that
         ranks by Fisher importance also starts from the allocation its global ranking gives
-        (when steering: at the overall sparsity whose predicted cost fits), in fp32 and in each INT8 scheme it offers."""
+        (when steering: at the overall sparsity whose predicted cost fits), in fp32 and in
+        each INT8 scheme it offers."""
         out = self.space.baselines()
         if self.steering is not None:
             out[UNIFORM_FIT] = self.space.uniform_params(self.space.space.sparsity.high)
