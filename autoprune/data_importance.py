@@ -28,8 +28,8 @@ from torch import nn
 from autoprune.nested import tensors
 
 __all__ = ["InputStatistics", "collect_statistics", "ActivationImportance", "FisherImportance",
-           "activation_weight_scores", "fisher_head_scores", "global_allocation",
-           "mask_gradients"]
+           "activation_weight_scores", "fisher_head_scores", "fisher_unit_scores",
+           "global_allocation", "allocate", "mask_gradients"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -205,23 +205,36 @@ def global_allocation(groups: list, stats: InputStatistics, sparsity: float,
         >>> global_allocation(inspection.groups, stats, 0.5)  # doctest: +SKIP
         {'encoder.layer.0.attention.self.value': 0.25, ...}
     """
-    scores: dict[str, torch.Tensor] = {}
+    return allocate(fisher_unit_scores(groups, stats), sparsity, high)
+
+
+def fisher_unit_scores(groups: list, stats: InputStatistics
+                       ) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Each group's Fisher score per unit (head or channel), and whether its units are
+    heads: what :func:`allocate` ranks (computed once for any number of sparsities)."""
+    scores: dict[str, tuple[torch.Tensor, bool]] = {}
     for g in groups:
         per_sample = mask_gradients(g.tp_group, stats) if g.channel_groups == 1 else None
         if per_sample is None:
             continue
         if g.num_heads:
-            scores[g.name] = fisher_head_scores(stats, g.tp_group, g.num_heads)
+            scores[g.name] = fisher_head_scores(stats, g.tp_group, g.num_heads), True
         else:
-            scores[g.name] = per_sample.square().sum(0)
+            scores[g.name] = per_sample.square().sum(0), False
+    return scores
+
+
+def allocate(scores: dict[str, tuple[torch.Tensor, bool]], sparsity: float,
+             high: float = 0.9) -> dict[str, float]:
+    """:func:`global_allocation` from :func:`fisher_unit_scores`."""
     out: dict[str, float] = {}
     for heads in (True, False):
-        kind = [g.name for g in groups if g.name in scores and bool(g.num_heads) == heads]
+        kind = [name for name, (_, is_heads) in scores.items() if is_heads == heads]
         if not kind:
             continue
-        units = [(float(v), name) for name in kind for v in scores[name]]
+        units = [(float(v), name) for name in kind for v in scores[name][0]]
         n_remove = int(sparsity * len(units) + 0.5)
-        cap = {name: int(high * len(scores[name])) for name in kind}
+        cap = {name: int(high * len(scores[name][0])) for name in kind}
         removed = dict.fromkeys(kind, 0)
         for _, name in sorted(units):  # least important first; a group at its cap is skipped
             if n_remove == 0:
@@ -229,7 +242,7 @@ def global_allocation(groups: list, stats: InputStatistics, sparsity: float,
             if removed[name] < cap[name]:
                 removed[name] += 1
                 n_remove -= 1
-        out.update((name, removed[name] / len(scores[name])) for name in kind)
+        out.update((name, removed[name] / len(scores[name][0])) for name in kind)
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.budget import Objective
-from autoprune.data_importance import collect_statistics, global_allocation
+from autoprune.data_importance import allocate, collect_statistics, fisher_unit_scores
 from autoprune.fingerprint import architecture_signature
 from autoprune.plan import PruningPlan
 from autoprune.prune._groups import build_groups
@@ -164,8 +164,8 @@ class SearchContext:
         _, inspection = build_groups(model, self.task.example_inputs)
         batches = self.task.calibration_batches(self.settings.calibration_batches)
         stats = collect_statistics(model, batches, fisher=True, seed=self.settings.seed)
-        self.fisher_at = lambda s: global_allocation(inspection.groups, stats, s,
-                                                     high=space.sparsity.high)
+        scores = fisher_unit_scores(inspection.groups, stats)
+        self.fisher_at = lambda s: allocate(scores, s, high=space.sparsity.high)
         return self.fisher_at(0.5)
 
 
