@@ -35,6 +35,15 @@ def _budgets(*texts: str) -> None:
     check_budgets(parse_budgets(list(texts)), accuracy(), "cpu-1t")
 
 
+def _rejected(*texts: str) -> str:
+    """The BudgetError message for ``texts``, or "" when they pass."""
+    try:
+        _budgets(*texts)
+    except BudgetError as e:
+        return str(e)
+    return ""
+
+
 @pytest.mark.parametrize("trials", [0, -3, True, 2.5])
 def test_trials_below_one_are_a_usage_error(trials):
     with pytest.raises(UsageError, match=r"--trials must be at least 1.*--trials 40"):
@@ -55,10 +64,15 @@ def test_fraction_metric_budget_outside_0_1_names_the_fix(text, hint):
 
 
 def test_budgets_within_bounds_and_metrics_without_bounds_pass():
-    for text in ("accuracy>=0.97", "accuracy>=97%", "accuracy>=1", "accuracy<=0"):
-        _budgets(text)
+    # each passes, and the same budget just past the bound is rejected
+    for ok, past in [("accuracy>=0.97", "accuracy>=1.5"), ("accuracy>=97%", "accuracy>=197%"),
+                     ("accuracy>=1", "accuracy>1"), ("accuracy<=0", "accuracy<0")]:
+        assert _rejected(ok) == "" and "can never be met" in _rejected(past), (ok, past)
+    # a metric without bounds takes any value
     check_budgets(parse_budgets(["loss<=3"]), Metric("loss", "minimize", lambda m, d: 0.0),
                   "cpu-1t")
+    with pytest.raises(BudgetError):
+        check_budgets(parse_budgets(["accuracy<=3"]), accuracy(), "cpu-1t")
 
 
 @pytest.mark.parametrize("texts, shown", [
@@ -76,12 +90,16 @@ def test_contradictory_budgets_are_rejected(texts, shown):
 
 
 def test_compatible_and_relative_budgets_pass():
-    # the same value from both sides when both are inclusive; other statistics and targets;
-    # a relative budget is not compared with an absolute one (the dense model resolves it)
-    _budgets("latency<=1ms", "latency>=1ms")
-    _budgets("latency<1ms", "latency>2ms@p90")
-    _budgets("latency<1ms", "latency>2ms@other")
-    _budgets("latency<35%", "latency>1ms", "speedup>=2x", "params<50%", "params>1k")
+    # the same value from both sides when both are inclusive (not when one is strict); other
+    # statistics and targets; a relative budget is not compared with an absolute one (the
+    # dense model resolves it)
+    assert _rejected("latency<=1ms", "latency>=1ms") == ""
+    assert "contradict each other" in _rejected("latency<1ms", "latency>=1ms")
+    assert _rejected("latency<1ms", "latency>2ms@p90") == ""
+    assert "contradict each other" in _rejected("latency<1ms@p90", "latency>2ms@p90")
+    assert _rejected("latency<1ms", "latency>2ms@other") == ""
+    assert _rejected("latency<35%", "latency>1ms", "speedup>=2x", "params<50%",
+                     "params>1k") == ""
 
 
 def test_missing_local_provider_is_a_usage_error():
