@@ -5,8 +5,8 @@ A plan's ``quantize`` names the scheme applied to the pruned, exported model:
 - ``int8``: static quantization in QDQ format after ORT's pre-processing, per-channel INT8
   weights and UINT8 activations (U8S8, the fast path of ORT's x86 CPU kernels), calibrated
   on the first :data:`CALIBRATION_BATCHES` batches of the task's training data. Convolutions
-  run as integer kernels: on the digits CNN (1 thread) it was 3.2x faster than fp32 dense and
-  1.9x faster after structured 50 %; signed activations (S8S8) were slower than fp32 there.
+  run as integer kernels (what it bought on the digits CNN: ``benchmarks/latency_fidelity.py``,
+  docs/benchmarks.md#int8); signed activations (S8S8) were slower than fp32 there.
 - ``int8-dynamic``: INT8 weights (per output channel), activations quantized on the fly. It
   can pay on MatMul-heavy transformers; on CNNs it is much slower than fp32 (ConvInteger,
   see docs/benchmarks.md#int8).

@@ -24,8 +24,8 @@ Lines starting with ``#`` and blank lines are skipped. ``benchmarks/fault_inject
 Example:
     >>> with MalformedRunner() as runner:  # doctest: +SKIP
     ...     outcomes = [runner.run(case) for case in load_corpus("tests/data/malformed")]
-    >>> sum(o.rejected for o in outcomes), len(outcomes)  # doctest: +SKIP
-    (121, 121)
+    >>> all(o.rejected for o in outcomes)  # doctest: +SKIP
+    True
 """
 
 from __future__ import annotations
