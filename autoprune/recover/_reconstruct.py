@@ -218,7 +218,7 @@ class _Capture:
     def run(self, model: nn.Module, inputs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:
             _forward(model, inputs)
-            raise RuntimeError("the layer was not reached")
+            raise RuntimeError(f"{type(self.layer).__name__} {self.layer} was not reached")
         except _Stop as stop:
             if self.sink is None or stop.args[0].shape != self.y.shape:
                 return self.x, None
