@@ -105,7 +105,7 @@ def _bench(args: argparse.Namespace) -> int:
         calibration = task.calibration_batches(4)
         label = path if plan.quantize == "none" else f"{path} ({plan.quantize})"
         models[label] = apply_plan(dense, plan, task.example_inputs, calibration=calibration,
-                                   loss_fn=task.loss_fn)
+                                   loss_fn=task.loss_fn, augment=task.augment_fn)
         if plan.quantize != "none":
             shipped[label] = quantize_model(task, models[label], plan.quantize)
     for spec in args.target:

@@ -50,7 +50,7 @@ def finalize_plan(
     calibration = task.calibration_batches(4)
     pruned = copy.deepcopy(model)
     report = prune_model_(pruned, plan, task.example_inputs, calibration=calibration,
-                          loss_fn=task.loss_fn, seed=seed)
+                          loss_fn=task.loss_fn, seed=seed, augment=task.augment_fn)
     model.to(device), pruned.to(device)
     phase = time.time()
     fitted = reconstruct_plan_(task, model, pruned, report, plan.recovery, seed)

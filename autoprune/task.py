@@ -196,6 +196,10 @@ class Task:
     # build it and load the weights of the driver's build_model(), so weights read from a
     # path on the driver's machine need not exist on the other nodes. None: build_model.
     build_architecture: Callable[[], nn.Module] | None = None
+    # (inputs, generator) -> a varied copy of a batch of inputs, e.g. ReplaceTokens: data-aware
+    # importance and reconstruction also fit on one copy of each calibration batch
+    # (autoprune.augment). None: they fit on the training inputs only.
+    augment_fn: Callable[[Any, torch.Generator], Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.example_inputs, torch.Tensor):
@@ -241,7 +245,7 @@ class Task:
                 "finetune must be an autoprune.finetune.FinetuneSettings, "
                 f"got {type(self.finetune).__name__}"
             )
-        for name in ("finetune_fn", "evaluate_fn", "build_architecture"):
+        for name in ("finetune_fn", "evaluate_fn", "build_architecture", "augment_fn"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 problems.append(f"{name} must be callable or None")
         if problems:

@@ -158,7 +158,7 @@ def _prune(task: Any, plan: PruningPlan, settings: TrialSettings) -> tuple[Any, 
     calibration = task.calibration_batches(settings.calibration_batches) if needs_data else None
     pruned = copy.deepcopy(model)
     report = prune_model_(pruned, plan, task.example_inputs, calibration=calibration,
-                          loss_fn=task.loss_fn, seed=settings.seed)
+                          loss_fn=task.loss_fn, seed=settings.seed, augment=task.augment_fn)
     return model, pruned, report
 
 

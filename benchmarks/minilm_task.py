@@ -44,12 +44,13 @@ def corpus() -> Path:
     return CORPUS
 
 
-def make_task(steps: int = 40, lr: float = 2e-5):
-    """The task; ``steps`` is the fine-tuning budget of a search trial."""
+def make_task(steps: int = 40, lr: float = 2e-5, augment: float = 0.3):
+    """The task; ``steps`` is the fine-tuning budget of a search trial, ``augment`` the share
+    of tokens its calibration copies replace (0 = none)."""
     texts = corpus() / "train_and_val_same.txt"
     if not texts.is_file():
         texts.write_text((CORPUS / "train.txt").read_text() + (CORPUS / "val_same.txt")
                          .read_text())
     return example_module().make_task(model_dir=str(minilm_dir()), texts=str(texts),
                                       n_train=1024, n_val=256, seq_len=SEQ_LEN, steps=steps,
-                                      lr=lr)
+                                      lr=lr, augment=augment)

@@ -28,6 +28,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ sys.path.insert(0, str(HERE))
 import minilm_task  # noqa: E402
 import provenance  # noqa: E402
 
+from autoprune.augment import with_augmented  # noqa: E402
 from autoprune.data_importance import collect_statistics, global_allocation  # noqa: E402
 from autoprune.finetune import finetune_  # noqa: E402
 from autoprune.latency import compare_latency, export_onnx  # noqa: E402
@@ -102,12 +104,13 @@ class Log:
 
 
 def ablation(args: argparse.Namespace, log: Log) -> None:
-    task = minilm_task.make_task(steps=args.steps)
+    task = minilm_task.make_task(steps=args.steps, augment=0)
+    augment = minilm_task.make_task(steps=args.steps).augment_fn  # the task's default copies
     dense = task.build_model().eval()
     other = other_data(task, dense)
     cache = TeacherCache(task.build_model)
     for s in args.sparsity:
-        ablation_at(s, args, task, dense, other, cache, log)
+        ablation_at(s, args, task, augment, dense, other, cache, log)
         log()
     onnx = quantize_model(task, dense, "int8-dynamic")
     same, diff = fidelity(OrtModule(onnx), task, other)
@@ -115,54 +118,65 @@ def ablation(args: argparse.Namespace, log: Log) -> None:
         f"{speedup(dense, dense, task, onnx):.2f}x")
 
 
-def ablation_at(s: float, args: argparse.Namespace, task, dense, other, cache, log: Log) -> None:
+def ablation_at(s: float, args: argparse.Namespace, task, augment, dense, other, cache,
+                log: Log) -> None:
     """One recovery step added per row, at sparsity ``s`` of the heads and FFN channels."""
     calibration = task.calibration_batches(4)
     uniform = {crit: PruningPlan.uniform(s, criterion=crit, recovery=Recovery.none())
                for crit in ("l2", "fisher")}
     _, inspection = build_groups(dense, task.example_inputs)
     start = time.perf_counter()
-    stats = collect_statistics(dense, calibration, fisher=True)
-    allocation = global_allocation(inspection.groups, stats, s, high=0.8)
-    alloc_seconds = time.perf_counter() - start
-    global_plan = PruningPlan(default=LayerRule("skip"), recovery=Recovery.none(), rules={
-        name: LayerRule("structured", value, "fisher") for name, value in allocation.items()})
+    allocation = {}
+    for copies in (None, augment):
+        stats = collect_statistics(dense, with_augmented(calibration, copies), fisher=True)
+        allocation[copies] = global_allocation(inspection.groups, stats, s, high=0.8)
+    alloc_seconds = (time.perf_counter() - start) / 2
+    global_plan = {copies: PruningPlan(default=LayerRule("skip"), recovery=Recovery.none(),
+                                       rules={name: LayerRule("structured", value, "fisher")
+                                              for name, value in a.items()})
+                   for copies, a in allocation.items()}
     task_lr, lr = task.finetune.lr, args.lr
-    # (row, plan, reconstruct, fine-tuning lr or None, hidden-state weight, int8)
+    # (row, plan, reconstruct, fine-tuning lr or None, hidden-state weight, int8, augment)
     rows = [
-        ("magnitude (l2), task's fine-tuning (lr 2e-5)", uniform["l2"], False, task_lr, 0, 0),
-        ("+ Fisher importance", uniform["fisher"], False, task_lr, 0, 0),
-        ("+ reconstruction, 0 training steps", uniform["fisher"], True, None, 0, 0),
-        (f"+ fine-tuning at lr {lr:g}", uniform["fisher"], True, lr, 0, 0),
-        ("+ hidden-state distillation", uniform["fisher"], True, lr, 1.0, 0),
-        ("+ global Fisher allocation", global_plan, True, lr, 1.0, 0),
-        ("+ dynamic INT8", global_plan, True, lr, 1.0, 1),
+        ("magnitude (l2), task's fine-tuning (lr 2e-5)", uniform["l2"], False, task_lr, 0, 0,
+         None),
+        ("+ Fisher importance", uniform["fisher"], False, task_lr, 0, 0, None),
+        ("+ reconstruction, 0 training steps", uniform["fisher"], True, None, 0, 0, None),
+        (f"+ fine-tuning at lr {lr:g}", uniform["fisher"], True, lr, 0, 0, None),
+        ("+ hidden-state distillation", uniform["fisher"], True, lr, 1.0, 0, None),
+        ("+ global Fisher allocation", global_plan[None], True, lr, 1.0, 0, None),
+        (f"+ calibration copies ({augment.p:.0%} of tokens replaced)", global_plan[augment],
+         True, lr, 1.0, 0, augment),
+        ("+ dynamic INT8", global_plan[augment], True, lr, 1.0, 1, augment),
     ]
     log(f"sparsity {s:g} of the heads and of the FFN channels; {args.steps} fine-tuning steps"
         f"; Fisher scores {alloc_seconds:.1f} s")
-    log("global allocation, per layer (heads / FFN removed): " + ", ".join(
-        f"{allocation[g.name]:.2f}" for g in inspection.groups if g.name in allocation))
+    for copies, a in allocation.items():
+        log(f"global allocation{' (with calibration copies)' if copies else ''}, per layer "
+            "(heads / FFN removed): " + ", ".join(f"{a[g.name]:.2f}" for g in inspection.groups
+                                                   if g.name in a))
     log()
     log("| recovery | same | other | speed-up | prune s | reconstruct s | fine-tune s |")
     log("|---|---|---|---|---|---|---|")
     done: dict = {}
-    for name, plan, reconstruct, ft_lr, hidden, int8 in rows:
-        key = (plan.key(), reconstruct, ft_lr, hidden)
+    for name, plan, reconstruct, ft_lr, hidden, int8, copies in rows:
+        key = (plan.key(), reconstruct, ft_lr, hidden, copies is not None)
         if key in done:
             pruned, times = done[key]
         else:
+            run = replace(task, augment_fn=copies)
             pruned = copy.deepcopy(dense)
             start = time.perf_counter()
-            report = prune_model_(pruned, plan, task.example_inputs, calibration=calibration,
-                                  loss_fn=task.loss_fn)
+            report = prune_model_(pruned, plan, run.example_inputs, calibration=calibration,
+                                  loss_fn=run.loss_fn, augment=copies)
             times = [time.perf_counter() - start, 0.0, 0.0]
             if reconstruct:
                 start = time.perf_counter()
-                reconstruct_plan_(task, dense, pruned, report, Recovery())
+                reconstruct_plan_(run, dense, pruned, report, Recovery())
                 times[1] = time.perf_counter() - start
             if ft_lr is not None:
                 start = time.perf_counter()
-                finetune_(pruned, task, task.finetune.replace(lr=ft_lr, eval_every=0),
+                finetune_(pruned, run, run.finetune.replace(lr=ft_lr, eval_every=0),
                           teacher=cache, hidden_distill=hidden)
                 times[2] = time.perf_counter() - start
             done[key] = pruned, times

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from autoprune.augment import ReplaceTokens
 from autoprune.finetune import FinetuneSettings
 from autoprune.task import Metric, Task, call_model
 
@@ -159,6 +161,20 @@ def make_inputs(encoder: nn.Module, n: int, seq_len: int, model_dir: str | None,
     return ids, torch.ones(n, seq_len, dtype=torch.int64)
 
 
+def token_vocabulary(encoder: nn.Module, model_dir: str | None) -> torch.Tensor:
+    """The token ids augmentation may replace and draw: the tokenizer's vocabulary without its
+    special and reserved tokens ([PAD], [CLS], [unused0], <s>, ...); every id of a config-built
+    model's (its inputs are random ids)."""
+    if not model_dir:
+        return torch.arange(encoder.config.vocab_size)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    special = set(tokenizer.all_special_ids)
+    return torch.tensor(sorted(i for token, i in tokenizer.get_vocab().items()
+                               if i not in special and not re.fullmatch(r"\[.*\]|<.*>", token)))
+
+
 def make_task(
     model_dir: str | None = os.environ.get("HF_ENCODER_DIR"),
     family: str = "bert",
@@ -170,6 +186,7 @@ def make_task(
     batch_size: int = 16,
     steps: int = 100,
     lr: float = 2e-5,
+    augment: float = 0.3,
 ) -> Task:
     """The task factory (``load_task("examples/hf_encoder_task.py", model_dir=...)``).
 
@@ -186,6 +203,9 @@ def make_task(
         batch_size: fine-tuning batch size.
         steps: fine-tuning steps per trial.
         lr: AdamW's peak learning rate (a pretrained encoder's usual one by default).
+        augment: share of a text input's tokens that calibration copies replace at random
+            (``ReplaceTokens``: importance and reconstruction also fit on those copies, so
+            they see more than the training text); 0 = no copies.
     """
     encoder = load_encoder(model_dir, family, size).eval()
     wrap = ImageEmbedder if hasattr(encoder.config, "image_size") else TextEmbedder
@@ -198,6 +218,9 @@ def make_task(
     train = EmbeddingPairs(tuple(t[:n_train] for t in inputs), dense)
     val = EmbeddingPairs(tuple(t[n_train:] for t in inputs), dense)
     name = os.path.basename(os.path.normpath(model_dir)) if model_dir else f"{family}-{size}"
+    text = wrap is TextEmbedder
+    augment_fn = ReplaceTokens(token_vocabulary(encoder, model_dir), augment) if (
+        text and augment > 0) else None
     return Task(
         name=f"hf-{name}",
         build_model=build_model,
@@ -211,6 +234,7 @@ def make_task(
                                   warmup_steps=min(10, steps // 10),
                                   eval_every=max(1, steps // 4)),
         description=f"{type(encoder).__name__} embeddings, cosine fidelity to the dense model",
+        augment_fn=augment_fn,
     )
 
 

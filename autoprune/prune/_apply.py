@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from autoprune.augment import Augment, with_augmented
 from autoprune.criteria import get_criterion
 from autoprune.data_importance import InputStatistics, collect_statistics
 from autoprune.errors import PlanError
@@ -104,9 +105,11 @@ def _calibrate(
     calibration: Calibration | None,
     loss_fn: Callable | None,
     seed: int,
+    augment: Augment | None = None,
 ) -> InputStatistics | None:
     """Run what ``criteria`` need from calibration batches: weight gradients of the task's
-    loss (taylor), input statistics (activation, fisher). None if no statistics are needed."""
+    loss (taylor), input statistics (activation, fisher; on augmented copies too). None if no
+    statistics are needed."""
     needs = {get_criterion(c).calibration for c in criteria} - {"none"}
     if not needs:
         return None
@@ -120,7 +123,8 @@ def _calibrate(
     if "gradients" in needs:
         _run_backward(model, calibration, loss_fn)
     if needs & {"activations", "fisher"}:
-        return collect_statistics(model, calibration, fisher="fisher" in needs, seed=seed)
+        return collect_statistics(model, with_augmented(calibration, augment, seed),
+                                  fisher="fisher" in needs, seed=seed)
     return None
 
 
@@ -148,6 +152,7 @@ def _prune_structured(
     loss_fn: Callable | None,
     seed: int,
     report: PruneReport,
+    augment: Augment | None,
 ) -> None:
     dg, inspection = build_groups(model, example_inputs)
     work = [(g, group_rule(plan, g)) for g in inspection.groups]
@@ -155,7 +160,7 @@ def _prune_structured(
     work = [(g, r) for g, r in work if r.mode == "structured" and r.sparsity > 0]
     if not work:
         return
-    stats = _calibrate(model, {r.criterion for _, r in work}, calibration, loss_fn, seed)
+    stats = _calibrate(model, {r.criterion for _, r in work}, calibration, loss_fn, seed, augment)
     # Score every group first, then prune: scores are not disturbed by earlier removals.
     chosen = []
     for group, rule in work:
@@ -237,6 +242,7 @@ def _prune_unstructured(
     loss_fn: Callable | None,
     seed: int,
     report: PruneReport,
+    augment: Augment | None,
 ) -> None:
     work = [
         (name, m, plan.rule_for(name))
@@ -244,7 +250,8 @@ def _prune_unstructured(
         if isinstance(m, _WEIGHT_TYPES)
     ]
     work = [(n, m, r) for n, m, r in work if r.mode == "unstructured" and r.sparsity > 0]
-    stats = _calibrate(model, {r.criterion for _, _, r in work}, calibration, loss_fn, seed)
+    stats = _calibrate(model, {r.criterion for _, _, r in work}, calibration, loss_fn, seed,
+                       augment)
     for name, module, rule in work:
         weight = module.weight
         scores = get_criterion(rule.criterion).weight_scores(module, stats).detach().flatten()
@@ -264,12 +271,15 @@ def prune_model_(
     calibration: Calibration | None = None,
     loss_fn: Callable | None = None,
     seed: int = 0,
+    augment: Augment | None = None,
 ) -> PruneReport:
     """Apply ``plan`` to ``model`` in place and report what was removed.
 
     Structured groups are removed first (physically, through Torch-Pruning's dependency
     graph); then unstructured layers get masks, which stay applied
     through fine-tuning (a :class:`WeightMask` parametrization) until :func:`bake_masks_`.
+    ``augment`` (a task's ``augment_fn``) adds a varied copy of each calibration batch to the
+    statistics of the activation and fisher criteria (:mod:`autoprune.augment`).
     """
     _check_fingerprint(plan, model)
     _check_rule_names(plan, model)
@@ -278,8 +288,9 @@ def prune_model_(
     report = PruneReport()
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the random criterion; everything else is deterministic
-        _prune_structured(model, plan, example_inputs, calibration, loss_fn, seed, report)
-        _prune_unstructured(model, plan, calibration, loss_fn, seed, report)
+        _prune_structured(model, plan, example_inputs, calibration, loss_fn, seed, report,
+                          augment)
+        _prune_unstructured(model, plan, calibration, loss_fn, seed, report, augment)
     return report
 
 
@@ -291,6 +302,7 @@ def apply_plan(
     calibration: Calibration | None = None,
     loss_fn: Callable | None = None,
     seed: int = 0,
+    augment: Augment | None = None,
 ) -> nn.Module:
     """Return a pruned copy of ``model``; the original is not changed.
 
@@ -303,7 +315,7 @@ def apply_plan(
     """
     pruned = copy.deepcopy(model)
     prune_model_(pruned, plan, example_inputs, calibration=calibration, loss_fn=loss_fn,
-                 seed=seed)
+                 seed=seed, augment=augment)
     return pruned
 
 

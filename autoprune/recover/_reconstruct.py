@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from autoprune.augment import with_augmented
 from autoprune.nested import tensors
 from autoprune.task import _model_device, _to_device, iterate_seeded
 
@@ -377,9 +378,11 @@ def calibration_batches(task: Any, samples: int, seed: int = 0) -> list[tuple]:
 
 def reconstruct_plan_(task: Any, dense: nn.Module, pruned: nn.Module, report: Any,
                       recovery: Any, seed: int = 0) -> ReconstructionReport | None:
-    """What a plan's ``recovery`` asks of reconstruction, on ``task``'s calibration samples;
-    None if it is off or no layer lost input channels (``report``: the PruneReport)."""
+    """What a plan's ``recovery`` asks of reconstruction, on ``task``'s calibration samples
+    and an augmented copy of each if the task has an ``augment_fn``; None if it is off or no
+    layer lost input channels (``report``: the PruneReport)."""
     if not recovery.reconstruct or not report.kept_in:
         return None
-    batches = calibration_batches(task, recovery.calibration_samples, seed)
+    batches = with_augmented(calibration_batches(task, recovery.calibration_samples, seed),
+                             getattr(task, "augment_fn", None), seed)
     return reconstruct_(pruned, dense, report.kept_in, report.kept_out, batches)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autoprune.augment import with_augmented
 from autoprune.budget import Objective
 from autoprune.data_importance import allocate, collect_statistics, fisher_unit_scores
 from autoprune.fingerprint import architecture_signature
@@ -163,7 +164,9 @@ class SearchContext:
         model = self.task.build_model()
         _, inspection = build_groups(model, self.task.example_inputs)
         batches = self.task.calibration_batches(self.settings.calibration_batches)
-        stats = collect_statistics(model, batches, fisher=True, seed=self.settings.seed)
+        stats = collect_statistics(model, with_augmented(batches, self.task.augment_fn,
+                                                         self.settings.seed),
+                                   fisher=True, seed=self.settings.seed)
         scores = fisher_unit_scores(inspection.groups, stats)
         self.fisher_at = lambda s: allocate(scores, s, high=space.sparsity.high)
         return self.fisher_at(0.5)
