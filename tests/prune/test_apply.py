@@ -226,3 +226,27 @@ def test_baking_a_copy_keeps_the_original_and_the_signature():
     assert has_masks(pruned) and not has_masks(baked)
     assert torch.equal(pruned(*x), baked(*x))  # the original still runs, same function
     assert architecture_signature(baked) == architecture_signature(model)
+
+
+def _onnx_weight_sizes(model, inputs):
+    """Sizes of the weights ONNX Runtime multiplies by (Conv, MatMul, Gemm initializers)."""
+    from autoprune.latency import export_onnx
+
+    graph = onnx.load_from_string(export_onnx(model, inputs).onnx_bytes).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    return sorted(inits[name].size for node in graph.node
+                  if node.op_type in ("Conv", "MatMul", "Gemm")
+                  for name in node.input[1:2] if name in inits)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "transformer_tiny"])
+def test_the_exported_graph_multiplies_by_the_pruned_weights(name):
+    model = _model(name)
+    x = model.example_inputs()
+    pruned = apply_plan(model, PruningPlan.uniform(0.5), x)
+    layers = (torch.nn.Conv2d, torch.nn.Linear)
+    torch_sizes = sorted(m.weight.numel() for m in pruned.modules() if isinstance(m, layers))
+    assert _onnx_weight_sizes(pruned, x) == torch_sizes
+    dense_total = sum(_onnx_weight_sizes(model, x))
+    # every hidden width halves: inner weights shrink 4x, the first and last layers' 2x
+    assert 0.25 * dense_total < sum(torch_sizes) < 0.4 * dense_total
