@@ -188,9 +188,11 @@ def test_the_backend_measures_the_dense_model_and_the_cost_profile(
     assert profile_screen is True and len(profiled) == len(profile) >= 4
 
 
-@pytest.mark.parametrize("first, status", [(0.05, "infeasible"), (0.75, "complete")])
+@pytest.mark.parametrize("first, status, backend", [(0.05, "infeasible", "optuna"),
+                                                    (0.75, "complete", "optuna"),
+                                                    (0.05, "infeasible", "ray")])
 def test_a_fit_baseline_that_misses_the_budget_or_lands_far_inside_is_steered_again(
-        first, status, tmp_path, fast_target, monkeypatch):
+        first, status, backend, tmp_path, fast_target, monkeypatch):
     from autoprune.search._base import SearchContext
 
     real, missed = SearchContext.steer, []
@@ -202,9 +204,12 @@ def test_a_fit_baseline_that_misses_the_budget_or_lands_far_inside_is_steered_ag
         return real(self, params, baseline)
 
     monkeypatch.setattr(SearchContext, "steer", first_fit_misses)
+    if backend == "ray":
+        pytest.importorskip("ray.tune")
     result = run_search(SYNTHETIC, "per_layer_structured", ["params<40%"],
                         targets=[fast_target], trials=7, finetune_steps=3,
-                        output=tmp_path / "r", progress=False)
+                        output=tmp_path / "r", progress=False, backend=backend,
+                        **({"workers": 1} if backend == "ray" else {}))
     fits = [r for r in result.results if r.baseline == UNIFORM_FIT]
     dense = result.results[0].metrics["params"]
     assert len(missed) == 1 and len(fits) == 2 and fits[0].status == status

@@ -61,8 +61,9 @@ def _searcher_class() -> type:
     class _Searcher(OptunaSearch):
         """``OptunaSearch`` told results the way the Optuna backend tells them: constraints
         from the budgets, and complete / pruned / failed states from the trial's status.
-        Baselines are enqueued with their names; on restore, suggestions made after Ray's last
-        snapshot are replayed from the journal so trial numbers keep their parameters."""
+        Baselines are enqueued with their names, and so is a fit baseline steered again
+        (before the next suggestion); on restore, suggestions made after Ray's last snapshot are
+        replayed from the journal so trial numbers keep their parameters."""
 
         def __init__(self, baselines: dict[str, dict], budgets: list, primary: str,
                      objectives: list, **kwargs: Any):
@@ -95,6 +96,14 @@ def _searcher_class() -> type:
                 attrs = {"baseline": s["baseline"]} if s["baseline"] else {}
                 self._ot_study.enqueue_trial(s["params"], user_attrs=attrs)
             return {s["baseline"] for s in session.suggested.values() if s["baseline"]}
+
+        def suggest(self, trial_id: str) -> dict | None:
+            session = _active()
+            while session is not None and session.again:  # fit baselines steered again
+                again = session.again.pop(0)
+                self._ot_study.enqueue_trial(again["params"],
+                                             user_attrs={"baseline": again["baseline"]})
+            return super().suggest(trial_id)
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             pass  # multi-objective: Optuna takes no intermediate values

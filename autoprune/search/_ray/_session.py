@@ -36,6 +36,9 @@ class _Session:
         self.stopper = stopper  # EarlyStopper actor handle, or None
         self.results: dict[int, TrialResult] = {}  # finished trials by number
         self.order: list[TrialResult] = []  # the same, in the order they finished
+        # fit baselines to try once more (SearchContext.steer_again): {params, baseline}, for
+        # the searcher to enqueue before its next suggestion
+        self.again: list[dict[str, Any]] = []
         self.trials = ctx.trials
         start, suggested, finished = journal.state()
         self.suggested: dict[int, dict[str, Any]] = suggested  # number -> {params, baseline}
@@ -96,6 +99,8 @@ class _Session:
         self.results[result.number] = result
         self.order.append(result)
         self.ctx.record(result)
+        if show and self.ctx.steer_again(result, self.order):  # (a replay's are in the journal)
+            self.again.append({"params": result.params, "baseline": result.baseline})
         if result.status == "complete" and curve and self.stopper is not None:
             self.stopper.record.remote([tuple(c) for c in curve])
         if show and self.ctx.progress:
