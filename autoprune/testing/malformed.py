@@ -18,8 +18,9 @@ Corpus layout (``tests/data/malformed/`` in the repository):
   (a value to send instead of the body's length, null for none), ``send`` (``all``, ``none``:
   a silent client, ``partial``: a client that leaves mid-body) and the ``expect``-ed status.
 
-Lines starting with ``#`` and blank lines are skipped. ``benchmarks/fault_injection.py`` and
-``tests/test_malformed.py`` run the same corpus.
+``expected.txt`` names, for every case, a phrase its message must contain: the case's id
+(``kind:name``), a tab, the phrase. Lines starting with ``#`` and blank lines are skipped.
+``benchmarks/fault_injection.py`` and ``tests/test_malformed.py`` run the same corpus.
 
 Example:
     >>> with MalformedRunner() as runner:  # doctest: +SKIP
@@ -39,7 +40,7 @@ import socket
 import sys
 import tempfile
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ class Case:
     kind: str  # budget | search | plan | space | task | target | request
     name: str  # the file name or the line itself
     value: Any  # the line (str), the file (Path) or the request (dict)
+    expect: str | None = None  # a phrase the message must contain (expected.txt)
 
     @property
     def id(self) -> str:
@@ -72,6 +74,12 @@ class Outcome:
     rejected: bool  # exit code 2 / the expected 4xx, a message, no traceback
     detail: str  # the exit code or status, and the first line of the message
     output: str = field(default="", repr=False)  # everything printed (stderr, server log)
+    message: str = ""  # what the user reads: stderr, or the server's answer
+
+    @property
+    def says_why(self) -> bool:
+        """The message contains the case's expected phrase."""
+        return self.case.expect is not None and self.case.expect in self.message
 
 
 def load_corpus(root: str | Path) -> list[Case]:
@@ -89,7 +97,9 @@ def load_corpus(root: str | Path) -> list[Case]:
         cases += [Case(kind, p.name, p) for p in sorted((root / folder).iterdir())]
     cases += [Case("request", p.stem, json.loads(p.read_text()))
               for p in sorted((root / "requests").glob("*.json"))]
-    return cases
+    expected = dict(line.split("\t", 1) for line in lines("expected.txt")) if (
+        root / "expected.txt").is_file() else {}
+    return [replace(c, expect=expected.get(c.id)) for c in cases]
 
 
 class MalformedRunner:
@@ -164,7 +174,7 @@ class MalformedRunner:
         text = err.getvalue()
         first = next((ln for ln in text.splitlines() if "error" in ln), text[:200])
         rejected = code == 2 and "error" in text and "Traceback" not in text
-        return Outcome(case, rejected, f"exit {code}: {first.strip()[:300]}", text)
+        return Outcome(case, rejected, f"exit {code}: {first.strip()[:300]}", text, text)
 
     # -- latency server ----------------------------------------------------------------------
     def _serve(self) -> tuple[str, int]:
@@ -196,7 +206,7 @@ class MalformedRunner:
         rejected = (status == case.value.get("expect") and 400 <= status < 500
                     and not handler.tracebacks and "Traceback" not in text
                     and healthy.get("status") == "ok")
-        return Outcome(case, rejected, f"HTTP {status}: {answer[:300]}", text)
+        return Outcome(case, rejected, f"HTTP {status}: {answer[:300]}", text, _error(answer))
 
     def _send(self, spec: dict[str, Any], host: str, port: int) -> tuple[int | None, str]:
         body_spec = spec.get("body") or {}
@@ -233,6 +243,13 @@ class MalformedRunner:
         parts = status_line.split()
         status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
         return status, rest.partition(b"\r\n\r\n")[2].decode(errors="replace")
+
+
+def _error(answer: str) -> str:
+    """The ``error`` of a JSON answer as the user reads it; the answer itself otherwise."""
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return str(json.loads(answer)["error"])
+    return answer
 
 
 def _complete(reply: bytes) -> bool:
