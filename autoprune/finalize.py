@@ -36,7 +36,7 @@ def finalize_plan(
     export and latency on the CPU.
     """
     from autoprune.finetune import finetune_
-    from autoprune.latency import export_onnx, load_target, measure_latency
+    from autoprune.latency import compare_latency, export_onnx, load_target
     from autoprune.prune import bake_masks_, prune_model_
     from autoprune.quantize import evaluate_shipped, quantize_model
     from autoprune.recover import reconstruct_plan_
@@ -79,14 +79,14 @@ def finalize_plan(
     if fitted is not None and fitted.fits:
         metrics["reconstruction_error_before"] = fmean(f.error_before for f in fitted.fits)
         metrics["reconstruction_error"] = fmean(f.error_after for f in fitted.fits)
-    for spec in targets or ["cpu-1t"]:
+    for spec in targets or ["cpu-1t"]:  # model.onnx and the dense model, side by side
         target = load_target(spec, token_file=token_file)
-        subject = onnx_bytes if shipped else pruned
-        pruned_lat = measure_latency(subject, task.example_inputs, target)
-        dense_lat = measure_latency(model, task.example_inputs, target)
-        metrics.update(latency_metrics(target.name, pruned_lat))
-        metrics[f"dense_{latency_key(target.name)}"] = dense_lat.p50_ms
-        metrics[f"speedup@{target.name}"] = dense_lat.p50_ms / pruned_lat.p50_ms
+        dense_row, shipped_row = compare_latency({"dense": model, "shipped": pruned},
+                                                 task.example_inputs, target,
+                                                 onnx_models={"shipped": onnx_bytes})
+        metrics.update(latency_metrics(target.name, shipped_row.stats))
+        metrics[f"dense_{latency_key(target.name)}"] = dense_row.stats.p50_ms
+        metrics[f"speedup@{target.name}"] = shipped_row.speedup
     metrics["seconds"] = time.time() - started
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -159,11 +159,28 @@ def test_killed_search_resumes_without_losing_trials(tmp_path, fast_target, kept
         kept_metrics(json.loads(saved)["metrics"], by_number[number].metrics)
 
 
-def test_pareto_plan_reapplied_reproduces_accuracy_and_architecture(run, tmp_path, fast_target):
+def test_pareto_plan_reapplied_reproduces_accuracy_and_architecture(run, tmp_path, fast_target,
+                                                                     monkeypatch):
+    import autoprune.latency
+
     best = next(r for r in run.front if r.baseline != "dense")
     task = load_task(SYNTHETIC)
+    real, timed = autoprune.latency.compare_latency, []
+
+    def side_by_side(models, inputs, target, **kw):
+        rows = real(models, inputs, target, **kw)
+        timed.append((list(models), kw["onnx_models"]["shipped"], rows))
+        return rows
+
+    monkeypatch.setattr(autoprune.latency, "compare_latency", side_by_side)
     metrics = finalize_plan(task, best.plan, tmp_path / "ship", finetune_steps=6,
                             targets=[fast_target])
+    # model.onnx itself is timed beside the dense model, and the speed-up is that timing's
+    [(names, onnx_bytes, rows)] = timed
+    assert names == ["dense", "shipped"]
+    assert onnx_bytes == (tmp_path / "ship" / "model.onnx").read_bytes()
+    assert metrics["speedup@fast"] == rows[1].speedup
+    assert metrics["dense_latency_p50_ms@fast"] == rows[0].stats.p50_ms
     assert metrics["params"] == best.metrics["params"]
     assert metrics["macs"] == best.metrics["macs"]
     assert metrics["accuracy"] == pytest.approx(best.metrics["accuracy"], abs=0.01)
