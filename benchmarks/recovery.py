@@ -108,8 +108,9 @@ class Log:
 
 
 def ablation(args: argparse.Namespace, log: Log) -> None:
-    task = minilm_task.make_task(steps=args.steps, augment=0)
-    augment = minilm_task.make_task(steps=args.steps).augment_fn  # the task's default copies
+    task = minilm_task.make_task(steps=args.steps)
+    augment = task.augment_fn  # the task's copies; rows before "+ calibration copies" go without
+    task = replace(task, augment_fn=None)
     dense = task.build_model().eval()
     other = other_data(task, dense)
     cache = TeacherCache(task.build_model)

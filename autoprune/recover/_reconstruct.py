@@ -384,5 +384,5 @@ def reconstruct_plan_(task: Any, dense: nn.Module, pruned: nn.Module, report: An
     if not recovery.reconstruct or not report.kept_in:
         return None
     batches = with_augmented(calibration_batches(task, recovery.calibration_samples, seed),
-                             getattr(task, "augment_fn", None), seed)
+                             task.augment_fn, seed)
     return reconstruct_(pruned, dense, report.kept_in, report.kept_out, batches)
