@@ -4,6 +4,7 @@ without study.db (Ray runs); renders in headless Chromium."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -137,8 +138,11 @@ CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "
                  if p), None)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    if CHROMIUM is None:
+        # .ci/run installs Chromium and sets this, so CI draws the report instead of skipping
+        assert not os.environ.get("AUTOPRUNE_REQUIRE_CHROMIUM"), "Chromium is not installed"
+        pytest.skip("needs chromium (apt-get install chromium)")
     html = write_report(run_dir, tmp_path / "report.html")
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking", "--disable-component-update",
