@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,7 +75,11 @@ def _apply(args: argparse.Namespace) -> int:
                             token_file=args.token_file, seed=args.seed, device=device)
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
-        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+        if isinstance(value, dict):  # per group: how many groups got each value
+            counts = Counter(value.values())
+            shown = ", ".join(f"{v} ({n} groups)" for v, n in counts.items())
+        else:
+            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
         print(f"{key.ljust(width)}  {shown}")
     print(f"wrote {args.output}/model.onnx, plan.json, metrics.json")
     return 0

@@ -76,6 +76,10 @@ def finalize_plan(
         "dense_macs": dense_stats.macs, "onnx_max_abs_diff": exported.max_abs_diff,
         **{f"{phase}_seconds": t for phase, t in seconds.items()},
     }
+    if report.criteria:  # per group, the criterion that ranked it (l1 where the plan's cannot)
+        metrics["criteria"] = report.criteria
+    if report.fallbacks:
+        metrics["criterion_fallbacks"] = report.fallbacks
     if fitted is not None and fitted.fits:
         metrics["reconstruction_error_before"] = fmean(f.error_before for f in fitted.fits)
         metrics["reconstruction_error"] = fmean(f.error_after for f in fitted.fits)

@@ -25,6 +25,7 @@ from autoprune.deployment import deployment_plan, table_rows
 from autoprune.errors import UsageError
 from autoprune.results import (
     RunConfig,
+    fallback_lines,
     load_run,
     metric_cell,
     steering_lines,
@@ -451,6 +452,10 @@ def render_html(run_dir: Path, config: RunConfig, results: list[TrialResult]) ->
     for key in ("history:metric", "history:latency"):
         if key in figures:
             body.append(_figure_html(figures[key], key.replace(":", "-")))
+    fell_back = fallback_lines(results)
+    if fell_back:
+        body.append(f"<h2>Criterion fallbacks ({len(fell_back)} trials)</h2>")
+        body.append(_lines_html(fell_back))
     others = [r for r in results if r.status != "complete"]
     body.append(f"<h2>Failed, infeasible and early-stopped trials ({len(others)})</h2>")
     if others:

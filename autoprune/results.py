@@ -318,6 +318,15 @@ def steering_lines(results: list[TrialResult], config: RunConfig,
     return ["", "## Steering and measurement", "", *lines] if lines else []
 
 
+def fallback_lines(results: list[TrialResult]) -> list[str]:
+    """One line per trial (first 20) whose plan asked for a criterion that could not score
+    some groups: the criterion that ranked them instead, recorded with the trial."""
+    fell_back = [r for r in results if r.fallbacks and r.reused_from is None]
+    return [f"- trial {r.number}: {len(r.fallbacks)} group(s) ranked "
+            f"{', '.join(sorted(set(r.fallbacks.values())))} (the criterion cannot score "
+            f"them), e.g. {next(iter(r.fallbacks))}" for r in fell_back[:20]]
+
+
 def summarize(results: list[TrialResult], config: RunConfig) -> str:
     """Markdown summary: counts, the front, the recommended plan, the gain over baselines."""
     budgets = config.parsed_budgets()
@@ -367,13 +376,9 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
     busy = busy_lines(results, config)
     if busy:
         lines += ["", *busy]
-    fell_back = [r for r in results if r.fallbacks and r.reused_from is None]
+    fell_back = fallback_lines(results)
     if fell_back:
-        lines += ["", f"## Criterion fallbacks ({len(fell_back)} trials)", ""]
-        for r in fell_back[:20]:
-            kinds = ", ".join(sorted(set(r.fallbacks.values())))
-            lines.append(f"- trial {r.number}: {len(r.fallbacks)} group(s) ranked {kinds} (the "
-                         f"criterion cannot score them), e.g. {next(iter(r.fallbacks))}")
+        lines += ["", f"## Criterion fallbacks ({len(fell_back)} trials)", "", *fell_back]
     failed = [r for r in results if r.status in ("failed", "infeasible")]
     if failed:
         lines += ["", f"## Failed and infeasible trials ({len(failed)})", ""]

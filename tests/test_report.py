@@ -109,6 +109,7 @@ def test_report_without_study_db_keeps_trial_numbers(tmp_path):
         result(4, "failed", None, 1.0, 0.4, reason="ExportError: <Unsupported op> in conv3"),
         result(5, "pruned", 0.2, 2.0, 0.7, reason="stopped early at step 2 (accuracy 0.2)"),
     ]
+    results[1].fallbacks = {"conv1": "bn_scale -> l1"}  # what ranked conv1, recorded
     write_run(tmp_path, config, results)
     config.save(tmp_path)
     assert not (tmp_path / "study.db").exists()
@@ -121,6 +122,8 @@ def test_report_without_study_db_keeps_trial_numbers(tmp_path):
     assert '\\"number\\": 2' in edge and '\\"number\\": 0' in edge
     assert "ExportError: &lt;Unsupported op&gt; in conv3" in html  # escaped reason
     assert "stopped early at step 2" in html
+    assert ("<h2>Criterion fallbacks (1 trials)</h2>\n<ul><li>trial 1: 1 group(s) ranked "
+            "bn_scale -&gt; l1 (the criterion cannot score them), e.g. conv1</li></ul>") in html
     heat = _figure_json(html, "sparsity")
     assert '"conv1"' in heat and '"conv2"' in heat and "S 0.25" in heat
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -450,3 +451,20 @@ def test_examples_custom_task_loads_as_a_task():
     model = task.build_model()
     assert model.net[0].out_features == 32
     assert task.evaluate(model) >= 0.9
+
+
+def test_apply_records_the_criterion_that_ranked_each_group(tmp_path):
+    from autoprune.finalize import finalize_plan
+    from autoprune.plan import PruningPlan
+
+    task = load_task("sequences", dim=32, num_heads=2, depth=1, epochs=2, n_train=512,
+                     cache_dir=tmp_path)
+    metrics = finalize_plan(task, PruningPlan.uniform(0.5, criterion="bn_scale"),
+                            tmp_path / "ship", finetune_steps=1)
+    # a transformer has no BatchNorm: l1 ranked every group, and apply says so per group
+    groups = sorted(metrics["criteria"])
+    assert groups == ["layers.0.attn.v", "layers.0.fc1", "layers.0.fc2"]
+    assert set(metrics["criteria"].values()) == {"l1"}
+    assert metrics["criterion_fallbacks"] == dict.fromkeys(groups, "bn_scale -> l1")
+    assert json.loads((tmp_path / "ship" / "metrics.json").read_text())["criteria"] == \
+        metrics["criteria"]
