@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup search test test-slow test-cluster lint bench wheel-check
+.PHONY: setup search test test-slow test-cluster lint bench-docs bench-docs-check wheel-check
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,14 @@ test-slow: setup
 # needs root), with the worker node's raylet killed mid-search: tests/cluster/two_hosts.py.
 test-cluster: setup
 	$(BIN)/python -m pytest -q -s -m slow tests/search/test_two_hosts.py
+
+# The measured numbers in README.md and docs/benchmarks.md, rendered from benchmarks/results/
+# (the check fails when a doc differs from what its results files render).
+bench-docs: setup
+	$(BIN)/python benchmarks/bench_docs.py
+
+bench-docs-check: setup
+	$(BIN)/python benchmarks/bench_docs.py --check
 
 lint: setup
 	$(BIN)/ruff check autoprune tests benchmarks examples

@@ -11,24 +11,30 @@
   answer and no traceback.
 
 Run: ``.venv/bin/python benchmarks/fault_injection.py [--kills 5] [--trials 20] [--skip-ray]``
+
+The output goes to ``benchmarks/results/fault-injection-<date>.txt``, its table (``summary``)
+and counts to ``fault-injection-<date>.json`` (see ``provenance.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from autoprune.testing.faults import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import provenance  # noqa: E402
+
+from autoprune.testing.faults import (  # noqa: E402
     cluster_search,
     extend_ray_search,
     kill_driver,
     kill_ray_worker,
 )
-from autoprune.testing.malformed import MalformedRunner, load_corpus
+from autoprune.testing.malformed import MalformedRunner, load_corpus  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "malformed"
 
@@ -41,53 +47,89 @@ def main() -> None:
     parser.add_argument("--skip-ray", action="store_true", help="no Ray parts")
     parser.add_argument("--workdir", help="keep the run directories here (default: a temp dir)")
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} cores, load average "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    with provenance.recorded("fault-injection") as rec:
+        run(args, rec)
+
+
+def run(args: argparse.Namespace, rec: provenance.Record) -> None:
+    """Each part prints its line as it ends; the summary table (check | result) and the counts
+    as values come at the end."""
+    begin = time.time()
     with tempfile.TemporaryDirectory(prefix="autoprune-faults-") as tmp:
         work = Path(args.workdir or tmp)
-        summary = []
+        summary: list[list[str]] = []
         start = time.time()
         kill = kill_driver(work / "kill", kills=args.kills, trials=args.trials, seed=args.seed)
-        print(f"\ndriver kill -9 at {kill.kills} random points (s after each start: "
+        print(f"driver kill -9 at {kill.kills} random points (s after each start: "
               f"{', '.join(map(str, kill.kill_times))}), --resume after each "
               f"({time.time() - start:.0f} s): final run {kill.trials} trials, exit "
               f"{kill.exit_code}; {kill.finished_at_kills} trials had finished before a kill")
-        summary += [f"kills survived: {kill.survived} of {kill.kills}",
-                    f"finished trials lost: {len(kill.lost)}"
-                    + (f" (trials {kill.lost})" if kill.lost else ""),
-                    f"plans repeated: {len(kill.repeated)}"
-                    + (f" (trials {kill.repeated})" if kill.repeated else "")
-                    + f"; results reused for a repeated plan: {kill.reused}"]
+        summary += [["kills survived", f"{kill.survived} of {kill.kills} (final run: "
+                                       f"{kill.trials} trials, exit {kill.exit_code})"],
+                    ["finished trials lost", f"{len(kill.lost)}"
+                     + (f" (trials {', '.join(map(str, kill.lost))})" if kill.lost else "")],
+                    ["plans repeated", f"{len(kill.repeated)}"
+                     + (f" (trials {', '.join(map(str, kill.repeated))})" if kill.repeated
+                        else "") + f"; results reused for a repeated plan: {kill.reused}"]]
+        rec.value("kills_survived", kill.survived)
+        rec.value("kills", kill.kills)
+        rec.value("kill_trials", kill.trials)
+        rec.value("kill_exit_code", kill.exit_code)
+        rec.value("trials_lost", len(kill.lost))
+        rec.value("plans_repeated", len(kill.repeated))
+        rec.value("results_reused", kill.reused)
         if not args.skip_ray:
             worker = kill_ray_worker(work / "ray-worker")
             print(f"\nRay worker killed mid-trial ({worker.killed or 'none found'}): exit "
                   f"{worker.exit_code}, {worker.trials} of {worker.wanted} trials recorded "
                   f"({worker.failed} failed), retried: {worker.retried}, {worker.seconds} s")
-            summary.append(f"Ray worker killed mid-trial: search "
-                           f"{'completed' if worker.exit_code == 0 else 'FAILED'} "
-                           f"({worker.trials} of {worker.wanted} trials, {worker.failed} failed)")
+            summary.append(["Ray worker killed mid-trial",
+                            f"search {'completed' if worker.exit_code == 0 else 'FAILED'} "
+                            f"({worker.trials} of {worker.wanted} trials, {worker.failed} "
+                            f"failed; the killed one "
+                            f"{'retried' if worker.retried else 'not retried'})"])
+            rec.value("ray_worker_exit_code", worker.exit_code)
+            rec.value("ray_worker_trials", worker.trials)
+            rec.value("ray_worker_wanted", worker.wanted)
+            rec.value("ray_worker_failed", worker.failed)
+            rec.value("ray_worker_retried", bool(worker.retried))
             cluster = cluster_search(work / "cluster")
             print(f"\n2-node Ray cluster via --address: {cluster.nodes} nodes, exit "
                   f"{cluster.exit_code}, {cluster.trials} trials, {cluster.seconds} s; lock file "
                   f"per node: {cluster.node_locks}; front: {cluster.front} plans, "
                   f"{cluster.front_screened} with a screening latency")
-            summary.append(f"2-node cluster: {sum(cluster.node_locks.values())} of "
-                           f"{cluster.nodes} nodes measured under their own lock; "
-                           f"{cluster.front - cluster.front_screened} of {cluster.front} front "
-                           f"plans re-measured in full")
+            locked = sum(cluster.node_locks.values())
+            summary.append(["2-node cluster",
+                            f"{locked} of {cluster.nodes} nodes measured under their own lock; "
+                            f"{cluster.front - cluster.front_screened} of {cluster.front} front "
+                            f"plans re-measured in full (exit {cluster.exit_code})"])
+            rec.value("cluster_exit_code", cluster.exit_code)
+            rec.value("cluster_nodes", cluster.nodes)
+            rec.value("cluster_nodes_locked", locked)
+            rec.value("cluster_front", cluster.front)
+            rec.value("cluster_front_full", cluster.front - cluster.front_screened)
             extend = extend_ray_search(work / "extend")
             print(f"\nRay search of {extend.first} trials resumed with --trials {extend.asked}: "
                   f"{extend.trials} trials, exits {extend.exit_codes}")
-            summary.append(f"restored Ray search extended: {extend.trials > extend.first} "
-                           f"({extend.first} -> {extend.trials} trials, asked {extend.asked})")
+            summary.append(["restored Ray search extended",
+                            f"{'yes' if extend.trials > extend.first else 'NO'} "
+                            f"({extend.first} -> {extend.trials} trials, asked {extend.asked}; "
+                            f"exits {', '.join(map(str, extend.exit_codes))})"])
+            rec.value("extend_first", extend.first)
+            rec.value("extend_asked", extend.asked)
+            rec.value("extend_trials", extend.trials)
         with MalformedRunner() as runner:
             outcomes = [runner.run(case) for case in load_corpus(CORPUS)]
         bad = [o for o in outcomes if not (o.rejected and o.says_why)]
         for o in bad:
             print(f"NOT REJECTED WITH ITS REASON {o.case.id}: {o.detail}")
-        summary.append(f"malformed inputs rejected with the expected reason: "
-                       f"{len(outcomes) - len(bad)} of {len(outcomes)}")
-    print("\n" + "\n".join(summary))
+        summary.append(["malformed inputs rejected",
+                        f"{len(outcomes) - len(bad)} of {len(outcomes)} (exit 2 or the expected "
+                        f"4xx, with the expected reason, no traceback)"])
+        rec.value("malformed_rejected", len(outcomes) - len(bad))
+        rec.value("malformed_total", len(outcomes))
+    rec.value("seconds", round(time.time() - begin))
+    provenance.print_table("summary", ["check", "result"], summary)
 
 
 if __name__ == "__main__":

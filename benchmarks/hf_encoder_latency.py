@@ -8,21 +8,24 @@ measured p50 and the speed-up over dense, all measured interleaved in one run
 (``autoprune.latency.compare_latency``).
 
 Run: ``.venv/bin/python benchmarks/hf_encoder_latency.py [--family bert] [--seq-len 128]
-[--target cpu-1t] [--repeats 3]``
+[--target cpu-1t] [--repeats 3]``. Output: ``benchmarks/results/hf-encoder-latency-<date>.txt``
+and ``.json`` (``provenance.recorded``): table ``latency``, one row per model.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
-from autoprune.latency import compare_latency, format_latency_table, load_target
+from autoprune.latency import compare_latency, load_target
 from autoprune.plan import LayerRule, PruningPlan
 from autoprune.prune import apply_plan, inspect_model
 from autoprune.task import load_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hf_encoder_task.py"
 
@@ -35,7 +38,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sparsities", default="0.25,0.5,0.75")
     args = parser.parse_args()
+    with provenance.recorded("hf-encoder-latency"):
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     task = load_task(f"{EXAMPLE}:make_task", family=args.family, n_train=1, n_val=1,
                      seq_len=args.seq_len)
     dense = task.build_model()
@@ -52,18 +59,20 @@ def main() -> None:
     print(f"{task.name}: {task.description}; input {[tuple(t.shape) for t in inputs]}")
     print(f"{len(heads)} head groups ({info.groups[0].describe_units()} each), {len(ffn)} FFN "
           f"groups; hidden width left alone")
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{len(os.sched_getaffinity(0))} cores, load average "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     target = load_target(args.target)
     start = time.perf_counter()
     rows = compare_latency(models, inputs, target, repeats=args.repeats)
     print(f"target {target.name}, {args.repeats} fresh sessions per model, interleaved "
-          f"({time.perf_counter() - start:.0f} s)\n")
-    print(format_latency_table(rows, statistic=target.statistic))
+          f"({time.perf_counter() - start:.0f} s)")
     dense_macs = rows[0].macs
-    print("\nspeed-up / FLOPs ratio: " + ", ".join(
-        f"{r.name} {r.speedup / (dense_macs / r.macs):.2f}" for r in rows[1:]))
+    provenance.print_table(
+        "latency", ["model", "params M", "nonzero", "MACs M", "p50 ms", "p90 ms", "CV", "runs",
+                    f"speed-up ({target.statistic})", "speed-up / FLOPs"],
+        [[r.name, f"{r.params / 1e6:.2f}", f"{100 * r.nonzero_fraction:.0f}%",
+          f"{r.macs / 1e6:.1f}", f"{r.stats.p50_ms:.3f}", f"{r.stats.p90_ms:.3f}",
+          f"{100 * r.stats.cv:.1f}%", r.stats.runs, f"{r.speedup:.2f}x",
+          f"{r.speedup / (dense_macs / r.macs):.2f}"] for r in rows],
+        right=tuple(range(1, 10)))
 
 
 if __name__ == "__main__":

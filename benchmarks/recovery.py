@@ -17,8 +17,10 @@ Every shipped model is also measured on 256 natural sentences of another kind, f
 row; ``cnn`` prunes the digits CNN and reconstructs it without training; ``int8`` quantizes
 the dense encoder with dynamic INT8 weights per tensor and per channel; ``default`` runs
 ``autoprune search --space encoder`` and ``autoprune apply`` of the recommended plan as a
-user would, then measures what ``apply`` wrote. Each writes its output to
-``benchmarks/results/recovery-<command>-<date>.txt``.
+user would, then measures what ``apply`` wrote. Each runs inside ``provenance.recorded``: its
+output goes to ``benchmarks/results/recovery-<command>-<date>.txt``, its tables
+(``ablation-<sparsity>``, ``cnn``, ``int8``, ``shipped``) and values (``dense_int8_*``,
+``tau_same``, ``tau_other``) to ``recovery-<command>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -93,21 +95,21 @@ def speedup(dense, model, task, onnx=None) -> float:
     return rows[1].speedup
 
 
-class Log:
-    """Prints and keeps every line for the results file."""
-
-    def __init__(self, name: str) -> None:
-        RESULTS.mkdir(exist_ok=True)
-        self.path = RESULTS / f"recovery-{name}-{time.strftime('%Y%m%d-%H%M')}.txt"
-        self.lines: list[str] = []
-
-    def __call__(self, line: str = "") -> None:
-        print(line, flush=True)
-        self.lines.append(line)
-        self.path.write_text("\n".join(self.lines) + "\n")
+def table(name: str, columns: list[str], right: tuple[int, ...] = ()) -> None:
+    """Start the Markdown table ``name`` (as ``provenance.print_table`` prints it; ``right``:
+    the columns aligned right); its rows follow with :func:`row` as they are measured, so a
+    long run shows each when it is done."""
+    print(f"\ntable: {name}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---:" if i in right else "---" for i in range(len(columns))) + "|",
+          flush=True)
 
 
-def ablation(args: argparse.Namespace, log: Log) -> None:
+def row(*cells) -> None:
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+def ablation(args: argparse.Namespace, rec: provenance.Record) -> None:
     task = minilm_task.make_task(steps=args.steps)
     augment = task.augment_fn  # the task's copies; rows before "+ calibration copies" go without
     task = replace(task, augment_fn=None)
@@ -115,16 +117,19 @@ def ablation(args: argparse.Namespace, log: Log) -> None:
     other = other_data(task, dense)
     cache = TeacherCache(task.build_model)
     for s in args.sparsity:
-        ablation_at(s, args, task, augment, dense, other, cache, log)
-        log()
+        ablation_at(s, args, task, augment, dense, other, cache)
+        print()
     onnx = quantize_model(task, dense, "int8-dynamic")
     same, diff = fidelity(OrtModule(onnx), task, other)
-    log(f"dense, dynamic INT8 only: fidelity {same:.3f} / {diff:.3f}, "
-        f"{speedup(dense, dense, task, onnx):.2f}x")
+    times = speedup(dense, dense, task, onnx)
+    print(f"dense, dynamic INT8 only: fidelity {same:.3f} / {diff:.3f}, {times:.2f}x", flush=True)
+    rec.value("dense_int8_same", round(float(same), 3))
+    rec.value("dense_int8_other", round(float(diff), 3))
+    rec.value("dense_int8_speedup", round(float(times), 2))
 
 
-def ablation_at(s: float, args: argparse.Namespace, task, augment, dense, other, cache,
-                log: Log) -> None:
+def ablation_at(s: float, args: argparse.Namespace, task, augment, dense, other,
+                cache) -> None:
     """One recovery step added per row, at sparsity ``s`` of the heads and FFN channels."""
     calibration = task.calibration_batches(4)
     uniform = {crit: PruningPlan.uniform(s, criterion=crit, recovery=Recovery.none())
@@ -154,15 +159,14 @@ def ablation_at(s: float, args: argparse.Namespace, task, augment, dense, other,
          True, lr, 1.0, 0, augment),
         ("+ dynamic INT8", global_plan[augment], True, lr, 1.0, 1, augment),
     ]
-    log(f"sparsity {s:g} of the heads and of the FFN channels; {args.steps} fine-tuning steps"
-        f"; Fisher scores {alloc_seconds:.1f} s")
+    print(f"sparsity {s:g} of the heads and of the FFN channels; {args.steps} fine-tuning "
+          f"steps; Fisher scores {alloc_seconds:.1f} s")
     for copies, a in allocation.items():
-        log(f"global allocation{' (with calibration copies)' if copies else ''}, per layer "
-            "(heads / FFN removed): " + ", ".join(f"{a[g.name]:.2f}" for g in inspection.groups
-                                                   if g.name in a))
-    log()
-    log("| recovery | same | other | speed-up | prune s | reconstruct s | fine-tune s |")
-    log("|---|---|---|---|---|---|---|")
+        print(f"global allocation{' (with calibration copies)' if copies else ''}, per layer "
+              "(heads / FFN removed): " + ", ".join(f"{a[g.name]:.2f}"
+                                                     for g in inspection.groups if g.name in a))
+    table(f"ablation-{s:g}", ["recovery", "same", "other", "speed-up", "prune s",
+                              "reconstruct s", "fine-tune s"], right=(1, 2, 3, 4, 5, 6))
     done: dict = {}
     for name, plan, reconstruct, ft_lr, hidden, int8, copies in rows:
         key = (plan.key(), reconstruct, ft_lr, hidden, copies is not None)
@@ -187,22 +191,20 @@ def ablation_at(s: float, args: argparse.Namespace, task, augment, dense, other,
             done[key] = pruned, times
         onnx = quantize_model(task, pruned, "int8-dynamic") if int8 else None
         same, diff = fidelity(OrtModule(onnx) if onnx else pruned, task, other)
-        log(f"| {name} | {same:.3f} | {diff:.3f} | {speedup(dense, pruned, task, onnx):.2f}x | "
-            f"{times[0]:.1f} | {times[1]:.1f} | {times[2]:.0f} |")
+        row(name, f"{same:.3f}", f"{diff:.3f}", f"{speedup(dense, pruned, task, onnx):.2f}x",
+            f"{times[0]:.1f}", f"{times[1]:.1f}", f"{times[2]:.0f}")
 
 
-def cnn(args: argparse.Namespace, log: Log) -> None:
+def cnn(args: argparse.Namespace, rec: provenance.Record) -> None:
     """The digits CNN pruned uniformly: accuracy with no training step at all."""
     from autoprune.finetune import recalibrate_bn_
     from autoprune.task import load_task
 
     task = load_task("digits")
     dense = task.build_model().eval()
-    log(f"digits, dense accuracy {task.evaluate(dense):.4f}; no fine-tuning step in any row")
-    log()
-    log("| sparsity | criterion | pruned | + BatchNorm re-estimated | reconstructed "
-        "| reconstruct s |")
-    log("|---|---|---|---|---|---|")
+    print(f"digits, dense accuracy {task.evaluate(dense):.4f}; no fine-tuning step in any row")
+    table("cnn", ["sparsity", "criterion", "pruned", "+ BatchNorm re-estimated", "reconstructed",
+                  "reconstruct s"], right=(0, 2, 3, 4, 5))
     for s in args.sparsities:
         for crit in ("l1", "fisher"):
             plan = PruningPlan.uniform(s, criterion=crit)
@@ -215,11 +217,11 @@ def cnn(args: argparse.Namespace, log: Log) -> None:
             start = time.perf_counter()
             reconstruct_plan_(task, dense, pruned, report, plan.recovery)
             seconds = time.perf_counter() - start
-            log(f"| {s:g} | {crit} | {bare:.4f} | {task.evaluate(recalibrated):.4f} | "
-                f"{task.evaluate(pruned):.4f} | {seconds:.1f} |")
+            row(f"{s:g}", crit, f"{bare:.4f}", f"{task.evaluate(recalibrated):.4f}",
+                f"{task.evaluate(pruned):.4f}", f"{seconds:.1f}")
 
 
-def int8(args: argparse.Namespace, log: Log) -> None:
+def int8(args: argparse.Namespace, rec: provenance.Record) -> None:
     """Dynamic INT8 of the dense encoder: weights per tensor against per output channel."""
     import tempfile
 
@@ -244,32 +246,30 @@ def int8(args: argparse.Namespace, log: Log) -> None:
     rows = compare_latency({"dense": dense, **dict.fromkeys(models, dense)},
                            task.example_inputs, "cpu-1t", onnx_models={"dense": fp32, **models},
                            repeats=REPEATS)
-    log("| dynamic INT8 weights | same | other | speed-up |")
-    log("|---|---|---|---|")
-    for row in rows[1:]:
-        same, diff = fidelity(OrtModule(models[row.name]), task, other)
-        log(f"| {row.name} | {same:.3f} | {diff:.3f} | {row.speedup:.2f}x |")
+    table("int8", ["dynamic INT8 weights", "same", "other", "speed-up"], right=(1, 2, 3))
+    for timed in rows[1:]:
+        same, diff = fidelity(OrtModule(models[timed.name]), task, other)
+        row(timed.name, f"{same:.3f}", f"{diff:.3f}", f"{timed.speedup:.2f}x")
 
 
-def run_logged(command: list[str], log: Log) -> None:
-    """Run a command; its output goes into the log, warnings left out."""
+def run_logged(command: list[str]) -> None:
+    """Run a command; its output is printed (so it goes into the log), warnings left out."""
     done = subprocess.run(command, capture_output=True, text=True)
-    for line in done.stdout.splitlines():
-        log(line)
+    print(done.stdout, end="", flush=True)
     if done.returncode:
-        log(done.stderr)
+        print(done.stderr, flush=True)
         raise SystemExit(f"{command[1]} exited with {done.returncode}")
 
 
-def default(args: argparse.Namespace, log: Log) -> None:
+def default(args: argparse.Namespace, rec: provenance.Record) -> None:
     """The default path as a user runs it, then the same final fine-tuning of the best uniform
     plan at the recommended plan's latency (or faster): search against uniform, as shipped."""
     task_spec = f"{HERE / 'minilm_task.py'}:make_task"
     bin_dir = Path(sys.executable).parent
     if args.measure:  # an earlier run: measure what its apply wrote again
         run = Path(args.measure)
-        log(f"measuring the run in {run} again; its summary:")
-        run_logged([str(bin_dir / "autoprune"), "show", str(run / "search")], log)
+        print(f"measuring the run in {run} again; its summary:")
+        run_logged([str(bin_dir / "autoprune"), "show", str(run / "search")])
     else:
         run = RESULTS.parent / "runs" / f"recovery-{time.strftime('%Y%m%d-%H%M%S')}"
         search = ["autoprune", "search", "--task", task_spec, "--space", "encoder",
@@ -277,10 +277,10 @@ def default(args: argparse.Namespace, log: Log) -> None:
                   str(run / "search")]
         if args.quantize:
             search += ["--quantize", args.quantize]
-        log("$ " + " ".join(search))
+        print("$ " + " ".join(search), flush=True)
         started = time.time()
-        run_logged([str(bin_dir / search[0]), *search[1:]], log)
-        log(f"search: {time.time() - started:.0f} s")
+        run_logged([str(bin_dir / search[0]), *search[1:]])
+        print(f"search: {time.time() - started:.0f} s")
     from autoprune.results import load_run, recommend, uniform_reference
 
     config, results = load_run(run / "search")
@@ -304,17 +304,15 @@ def default(args: argparse.Namespace, log: Log) -> None:
         if not (run / "search" / "pareto" / f"trial_{trial.number}.json").is_file():
             trial.plan.save(out.with_suffix(".plan.json"))
             apply[2] = str(out.with_suffix(".plan.json"))
-        log("$ " + " ".join(apply))
+        print("$ " + " ".join(apply), flush=True)
         started = time.time()
-        run_logged([str(bin_dir / apply[0]), *apply[1:]], log)
-        log(f"apply: {time.time() - started:.0f} s")
+        run_logged([str(bin_dir / apply[0]), *apply[1:]])
+        print(f"apply: {time.time() - started:.0f} s")
     task = minilm_task.make_task()
     dense = task.build_model().eval()
     other = other_data(task, dense)
-    log()
-    log("| shipped | trial | search's cosine | fidelity, same | fidelity, other | speed-up | "
-        "apply s |")
-    log("|---|---|---|---|---|---|---|")
+    table("shipped", ["shipped", "trial", "search's cosine", "fidelity, same", "fidelity, other",
+                      "speed-up", "apply s"], right=(2, 3, 4, 5, 6))
     ranked = []  # (search's cosine, shipped same, shipped other)
     for name, (trial, out) in shipped.items():
         onnx = (out / "model.onnx").read_bytes()
@@ -325,18 +323,21 @@ def default(args: argparse.Namespace, log: Log) -> None:
         prune_model_(architecture, plan, task.example_inputs,
                      calibration=task.calibration_batches(4), loss_fn=task.loss_fn)
         seconds = json.loads((out / "metrics.json").read_text())["seconds"]
-        log(f"| {name} ({plan.quantize}) | {trial.number} {trial.baseline or ''} | "
-            f"{trial.metrics[config.metric]:.3f} | {same:.3f} | {diff:.3f} | "
-            f"{speedup(dense, architecture, task, onnx):.2f}x | {seconds:.0f} |")
-    log(f"recommended plan's recovery {best.plan.recovery.to_dict()}, fine-tuning "
-        f"{best.plan.finetune}")
+        row(f"{name} ({plan.quantize})", f"{trial.number} {trial.baseline or ''}".strip(),
+            f"{trial.metrics[config.metric]:.3f}", f"{same:.3f}", f"{diff:.3f}",
+            f"{speedup(dense, architecture, task, onnx):.2f}x", f"{seconds:.0f}")
+    print(f"\nrecommended plan's recovery {best.plan.recovery.to_dict()}, fine-tuning "
+          f"{best.plan.finetune}")
     if len(ranked) > 2:
         from scipy.stats import kendalltau
 
         proxy, same, diff = zip(*ranked)
-        log(f"Kendall tau of the search's cosine (after a trial's short fine-tuning) against "
-            f"the shipped fidelity over {len(ranked)} plans: {kendalltau(proxy, same)[0]:.2f} "
-            f"on text like the training text, {kendalltau(proxy, diff)[0]:.2f} on other text")
+        tau_same, tau_other = kendalltau(proxy, same)[0], kendalltau(proxy, diff)[0]
+        print(f"Kendall tau of the search's cosine (after a trial's short fine-tuning) against "
+              f"the shipped fidelity over {len(ranked)} plans: {tau_same:.2f} on text like the "
+              f"training text, {tau_other:.2f} on other text")
+        rec.value("tau_same", round(float(tau_same), 2))
+        rec.value("tau_other", round(float(tau_other), 2))
 
 
 def main() -> int:
@@ -361,12 +362,9 @@ def main() -> int:
                                                      "again instead of searching")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    log = Log(args.command)
-    log(provenance.header())
-    log()
     commands = {"ablation": ablation, "cnn": cnn, "default": default, "int8": int8}
-    commands[args.command](args, log)
-    log(f"\nload: {provenance.load()} at the end")
+    with provenance.recorded(f"recovery-{args.command}") as rec:
+        commands[args.command](args, rec)
     return 0
 
 

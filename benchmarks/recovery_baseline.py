@@ -19,17 +19,16 @@ sentences from other modules) and ``val_other`` (natural sentences of another ki
     .venv/bin/python benchmarks/recovery_baseline.py [--corpus DIR] [--seq-len 64]
         [--criteria l2] [--threads 1]
 
+Output: ``benchmarks/results/recovery-baseline-<date>.txt`` and ``.json``
+(``provenance.recorded``): tables ``tokens`` (one row per set), ``sanity`` (the paraphrase
+check of the dense model and of each pruned one) and ``fidelity`` (one row per criterion).
 The corpus is built into ``--corpus`` when its three files are not there yet (about a minute).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import provenance  # noqa: E402
 from pretrained_minilm import minilm_dir  # noqa: E402
 from text_corpus import build, package_versions  # noqa: E402
 
@@ -94,21 +94,6 @@ def _load_example():
     return module
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                             capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
-        return sha + (" (work tree changed)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 @torch.no_grad()
 def embed(model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor],
           batch: int = 64) -> torch.Tensor:
@@ -121,10 +106,17 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return nn.functional.cosine_similarity(a, b, dim=-1)
 
 
+SANITY = ["model", "paraphrase pairs", "min", "random pairs", "random p95",
+          *(f"within {name}" for name in SETS), "val_same x val_other",
+          "paraphrases above random p95"]
+
+
 def pair_check(model: nn.Module, tokenize, pools: dict[str, torch.Tensor],
-               seed: int = 0) -> str:
-    """Paraphrase pairs against random pairs: mean cosines and how often a paraphrase pair
-    beats the 95th percentile of random pairs."""
+               seed: int = 0) -> list[str]:
+    """Paraphrase pairs against random pairs (a row of the table ``sanity`` after the
+    model's name): mean cosines, consecutive sentences of each set, the two validation sets
+    against each other, and how often a paraphrase pair beats the 95th percentile of random
+    pairs."""
     left = embed(model, tokenize([a for a, _ in PARAPHRASES]))
     right = embed(model, tokenize([b for _, b in PARAPHRASES]))
     para = cosine(left, right)
@@ -137,11 +129,9 @@ def pair_check(model: nn.Module, tokenize, pools: dict[str, torch.Tensor],
     within = {name: cosine(e, e.roll(1, 0)).mean().item() for name, e in pools.items()}
     cross = cosine(pools["val_same"][:256], pools["val_other"][:256]).mean().item()
     p95 = rand.quantile(0.95).item()
-    return (f"paraphrase pairs {para.mean():.3f} (min {para.min():.3f}); random pairs "
-            f"{rand.mean():.3f} (p95 {p95:.3f}; within "
-            + ", ".join(f"{k} {v:.3f}" for k, v in within.items())
-            + f"; val_same x val_other {cross:.3f}); paraphrases above random p95: "
-            f"{(para > p95).sum().item()}/{len(para)}")
+    return [f"{para.mean():.3f}", f"{para.min():.3f}", f"{rand.mean():.3f}", f"{p95:.3f}",
+            *(f"{within[name]:.3f}" for name in SETS), f"{cross:.3f}",
+            f"{(para > p95).sum().item()}/{len(para)}"]
 
 
 def main() -> int:
@@ -157,15 +147,17 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    with provenance.recorded("recovery-baseline") as rec:
+        run(args, rec)
+    return 0
 
+
+def run(args: argparse.Namespace, rec: provenance.Record) -> None:
     import transformers
     from transformers import AutoModel, AutoTokenizer
 
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"recovery baseline: {now}, commit {_commit()}, load average {_load()}, "
-          f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} "
-          f"cores, torch {torch.__version__} ({args.threads} thread), transformers "
-          f"{transformers.__version__}")
+    print(f"torch threads {args.threads}, transformers {transformers.__version__}")
+    rec.value("transformers", transformers.__version__)
 
     start = time.perf_counter()
     if not all((args.corpus / f"{name}.txt").is_file() for name in SETS):
@@ -189,24 +181,28 @@ def main() -> int:
         return enc["input_ids"], enc["attention_mask"]
 
     print(f"\ntokens per sentence ([CLS] and [SEP] included), seq_len {args.seq_len}:")
+    rows = []
     for name, lines in texts.items():
         lengths = torch.tensor([len(ids) for ids in tokenizer(lines)["input_ids"]],
                                dtype=torch.float)
         q = lengths.quantile(torch.tensor([0.5, 0.9, 0.99])).tolist()
-        print(f"  {name:9} {len(lines):5} sentences: median {q[0]:.0f}, p90 {q[1]:.0f}, "
-              f"p99 {q[2]:.0f}, max {lengths.max():.0f}; cut by seq_len: "
-              f"{(lengths > args.seq_len).sum():.0f}")
+        rows.append([name, len(lines), f"{q[0]:.0f}", f"{q[1]:.0f}", f"{q[2]:.0f}",
+                     f"{lengths.max():.0f}", f"{(lengths > args.seq_len).sum():.0f}"])
+    provenance.print_table("tokens", ["set", "sentences", "median", "p90", "p99", "max",
+                                      "cut by seq_len"], rows,
+                           right=(1, 2, 3, 4, 5, 6))
 
     inputs = {name: tokenize(lines) for name, lines in texts.items()}
     t0 = time.perf_counter()
     targets = {name: embed(dense, x) for name, x in inputs.items()}
-    print(f"\ndense embeddings of {sum(len(v) for v in texts.values())} sentences in "
-          f"{time.perf_counter() - t0:.1f} s")
-    print("dense sanity: " + pair_check(dense, tokenize, targets))
+    print(f"dense embeddings of {sum(len(v) for v in texts.values())} sentences in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    sanity = [["dense", *pair_check(dense, tokenize, targets)]]
 
     example = tuple(t[:1] for t in inputs["val_same"])
     print(f"\nno recovery: uniform {args.sparsity:.0%} of the heads and FFN channels, "
-          f"cosine fidelity to the dense embeddings, mean (p10); load average {_load()}")
+          f"cosine fidelity to the dense embeddings, mean and 10th percentile (p10)", flush=True)
+    rows = []
     for criterion in args.criteria.split(","):
         t0 = time.perf_counter()
         plan = autoprune.PruningPlan.uniform(args.sparsity, criterion=criterion)
@@ -219,14 +215,18 @@ def main() -> int:
         cells = []
         for name, x in inputs.items():
             sims = cosine(embed(pruned, x), targets[name])
-            cells.append(f"{name} {sims.mean():.3f} ({sims.quantile(0.1):.3f})")
-        print(f"  {criterion:6} heads {heads}, FFN {ffn}, {params:,} parameters, pruned in "
-              f"{seconds:.1f} s: " + ", ".join(cells))
-        print("         sanity: " + pair_check(pruned, tokenize,
-                                                 {n: embed(pruned, x)
-                                                  for n, x in inputs.items()}))
-    print(f"\ntotal {time.perf_counter() - start:.0f} s, load average {_load()}")
-    return 0
+            cells += [f"{sims.mean():.3f}", f"{sims.quantile(0.1):.3f}"]
+        rows.append([criterion, " ".join(map(str, heads)), " ".join(map(str, ffn)),
+                     f"{params:,}", f"{seconds:.1f}", *cells])
+        sanity.append([criterion, *pair_check(pruned, tokenize, {n: embed(pruned, x)
+                                                                 for n, x in inputs.items()})])
+    provenance.print_table("fidelity", ["criterion", "heads per layer", "FFN per layer",
+                                        "parameters", "pruned s",
+                                        *(f"{name} {stat}" for name in SETS
+                                          for stat in ("mean", "p10"))],
+                           rows, right=tuple(range(3, 11)))
+    provenance.print_table("sanity", SANITY, sanity, right=tuple(range(1, len(SANITY))))
+    print(f"total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

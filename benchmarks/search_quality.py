@@ -28,6 +28,8 @@ Usage:
     python benchmarks/search_quality.py proxies [--settings ...] [--plans 12]
 
 Finished runs in ``--out`` are reused (a crash or Ctrl-C loses at most the current search).
+The output goes to ``benchmarks/results/search-quality-<date>.txt`` (``proxies-<date>.txt``) and
+its tables and values to the ``.json`` beside it (see ``benchmarks/provenance.py``).
 """
 
 from __future__ import annotations
@@ -35,50 +37,38 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from autoprune.budget import latency_key
-from autoprune.results import RunConfig, load_run, recommend
-from autoprune.search import run_search
-from autoprune.search._verify import final_result, kendall_tau
-from autoprune.space import load_space
-from autoprune.task import load_task
-from autoprune.trial import TrialResult, TrialSettings, run_trial
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import provenance  # noqa: E402
+
+from autoprune.budget import latency_key  # noqa: E402
+from autoprune.results import RunConfig, load_run, recommend  # noqa: E402
+from autoprune.search import run_search  # noqa: E402
+from autoprune.search._verify import final_result, kendall_tau  # noqa: E402
+from autoprune.space import load_space  # noqa: E402
+from autoprune.task import load_task  # noqa: E402
+from autoprune.trial import TrialResult, TrialSettings, run_trial  # noqa: E402
 
 SETTINGS = "digits@35,digits@20,digits@12,sequences@40,sequences@33"
 SPACE = "per_layer_structured"
 
 
 # ------------------------------------------------------------------------------ context
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
-    return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}"
-
-
 def load() -> str:
-    return "load {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+    return "load {:.1f} {:.1f} {:.1f}".format(*provenance.load())
 
 
-def header(args: argparse.Namespace) -> None:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True).stdout.strip()
-
-    dirty = " (uncommitted changes in the tree)" if git("status", "--porcelain",
-                                                         "--untracked-files=no") else ""
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"date:    {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    print(f"commit:  {git('rev-parse', '--short', 'HEAD')}{dirty}")
-    print(f"machine: {machine()}; {load()} at the start (1, 5, 15 min)")
-    print(f"args:    {vars(args)}\n", flush=True)
+def finite(value: float) -> float | None:
+    """``value``, or None for nan / inf (a results file is JSON)."""
+    return value if math.isfinite(value) else None
 
 
 def mean_sd(values: list[float], fmt: str = ".4f") -> str:
@@ -90,9 +80,29 @@ def mean_sd(values: list[float], fmt: str = ".4f") -> str:
     return f"{statistics.mean(vals):{fmt}} ± {sd:{fmt}}{missing}"
 
 
+def cell(values: list[float], fmt: str = ".4f") -> str:
+    """A table cell: mean ± sd, or empty where the method has no such figure."""
+    return mean_sd(values, fmt) if values else ""
+
+
 def parse_setting(text: str) -> tuple[str, int]:
     task, _, pct = text.partition("@")
     return task, int(pct)
+
+
+def setting_text(setting: str) -> str:
+    """``sequences@33`` -> ``sequences, latency<33%``."""
+    task, pct = parse_setting(setting)
+    return f"{task}, latency<{pct}%"
+
+
+def label(method: str) -> str:
+    return "best uniform" if method == "uniform" else method
+
+
+def average(values: list[float]) -> float:
+    vals = [v for v in values if math.isfinite(v)]
+    return statistics.mean(vals) if vals else math.nan
 
 
 # ------------------------------------------------------------------------------ measures
@@ -197,7 +207,7 @@ def run_measures(config: RunConfig, results: list[TrialResult]) -> dict[str, flo
             "dense_ms": config.reference.get(lat, math.nan)}
 
 
-def search_part(args: argparse.Namespace) -> None:
+def search_part(args: argparse.Namespace, rec: provenance.Record) -> None:
     methods = methods_table(args.methods.split(","))
     want_uniform = "uniform" in args.methods.split(",")
     finals = Finals(Path(args.out) / "finals.json")
@@ -245,40 +255,68 @@ def search_part(args: argparse.Namespace) -> None:
                 print(f"  {setting} seed {seed} {'uniform':<20} final {best_final:.4f} "
                       f"({best.baseline if best else 'none inside the budget'})", flush=True)
         summary[setting] = rows
-        print_setting(setting, rows, limits, pairs, load_before)
+        print_setting(rec, setting, rows, limits, pairs, load_before)
+    print_summary(summary)
     print_checks(summary)
 
 
-def print_setting(setting: str, rows: dict[str, dict[str, list[float]]],
-                  limits: list[tuple[float, float]], pairs: list[tuple[float, float]],
-                  load_before: str) -> None:
+COLUMNS = ["FINAL metric", "proxy metric", "searched trials inside", "hypervolume"]
+
+
+def figures(row: dict[str, list[float]]) -> list[str]:
+    return [cell(row["final"]), cell(row["proxy"]), cell(row["inside"], ".2f"),
+            cell(row["hypervolume"])]
+
+
+def print_setting(rec: provenance.Record, setting: str,
+                  rows: dict[str, dict[str, list[float]]], limits: list[tuple[float, float]],
+                  pairs: list[tuple[float, float]], load_before: str) -> None:
     dense = statistics.median(d for d, _ in limits) if limits else math.nan
     limit = statistics.median(v for _, v in limits) if limits else math.nan
     print(f"\n### {setting}: latency < {setting.partition('@')[2]} % of dense (dense p50 "
           f"{dense:.3f} ms, budget {limit:.3f} ms, medians over runs); {load_before} before, "
           f"{load()} after")
-    print(f"{'method':<20} {'FINAL metric':>18} {'proxy metric':>18} {'inside budget':>16} "
-          f"{'hypervolume':>18} {'min/run':>8}")
-    for name, row in rows.items():
-        minutes = statistics.mean(row["minutes"]) if row["minutes"] else math.nan
-        print(f"{name:<20} {mean_sd(row['final']):>18} {mean_sd(row['proxy']):>18} "
-              f"{mean_sd(row['inside'], '.2f'):>16} {mean_sd(row['hypervolume']):>18} "
-              f"{minutes:>8.1f}")
+    provenance.print_table(f"setting-{setting}", ["method", *COLUMNS],
+                           [[label(name), *figures(row)] for name, row in rows.items()],
+                           right=(1, 2, 3, 4))
+    minutes = {name: round(statistics.mean(row["minutes"]), 2)
+               for name, row in rows.items() if row["minutes"]}
+    print("minutes per search: " + ", ".join(f"{k} {v:.1f}" for k, v in minutes.items()))
+    rec.value(f"minutes-{setting}", minutes)
     tau = kendall_tau([p for p, _ in pairs], [f for _, f in pairs])
+    rec.value(f"tau-{setting}", finite(tau))
     print(f"Kendall tau, proxy vs final, over the {len(pairs)} plans re-fine-tuned above: "
           f"{tau:.2f}\n", flush=True)
+
+
+def print_summary(summary: dict[str, dict[str, dict[str, list[float]]]]) -> None:
+    """All settings in one table; the default search's FINAL metric in bold where it is the
+    best of the methods."""
+    table = []
+    for setting, rows in summary.items():
+        finals = {name: average(row["final"]) for name, row in rows.items()}
+        others = [v for name, v in finals.items() if name != "default" and math.isfinite(v)]
+        best = ("default" in finals and math.isfinite(finals["default"]) and bool(others)
+                and finals["default"] >= max(others))
+        for i, (name, row) in enumerate(rows.items()):
+            cells = figures(row)
+            if name == "default" and best:
+                cells[0] = f"**{cells[0]}**"
+            table.append([setting_text(setting) if i == 0 else "", label(name), *cells])
+    provenance.print_table("search", ["setting", "method", *COLUMNS], table,
+                           right=(2, 3, 4, 5))
 
 
 def print_checks(summary: dict[str, dict[str, dict[str, list[float]]]]) -> None:
     """The issue's targets under 20 % and 12 % of dense, met or not, with the numbers."""
     print("### Targets (mean of the seeds)")
+    table = []
     for setting, rows in summary.items():
         if "default" not in rows:
             continue
 
         def avg(method: str, key: str, rows: dict = rows) -> float:
-            vals = [v for v in rows.get(method, {}).get(key, []) if math.isfinite(v)]
-            return statistics.mean(vals) if vals else math.nan
+            return average(rows.get(method, {}).get(key, []))
 
         d = avg("default", "final")
         checks = [("default final >= best uniform + 0.01", d, avg("uniform", "final") + 0.01),
@@ -289,7 +327,9 @@ def print_checks(summary: dict[str, dict[str, dict[str, list[float]]]]) -> None:
         for text, value, target in checks:
             verdict = ("n/a" if not (math.isfinite(value) and math.isfinite(target))
                        else "met" if value >= target else "NOT MET")
-            print(f"{setting:<14} {text:<40} {value:.4f} vs {target:.4f}: {verdict}")
+            table.append([setting, f"{text} ({target:.4f})", f"{value:.4f}", verdict])
+    provenance.print_table("targets", ["setting", "target", "value", "verdict"], table,
+                           right=(2,))
 
 
 # ------------------------------------------------------------------------------ proxies
@@ -322,7 +362,7 @@ def plan_pool(task_name: str, pct: int, out: Path, trials: int, n: int) -> list[
     return [pool[round(i * (len(pool) - 1) / (n - 1))] for i in range(n)]
 
 
-def proxy_part(args: argparse.Namespace) -> None:
+def proxy_part(args: argparse.Namespace, rec: provenance.Record) -> None:
     for setting in args.settings.split(","):
         task_name, pct = parse_setting(setting)
         task = load_task(task_name)
@@ -351,18 +391,24 @@ def proxy_part(args: argparse.Namespace) -> None:
                   + f" | final {finals[-1]:.4f}", flush=True)
         spread = max(finals) - min(finals) if finals else math.nan
         typical = statistics.mean(noise) if noise else math.nan
+        apart = spread > 2 * typical
         print(f"\n### {setting}: {len(pool)} plans near the budget; final = the task's full "
               f"fine-tuning ({task.finetune.steps} steps, bn_recalibration="
               f"{task.finetune.bn_recalibration}); {load_before} before, {load()} after")
         print(f"final {task.metric.name}: {min(finals):.4f} .. {max(finals):.4f} (spread "
               f"{spread:.4f}); noise (|seed 0 - seed 1| over {len(noise)} plans): mean "
               f"{typical:.4f}, max {max(noise, default=math.nan):.4f}; "
-              f"{'final metrics differ by more than their noise' if spread > 2 * typical else 'WITHIN NOISE: tau says little'}")  # noqa: E501
-        print(f"{'proxy':<12} {'Kendall tau':>12} {'mean metric':>12} {'s/plan':>8}")
-        for name, values in scores.items():
-            print(f"{name:<12} {kendall_tau(values, finals):>12.2f} "
-                  f"{statistics.mean(values):>12.4f} {seconds[name] / len(pool):>8.1f}")
-        print(flush=True)
+              + ("final metrics differ by more than their noise" if apart
+                 else "WITHIN NOISE: tau says little"))
+        rec.value(f"final-range-{setting}", {
+            "plans": len(pool), "min": finite(min(finals)), "max": finite(max(finals)),
+            "spread": finite(spread), "noise_plans": len(noise), "noise_mean": finite(typical),
+            "noise_max": finite(max(noise, default=math.nan)), "apart": apart})
+        provenance.print_table(
+            f"proxies-{setting}", ["proxy", "Kendall tau", "mean metric", "s/plan"],
+            [[name, f"{kendall_tau(values, finals):.2f}", f"{statistics.mean(values):.4f}",
+              f"{seconds[name] / len(pool):.1f}"] for name, values in scores.items()],
+            right=(1, 2, 3))
 
 
 def main() -> None:
@@ -386,12 +432,12 @@ def main() -> None:
     # One thread: on a shared 2-core machine torch's spinning worker threads make these small
     # models many times slower, and the latency targets time one thread anyway.
     torch.set_num_threads(1)
-    header(args)
-    if args.part == "search":
-        search_part(args)
-    else:
-        proxy_part(args)
-    print(f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}; {load()}")
+    with provenance.recorded("search-quality" if args.part == "search" else "proxies") as rec:
+        print(f"args:    {vars(args)}\n", flush=True)
+        if args.part == "search":
+            search_part(args, rec)
+        else:
+            proxy_part(args, rec)
 
 
 if __name__ == "__main__":

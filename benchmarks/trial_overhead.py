@@ -8,14 +8,17 @@ a garbage collection over the whole process against one after ``gc.freeze`` (wha
 tell) with the default SQLite storage, with autoprune's WAL-mode storage and in memory.
 
 Run: ``.venv/bin/python benchmarks/trial_overhead.py [--repeats 10]``
+
+The output goes to ``benchmarks/results/trial-overhead-<date>.txt``, its table (``overhead``) to
+``trial-overhead-<date>.json`` (see ``provenance.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,12 +26,21 @@ from pathlib import Path
 
 import optuna
 
-from autoprune.latency import export_onnx, load_target, measure_latency, prepare_inputs
-from autoprune.plan import PruningPlan
-from autoprune.prune import apply_plan
-from autoprune.search._optuna import _storage
-from autoprune.stats import model_stats
-from autoprune.task import load_task
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import provenance  # noqa: E402
+
+from autoprune.latency import (  # noqa: E402
+    export_onnx,
+    load_target,
+    measure_latency,
+    prepare_inputs,
+)
+from autoprune.plan import PruningPlan  # noqa: E402
+from autoprune.prune import apply_plan  # noqa: E402
+from autoprune.search._optuna import _storage  # noqa: E402
+from autoprune.stats import model_stats  # noqa: E402
+from autoprune.task import load_task  # noqa: E402
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -62,12 +74,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with provenance.recorded("trial-overhead") as rec:
+        run(args, rec)
 
+
+def run(args: argparse.Namespace, rec: provenance.Record) -> None:
     task = load_task("digits")
     target = load_target("cpu-1t")
     plan = PruningPlan.uniform(0.4)
     inputs = prepare_inputs(task.example_inputs, target)
     pruned = apply_plan(task.build_model(), plan, task.example_inputs)
+    full_repeats = max(2, args.repeats // 3)
 
     def prune() -> None:
         model = apply_plan(task.build_model(), plan, task.example_inputs)
@@ -80,7 +97,7 @@ def main() -> None:
         ("screening latency measurement (export included)",
          timed(lambda: measure_latency(pruned, inputs, target, screen=True), args.repeats)),
         ("full latency measurement (export included)",
-         timed(lambda: measure_latency(pruned, inputs, target), max(2, args.repeats // 3))),
+         timed(lambda: measure_latency(pruned, inputs, target), full_repeats)),
         ("final evaluation (360 images)", timed(lambda: task.evaluate(pruned), args.repeats)),
         ("gc.collect() over the whole process", timed(gc.collect, args.repeats)),
     ]
@@ -97,11 +114,13 @@ def main() -> None:
             ("study traffic per trial, in memory", bookkeeping(None, trials)),
         ]
 
-    print(f"digits, cpu-1t, uniform structured 40 % plan; load average "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; mean of {args.repeats} runs\n")
-    width = max(len(name) for name, _ in rows)
-    for name, seconds in rows:
-        print(f"{name:<{width}}  {1000 * seconds:8.1f} ms")
+    print(f"digits, cpu-1t, uniform structured 40 % plan; mean of {args.repeats} runs "
+          f"({full_repeats} for the full latency measurement, each after one untimed run); "
+          f"study traffic: mean over {trials} trials")
+    provenance.print_table("overhead", ["piece", "ms"],
+                           [[name, f"{1000 * seconds:.1f}"] for name, seconds in rows],
+                           right=(1,))
+    rec.value("repeats", args.repeats)
 
 
 if __name__ == "__main__":

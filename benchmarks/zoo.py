@@ -15,17 +15,18 @@ are inspect + apply (after one untimed inspect). ``--sparsities`` also prunes (a
 without timing) at more ratios.
 
 Run: ``.venv/bin/python benchmarks/zoo.py [--only llama,swin] [--image 96] [--repeats 1]
-[--sparsities 0.25,0.75]``
+[--sparsities 0.25,0.75]``. Output: ``benchmarks/results/zoo-<date>.txt`` and ``.json``
+(``provenance.recorded``): table ``zoo``, one row per model.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import transformers
@@ -34,6 +35,9 @@ from torch import nn
 from autoprune.latency import compare_latency, export_onnx, load_target
 from autoprune.plan import PruningPlan
 from autoprune.prune import apply_plan, conv1d_to_linear_, inspect_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 
 TEXT = dict(hidden=256, layers=4, heads=8, ffn=1024, vocab=1000, tokens=128)
 
@@ -142,9 +146,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--sparsities", default="", help="more ratios to prune and check")
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} cores, load average "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+    with provenance.recorded("zoo") as rec:
+        run(args, rec)
+
+
+def run(args: argparse.Namespace, rec: provenance.Record) -> None:
+    print(f"transformers {transformers.__version__}; image {args.image} px, text "
+          f"{TEXT['tokens']} tokens; {args.repeats} timing round(s) per model")
+    rec.value("transformers", transformers.__version__)
     target = load_target(args.target)
     extra = [float(s) for s in args.sparsities.split(",") if s]
     rows = []
@@ -177,12 +186,10 @@ def main() -> None:
         rows.append((name, f"{len(info.groups)}", _whole(info), f"{100 * kept:.1f} %",
                      f"{speedup:.2f}x", f"{speedup * kept:.2f}", f"{seconds:.1f}"))
         print(f"{name}: " + "; ".join(checks), flush=True)
-    header = ("model", "groups", "left whole (layers, by reason)", "MACs kept",
-              f"speed-up @{target.name}", "speed-up / FLOPs", "inspect+apply s")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print()
-    for r in [header, tuple("-" * w for w in widths), *rows]:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    provenance.print_table(
+        "zoo", ["model", "groups", "left whole (layers, by reason)", "MACs kept",
+                f"speed-up @{target.name}", "speed-up / FLOPs", "inspect+apply s"],
+        rows, right=(1, 3, 4, 5, 6))
 
 
 if __name__ == "__main__":
