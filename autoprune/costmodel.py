@@ -93,13 +93,11 @@ class LayerCost:
 # every group, a depthwise one whole blocks of channels (onnxruntime's nchwc_transformer.cc).
 # Any other conv falls back to im2col + GEMM, its activations reordered out of and back into
 # the blocked layout (its MACs and outputs also counted in "lat_fallback",
-# "lat_fallback_acts"). The fit's extra costs of the slower paths are never negative. Replayed
-# on the recorded digits searches (cpu-1t, AVX-512; the fits took blocks of 16), this cut the
-# median error after the first 10 trials from 9.2 % to 5.4 % over seven runs at latency<20 %
-# (worst run 11.9 % -> 10.0 %, a run whose machine slowed down by 19 %) and from 6.9 % to
-# 4.8 % at 35 %. With blocks of 8 and one cost per MAC, plans with unaligned channels measured
-# up to 35 % slower than predicted, while the runs' repeated measurements of one architecture
-# agree within about 2 %. The sequences transformer (no 2-D conv) predicts exactly as before.
+# "lat_fallback_acts"). The fit's extra costs of the slower paths are never negative. With
+# blocks of 8 and one cost per MAC, plans with unaligned channels measured far slower than
+# predicted on an AVX-512 machine (fits took blocks of 16). The sequences transformer (no 2-D
+# conv) predicts as before. How well the model predicts is measured per run (the summary's
+# "cost model" line; docs/benchmarks.md quotes it from recorded runs).
 _GEMM_BLOCK = 8
 _NCHWC_BLOCKS = (16, 8, 1)  # AVX-512, AVX2, no blocked layout
 _SWITCH = 0.9  # another block replaces the fitted one only with 10 % less error

@@ -15,6 +15,7 @@ __all__ = [
     "AnalysisError",
     "TrialFailure",
     "NonFiniteLossError",
+    "MeasurementWarning",
 ]
 
 
@@ -64,6 +65,11 @@ class TrialFailure(AutopruneError):
 
 class NonFiniteLossError(TrialFailure):
     """Fine-tuning produced a NaN or infinite loss."""
+
+
+class MeasurementWarning(UserWarning):
+    """A trial ran, but not as configured (timing left unpinned, early stopping lost): the
+    trial records it (``warnings`` in trials.jsonl) and the summary lists it."""
 
 
 def unknown_fields(data: dict, allowed: set[str]) -> str:

@@ -31,6 +31,7 @@ from autoprune.results import (
     steering_lines,
     target_budgets,
     target_front,
+    warning_lines,
 )
 from autoprune.trial import TrialResult
 
@@ -456,6 +457,10 @@ def render_html(run_dir: Path, config: RunConfig, results: list[TrialResult]) ->
     if fell_back:
         body.append(f"<h2>Criterion fallbacks ({len(fell_back)} trials)</h2>")
         body.append(_lines_html(fell_back))
+    warned = warning_lines(results)
+    if warned:
+        body.append("<h2>Warnings</h2>")
+        body.append(_lines_html(warned))
     others = [r for r in results if r.status != "complete"]
     body.append(f"<h2>Failed, infeasible and early-stopped trials ({len(others)})</h2>")
     if others:

@@ -327,6 +327,17 @@ def fallback_lines(results: list[TrialResult]) -> list[str]:
             f"them), e.g. {next(iter(r.fallbacks))}" for r in fell_back[:20]]
 
 
+def warning_lines(results: list[TrialResult]) -> list[str]:
+    """One line per distinct warning the trials recorded (timing left unpinned, early
+    stopping lost), with the trials it concerns."""
+    trials: dict[str, list[int]] = {}
+    for r in results:
+        for w in r.warnings:
+            trials.setdefault(w, []).append(r.number)
+    return [f"- {w} (trials {', '.join(str(n) for n in numbers[:10])}"
+            f"{', ...' if len(numbers) > 10 else ''})" for w, numbers in trials.items()]
+
+
 def summarize(results: list[TrialResult], config: RunConfig) -> str:
     """Markdown summary: counts, the front, the recommended plan, the gain over baselines."""
     budgets = config.parsed_budgets()
@@ -379,6 +390,9 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
     fell_back = fallback_lines(results)
     if fell_back:
         lines += ["", f"## Criterion fallbacks ({len(fell_back)} trials)", "", *fell_back]
+    warned = warning_lines(results)
+    if warned:
+        lines += ["", "## Warnings", "", *warned]
     failed = [r for r in results if r.status in ("failed", "infeasible")]
     if failed:
         lines += ["", f"## Failed and infeasible trials ({len(failed)})", ""]

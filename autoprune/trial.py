@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from statistics import fmean
@@ -22,7 +23,7 @@ from typing import Any
 from autoprune._filelock import file_lock
 from autoprune.budget import Budget, Objective, latency_metrics
 from autoprune.criteria import get_criterion
-from autoprune.errors import AutopruneError, TrialFailure
+from autoprune.errors import AutopruneError, MeasurementWarning, TrialFailure
 from autoprune.plan import LayerRule, PruningPlan
 
 __all__ = ["TrialSettings", "TrialResult", "run_trial", "measure_plan", "STATUSES",
@@ -88,6 +89,8 @@ class TrialResult:
     node: str | None = None  # the Ray node that ran the trial (its node id); None: in-process
     # groups the plan's criterion could not rank, and what ranked them ("bn_scale -> l1")
     fallbacks: dict[str, str] = field(default_factory=dict)
+    # what did not run as configured (a MeasurementWarning: timing unpinned, stopper lost)
+    warnings: list[str] = field(default_factory=list)
 
     def feasible(self, budgets: list[Budget], primary: str) -> bool:
         return self.status == "complete" and all(b.met_by(self.metrics, primary) for b in budgets)
@@ -109,6 +112,7 @@ class TrialResult:
             **({"reused_from": self.reused_from} if self.reused_from is not None else {}),
             **({"node": self.node} if self.node is not None else {}),
             **({"fallbacks": self.fallbacks} if self.fallbacks else {}),
+            **({"warnings": self.warnings} if self.warnings else {}),
         }
 
     @classmethod
@@ -118,7 +122,7 @@ class TrialResult:
                    timings=d.get("timings", {}), number=d.get("number"),
                    params=d.get("params", {}), baseline=d.get("baseline"),
                    reused_from=d.get("reused_from"), node=d.get("node"),
-                   fallbacks=d.get("fallbacks", {}))
+                   fallbacks=d.get("fallbacks", {}), warnings=d.get("warnings", []))
 
 
 def _release_memory() -> None:
@@ -294,8 +298,10 @@ def run_trial(
     gc.collect(1)  # young garbage from between trials, before it is frozen with the rest
     gc.freeze()  # what exists now outlives the trial: the end-of-trial collection skips it
     try:
-        status, reason = _run(task, plan, settings, clock, metrics, fallbacks,
-                              on_intermediate)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", MeasurementWarning)
+            status, reason = _run(task, plan, settings, clock, metrics, fallbacks,
+                                  on_intermediate)
     except TrialFailure as e:
         status, reason = "failed", e.reason
     except AutopruneError as e:
@@ -305,7 +311,13 @@ def run_trial(
         status, reason = "failed", f"{type(e).__name__} in trial: {first}"
     finally:  # also on Ctrl-C: never leave the heap frozen
         _release_memory()  # the trial's models are unreachable now: _run has returned
-    return TrialResult(plan, status, metrics, reason, clock.timings, fallbacks=fallbacks)
+    ours = [w for w in seen if issubclass(w.category, MeasurementWarning)]
+    for w in seen:  # everyone else's warnings are shown as usual
+        if w not in ours:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    notes = list(dict.fromkeys(str(w.message) for w in ours))
+    return TrialResult(plan, status, metrics, reason, clock.timings, fallbacks=fallbacks,
+                       warnings=notes)
 
 
 def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,

@@ -109,3 +109,28 @@ def test_grouped_and_depthwise_convs_need_whole_blocks_in_every_group():
     assert dw.kernel({"blocks.0.se.fc2": 48 / 64}, 16) == (0.75, None)  # MACs scale with k
     assert dw.kernel({"blocks.0.se.fc2": 40 / 64}, 16) == (0.625, "lat_fallback")
     assert dw.kernel({"blocks.0.se.fc2": 40 / 64}, 8) == (0.625, None)
+
+
+def test_latency_fit_predicts_real_onnx_runtime_timings_of_held_out_plans():
+    """Fitted on real ORT timings of random plans, the cost model predicts plans it never
+    saw. Tolerance: 35 % per plan, loose on purpose (a shared CI core; tiny models whose
+    fixed per-op costs dominate). The search's own runs report this error per run."""
+    from autoprune.latency import Target, measure_latency
+
+    model, example, structure = _structure("resnet_1m")
+    target = Target(name="fast", intra_op_threads=1, warmup_runs=5, warmup_seconds=0.0,
+                    min_runs=20, min_seconds=0.05, max_seconds=0.3)
+    key = latency_key("fast")
+    cost = CostModel(structure, ["fast"])
+    rng = random.Random(0)
+
+    def measured(plan: PruningPlan) -> float:
+        return measure_latency(apply_plan(model, plan, example), example, target).p50_ms
+
+    for _ in range(10):
+        plan = PruningPlan(rules={g: LayerRule("structured", rng.choice([0, 0.25, 0.5, 0.75]))
+                                  for g in structure.units})
+        cost.observe(plan, {key: measured(plan)})
+    for s in (0.3, 0.6):
+        plan = PruningPlan(default=LayerRule("structured", s))
+        assert cost.predict(plan)[key] == pytest.approx(measured(plan), rel=0.35)

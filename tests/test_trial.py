@@ -224,3 +224,35 @@ def test_criterion_fallbacks_are_kept_with_the_trial_and_shown_in_the_summary():
     text = summarize([plain, fell_back], config)
     assert ("## Criterion fallbacks (1 trials)\n\n- trial 1: 2 group(s) ranked bn_scale -> l1 "
             "(the criterion cannot score them), e.g. layers.0.fc1") in text
+
+
+def test_refused_pinning_is_a_warning_the_trial_records(task, target, monkeypatch):
+    import dataclasses
+    import os
+
+    from autoprune.results import summarize
+
+    def refuse(pid, cores):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    pinned = dataclasses.replace(target, pin_threads=True)
+    settings = TrialSettings(targets=[pinned], budgets=[], latency_cache=LatencyCache())
+    result = run_trial(task, PruningPlan.uniform(0.25), settings)
+    assert result.status == "complete"
+    core = max(os.sched_getaffinity(0))
+    assert result.warnings == [
+        f"timing ran unpinned: pinning to core {core} was refused (Operation not permitted); "
+        "set pin_threads: false in the target profile where pinning is not allowed"]
+    assert TrialResult.from_dict(result.to_dict()).warnings == result.warnings
+    result.number = 3
+    config = RunConfig(task=SYNTHETIC, space={"name": "s"}, budgets=[],
+                       targets=[{"name": "fast", "spec": "fast.yaml"}],
+                       objectives=[{"key": "accuracy", "direction": "maximize"},
+                                   {"key": LAT, "direction": "minimize"}],
+                       metric="accuracy", metric_direction="maximize")
+    assert f"## Warnings\n\n- {result.warnings[0]} (trials 3)" in summarize([result], config)
+    # unpinned by choice: no warning
+    plain = run_trial(task, PruningPlan.uniform(0.25), TrialSettings(
+        targets=[target], budgets=[], latency_cache=LatencyCache()))
+    assert plain.warnings == []

@@ -8,6 +8,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.errors import TargetError
+from autoprune.errors import MeasurementWarning, TargetError
 from autoprune.latency._export import DEFAULT_OPSET, export_onnx, onnx_digest
 from autoprune.latency._target import Target, load_target
 from autoprune.prune import baked_copy
@@ -248,7 +249,11 @@ def _pinned(target: Target) -> Iterator[None]:
     core = max(previous)
     try:
         os.sched_setaffinity(0, {core})
-    except OSError:  # not permitted in this container: time unpinned
+    except OSError as e:  # not permitted here (a container's cpuset): time unpinned, say so
+        warnings.warn(MeasurementWarning(
+            f"timing ran unpinned: pinning to core {core} was refused ({e.strerror}); set "
+            f"pin_threads: false in the target profile where pinning is not allowed"),
+            stacklevel=2)
         yield
         return
     try:

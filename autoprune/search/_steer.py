@@ -82,9 +82,8 @@ class Steering:
         recent = self._errors[-12:]
         if len(recent) < 3:
             return 0.05
-        # The 90th percentile of the signed errors: on search_quality's runs (digits at 20 and
-        # 12 %, sequences at 40 %) it would have kept 83-87 % of the steered plans inside the
-        # budget, the 80th 77-80 %, for 1.5-3 points more margin.
+        # The 90th percentile of the signed errors: with the 80th, search_quality.py's runs
+        # left visibly more steered plans outside the budget (docs/benchmarks.md).
         return float(np.clip(np.percentile(recent, 90), 0.01, 0.25))
 
     def project(self, params: dict[str, Any], steer: bool = True, extra_margin: float = 0.0

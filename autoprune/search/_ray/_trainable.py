@@ -13,9 +13,11 @@ import dataclasses
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
+from autoprune.errors import MeasurementWarning
 from autoprune.fingerprint import architecture_signature
 from autoprune.search._base import SearchContext
 from autoprune.search._ray._isolation import NodeIsolation, _isolation_mode
@@ -133,10 +135,12 @@ def _trainable(config: dict[str, Any], job: _Job) -> None:
         return
     task, settings, node = _worker_state(job)
     plan = job.space.build(meta.get("steered", params)).with_fingerprint(job.fingerprint)
-    stopper = None
+    stopper, lost = None, None
     if job.stopper:
-        with contextlib.suppress(ValueError):  # the actor is gone: run without early stopping
+        try:
             stopper = ray.get_actor(job.stopper)
+        except ValueError:  # the actor is gone: run without early stopping, and say so
+            lost = "early stopping lost: the stopper actor is gone; the trial ran to the end"
     curve: list[tuple[int, float]] = []
 
     def on_intermediate(step: int, value: float) -> bool:
@@ -145,11 +149,16 @@ def _trainable(config: dict[str, Any], job: _Job) -> None:
             return False
         try:
             return bool(ray.get(stopper.should_stop.remote(step, value), timeout=30))
-        except Exception:  # a lost stopper never fails a trial
+        except Exception as e:  # a lost stopper never fails a trial; the trial records it
+            warnings.warn(MeasurementWarning(
+                f"early stopping lost: the stopper actor did not answer ({type(e).__name__}); "
+                f"the trial went on without it"), stacklevel=2)
             return False
 
     with node.trial() if node is not None else contextlib.nullcontext():
         result = run_trial(task, plan, settings, on_intermediate=on_intermediate)
+    if lost:
+        result.warnings.append(lost)
     result.number, result.params, result.baseline = number, params, meta.get("baseline")
     result.node = ray.get_runtime_context().get_node_id()
     result.metrics.update(meta.get("predicted", {}))
