@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import RESULTS, ROOT, load_results  # noqa: E402
 
-DOCS = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "transformers.md"]
 HEADLINE = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- results:(\w+) (.*?) -->(.*?)<!-- /results -->", re.DOTALL)
 

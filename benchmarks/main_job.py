@@ -29,7 +29,7 @@ FIGURES = {
     "verified": (r"reaches accuracy ([\d.]+) and the best uniform baseline at equal latency "
                  r"\(([^,]+), trial \d+\) ([\d.]+): ([+-][\d.]+) \(noise ([\d.]+)\)",
                  ("recommended", "uniform_plan", "uniform", "gap", "noise")),
-    "tau": (r"Kendall tau between proxy and final accuracy over (\d+) plans: ([-\d.]+)",
+    "tau": (r"Kendall tau between proxy and final accuracy over (\d+) plans: (-?\d+\.\d+|nan)",
             ("plans", "tau")),
     "trials": (r"(\d+) trials \((\d+) complete, (\d+) infeasible, (\d+) pruned, (\d+) failed\)",
                ("all", "complete", "infeasible", "pruned", "failed")),

@@ -42,10 +42,10 @@ def _git(*args: str) -> str:
 
 
 def dirty() -> bool:
-    """Whether tracked files differ from the commit (results files left aside: a run writing
-    one is not a change to the code)."""
+    """Whether tracked code differs from the commit (results files and Markdown left aside:
+    writing them is not a change to what is measured)."""
     return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                     ":(exclude)benchmarks/results"))
+                     ":(exclude)benchmarks/results", ":(exclude)*.md"))
 
 
 def commit() -> str:
