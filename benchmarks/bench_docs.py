@@ -5,9 +5,10 @@ generated (run ``make bench-docs``), the prose around them is hand-written:
 
 - ``<!-- results:source FILE -->``: the run's command, date, commit, machine and load.
 - ``<!-- results:table FILE TABLE [cols=1,2,4] [rows=1-3] -->``: a table the benchmark printed.
-- ``<!-- results:value FILE NAME -->`` or ``<!-- results:value FILE TABLE ROW COLUMN -->``:
-  one figure, inline (ROW: the first cell's text or a 1-based number; COLUMN: the header or a
-  1-based number; quote arguments with spaces).
+- ``<!-- results:value FILE NAME [fmt=.4f] -->`` or
+  ``<!-- results:value FILE TABLE ROW COLUMN -->``: one figure, inline (NAME: a value, ``a.b``
+  inside a value that is a dict; ROW: the first cell's text or a 1-based number; COLUMN: the
+  header or a 1-based number; quote arguments with spaces).
 - ``<!-- results:log FILE [lines=5-9,40-] -->``: lines of the raw log (``...`` marks a gap).
 
 FILE is a results file's name without ``.json``. ``--check`` exits 1 when a doc differs from
@@ -70,6 +71,21 @@ def _index(items: list[str], key: str, what: str) -> int:
     raise RenderError(f"no {what} {key!r} (there are: {', '.join(plain)})")
 
 
+def _value(record: dict[str, Any], name: str, key: str) -> Any:
+    """A named value; ``a.b`` reaches into a value that is a dict."""
+    values = record["values"]
+    if key in values:
+        return values[key]
+    head, _, rest = key.partition(".")
+    if rest and isinstance(values.get(head), dict) and rest in values[head]:
+        return values[head][rest]
+    raise RenderError(f"{name} has no value {key!r} (it has: {', '.join(values) or 'none'})")
+
+
+def _formatted(value: Any, fmt: str | None) -> str:
+    return format(value, fmt) if fmt else str(value)
+
+
 def source(record: dict[str, Any], doc: Path) -> str:
     m = record["machine"]
     before, after = record["load"]["before"], record["load"]["after"]
@@ -95,9 +111,7 @@ def render_block(kind: str, args: list[str], doc: Path) -> str:
         return "\n" + source(record, doc) + "\n"
     if kind == "value":
         if len(plain) == 1:
-            if plain[0] not in record["values"]:
-                raise RenderError(f"{args[0]} has no value {plain[0]!r}")
-            return str(record["values"][plain[0]])
+            return _formatted(_value(record, args[0], plain[0]), opts.get("fmt"))
         table = _table(record, plain[0])
         row = _index([r[0] for r in table["rows"]], plain[1], "row")
         return table["rows"][row][_index(table["columns"], plain[2], "column")]

@@ -45,6 +45,7 @@ sys.path.insert(0, str(HERE))
 import provenance  # noqa: E402
 
 from autoprune.budget import latency_key  # noqa: E402
+from autoprune.errors import UsageError  # noqa: E402
 from autoprune.results import (  # noqa: E402
     cost_model_errors,
     load_run,
@@ -70,8 +71,17 @@ def load() -> str:
     return "load {:.1f} {:.1f} {:.1f}".format(*provenance.load())
 
 
-def run_variant(name: str, out: Path, trials: int) -> dict[str, object]:
-    """The main job's search on one target variant (a finished one in ``out`` is reused)."""
+def run_variant(name: str, out: Path, trials: int) -> dict[str, object] | str:
+    """The main job's search on one target variant (a finished one in ``out`` is reused), or
+    why it could not run (a budget the variant's most pruned plan cannot reach)."""
+    try:
+        return _search_variant(name, out, trials)
+    except UsageError as e:
+        print(f"  {name}: not searched: {e}", flush=True)
+        return str(e)
+
+
+def _search_variant(name: str, out: Path, trials: int) -> dict[str, object]:
     run_dir = out / name
     finished = (run_dir / VERIFY_FILE).is_file() and load_run(run_dir)[0].trials == trials
     if not finished:  # none yet, one cut short, or one of another --trials
@@ -124,17 +134,21 @@ def main() -> None:
               "variant")
         print("accuracy: the recommended plan / the best uniform plan at equal latency, after "
               "the search's fine-tuning and after the task's full one")
+        searched = {name: r for name, r in rows.items() if isinstance(r, dict)}
         provenance.print_table("variants", COLUMNS, [
             [f"`{name}`", f"{r['dense_ms']:.3f} ms", f"{r['inside']} of {r['searched']}",
              f"{r['speedup']:.2f}x", r["proxy"], r["final"], f"{100 * r['error']:.1f} %"]
+            if isinstance(r, dict) else
+            [f"`{name}`", "", f"not searched: {BUDGET} out of reach", "", "", "", ""]
             for name, r in rows.items()], right=(1, 2, 3, 6))
         print("noise (the recommended plan's full fine-tuning, |seed - another seed|): "
-              + ", ".join(f"{name} {r['noise']:.4f}" for name, r in rows.items()))
+              + ", ".join(f"{name} {r['noise']:.4f}" for name, r in searched.items()))
         print("best uniform plan at equal latency: "
-              + ", ".join(f"{name} {r['uniform']}" for name, r in rows.items()))
+              + ", ".join(f"{name} {r['uniform']}" for name, r in searched.items()))
         rec.value("noise", {name: r["noise"] if math.isfinite(r["noise"]) else None
-                            for name, r in rows.items()})
-        rec.value("uniform-plan", {name: r["uniform"] for name, r in rows.items()})
+                            for name, r in searched.items()})
+        rec.value("uniform-plan", {name: r["uniform"] for name, r in searched.items()})
+        rec.value("not-searched", {name: r for name, r in rows.items() if isinstance(r, str)})
 
 
 if __name__ == "__main__":
