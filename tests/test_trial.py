@@ -256,3 +256,37 @@ def test_refused_pinning_is_a_warning_the_trial_records(task, target, monkeypatc
     plain = run_trial(task, PruningPlan.uniform(0.25), TrialSettings(
         targets=[target], budgets=[], latency_cache=LatencyCache()))
     assert plain.warnings == []
+
+
+def test_a_lost_ray_early_stopper_is_a_warning_the_trial_records(task, target):
+    from autoprune.search._ray._trainable import _early_stopping
+
+    class Gone:  # ray without the stopper actor
+        def get_actor(self, name):
+            raise ValueError(f"Failed to look up actor {name}")
+
+    class Silent:  # ray whose stopper actor stops answering
+        def get_actor(self, name):
+            return self
+
+        @property
+        def should_stop(self):
+            return self
+
+        def remote(self, *args):
+            return None
+
+        def get(self, ref, timeout):
+            raise TimeoutError("GetTimeoutError")
+
+    curve = []
+    on_intermediate, lost = _early_stopping(Gone(), "stopper", curve)
+    assert lost == "early stopping lost: the stopper actor is gone; the trial ran to the end"
+    assert on_intermediate(1, 0.5) is False and curve == [(1, 0.5)]
+    on_intermediate, lost = _early_stopping(Silent(), "stopper", [])
+    settings = TrialSettings(targets=[target], budgets=[], latency_cache=LatencyCache(),
+                             finetune=task.finetune.replace(steps=6, eval_every=4))
+    result = run_trial(task, PruningPlan.uniform(0.25), settings, on_intermediate=on_intermediate)
+    assert lost is None and result.status == "complete"
+    assert result.warnings == ["early stopping lost: the stopper actor did not answer "
+                               "(TimeoutError); the trial went on without it"]

@@ -14,6 +14,7 @@ import json
 import math
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,33 @@ def _payload(result: TrialResult, curve: list, objectives: list,
             LATENCY_KEY: json.dumps(latency or {}), **values}
 
 
+def _early_stopping(ray: Any, stopper_name: str | None, curve: list[tuple[int, float]]
+                    ) -> tuple[Callable[[int, float], bool], str | None]:
+    """The trial's ``on_intermediate`` (records the curve, asks the stopper actor) and, if the
+    actor is gone before the trial starts, the warning the trial records. A stopper that stops
+    answering mid-trial never fails the trial: it runs on, with a MeasurementWarning."""
+    stopper, lost = None, None
+    if stopper_name:
+        try:
+            stopper = ray.get_actor(stopper_name)
+        except ValueError:
+            lost = "early stopping lost: the stopper actor is gone; the trial ran to the end"
+
+    def on_intermediate(step: int, value: float) -> bool:
+        curve.append((step, value))
+        if stopper is None:
+            return False
+        try:
+            return bool(ray.get(stopper.should_stop.remote(step, value), timeout=30))
+        except Exception as e:
+            warnings.warn(MeasurementWarning(
+                f"early stopping lost: the stopper actor did not answer ({type(e).__name__}); "
+                f"the trial went on without it"), stacklevel=2)
+            return False
+
+    return on_intermediate, lost
+
+
 def _trainable(config: dict[str, Any], job: _Job) -> None:
     """One trial on a Ray worker: the plan for the sampled parameters, through run_trial."""
     import ray
@@ -135,26 +163,8 @@ def _trainable(config: dict[str, Any], job: _Job) -> None:
         return
     task, settings, node = _worker_state(job)
     plan = job.space.build(meta.get("steered", params)).with_fingerprint(job.fingerprint)
-    stopper, lost = None, None
-    if job.stopper:
-        try:
-            stopper = ray.get_actor(job.stopper)
-        except ValueError:  # the actor is gone: run without early stopping, and say so
-            lost = "early stopping lost: the stopper actor is gone; the trial ran to the end"
     curve: list[tuple[int, float]] = []
-
-    def on_intermediate(step: int, value: float) -> bool:
-        curve.append((step, value))
-        if stopper is None:
-            return False
-        try:
-            return bool(ray.get(stopper.should_stop.remote(step, value), timeout=30))
-        except Exception as e:  # a lost stopper never fails a trial; the trial records it
-            warnings.warn(MeasurementWarning(
-                f"early stopping lost: the stopper actor did not answer ({type(e).__name__}); "
-                f"the trial went on without it"), stacklevel=2)
-            return False
-
+    on_intermediate, lost = _early_stopping(ray, job.stopper, curve)
     with node.trial() if node is not None else contextlib.nullcontext():
         result = run_trial(task, plan, settings, on_intermediate=on_intermediate)
     if lost:
