@@ -50,6 +50,7 @@ sys.path.insert(0, str(HERE))
 import provenance  # noqa: E402
 
 from autoprune.budget import latency_key  # noqa: E402
+from autoprune.errors import UsageError  # noqa: E402
 from autoprune.results import RunConfig, load_run, recommend  # noqa: E402
 from autoprune.search import run_search  # noqa: E402
 from autoprune.search._verify import final_result, kendall_tau  # noqa: E402
@@ -213,51 +214,62 @@ def search_part(args: argparse.Namespace, rec: provenance.Record) -> None:
     finals = Finals(Path(args.out) / "finals.json")
     summary: dict[str, dict[str, dict[str, list[float]]]] = {}
     for setting in args.settings.split(","):
-        task_name, pct = parse_setting(setting)
-        task = load_task(task_name)
-        rows: dict[str, dict[str, list[float]]] = {
-            m: {k: [] for k in ("final", "proxy", "inside", "hypervolume", "minutes")}
-            for m in [*methods, *(["uniform"] if want_uniform else [])]}
-        pairs: list[tuple[float, float]] = []  # (proxy, final) of every plan re-fine-tuned
-        load_before, limits = load(), []
-        for seed in range(args.seeds):
-            runs = {}
-            for name, kwargs in methods.items():
-                out = Path(args.out) / setting.replace("@", "-") / name / f"seed{seed}"
-                config, results, minutes = searched(task_name, pct, seed, out, args.trials,
-                                                    args.finetune_steps, **kwargs)
-                runs[name] = (config, results)
-                m = run_measures(config, results)
-                limits.append((m["dense_ms"], m["limit_ms"]))
-                best = recommend(results, config)
-                final = finals(setting, task, best, seed) if best else math.nan
-                proxy = best.metrics[config.metric] if best else math.nan
-                if best:
-                    pairs.append((proxy, final))
-                row = rows[name]
-                for key, value in (("final", final), ("proxy", proxy), ("inside", m["inside"]),
-                                   ("hypervolume", m["hypervolume"]), ("minutes", minutes)):
-                    row[key].append(value)
-                print(f"  {setting} seed {seed} {name:<20} final {final:.4f} proxy {proxy:.4f} "
-                      f"inside {m['inside']:.2f} hv {m['hypervolume']:.4f} "
-                      f"{minutes:.1f} min ({load()})", flush=True)
-            if want_uniform:
-                config, results = runs.get("default") or next(iter(runs.values()))
-                budgets = config.parsed_budgets()
-                uniform = [r for r in results if r.baseline and r.baseline.startswith("uniform")
-                           and r.feasible(budgets, config.primary)]
-                scored = [(finals(setting, task, r, seed), r) for r in uniform]
-                pairs += [(r.metrics[config.metric], f) for f, r in scored]
-                best_final, best = max(scored, key=lambda x: x[0], default=(math.nan, None))
-                rows["uniform"]["final"].append(best_final)
-                rows["uniform"]["proxy"].append(best.metrics[config.metric] if best
-                                                else math.nan)
-                print(f"  {setting} seed {seed} {'uniform':<20} final {best_final:.4f} "
-                      f"({best.baseline if best else 'none inside the budget'})", flush=True)
-        summary[setting] = rows
-        print_setting(rec, setting, rows, limits, pairs, load_before)
+        try:
+            summary[setting] = search_setting(args, rec, setting, methods, want_uniform, finals)
+        except UsageError as e:  # e.g. a budget out of this machine's reach: say so, go on
+            print(f"\n### {setting}: not searched: {e}\n", flush=True)
+            rec.value(f"not-searched-{setting}", str(e))
     print_summary(summary)
     print_checks(summary)
+
+
+def search_setting(args: argparse.Namespace, rec: provenance.Record, setting: str,
+                   methods: dict[str, dict[str, Any]], want_uniform: bool, finals: Finals
+                   ) -> dict[str, dict[str, list[float]]]:
+    """Every method's searches of one setting, seed by seed; prints the setting's table."""
+    task_name, pct = parse_setting(setting)
+    task = load_task(task_name)
+    rows: dict[str, dict[str, list[float]]] = {
+        m: {k: [] for k in ("final", "proxy", "inside", "hypervolume", "minutes")}
+        for m in [*methods, *(["uniform"] if want_uniform else [])]}
+    pairs: list[tuple[float, float]] = []  # (proxy, final) of every plan re-fine-tuned
+    load_before, limits = load(), []
+    for seed in range(args.seeds):
+        runs = {}
+        for name, kwargs in methods.items():
+            out = Path(args.out) / setting.replace("@", "-") / name / f"seed{seed}"
+            config, results, minutes = searched(task_name, pct, seed, out, args.trials,
+                                                args.finetune_steps, **kwargs)
+            runs[name] = (config, results)
+            m = run_measures(config, results)
+            limits.append((m["dense_ms"], m["limit_ms"]))
+            best = recommend(results, config)
+            final = finals(setting, task, best, seed) if best else math.nan
+            proxy = best.metrics[config.metric] if best else math.nan
+            if best:
+                pairs.append((proxy, final))
+            row = rows[name]
+            for key, value in (("final", final), ("proxy", proxy), ("inside", m["inside"]),
+                               ("hypervolume", m["hypervolume"]), ("minutes", minutes)):
+                row[key].append(value)
+            print(f"  {setting} seed {seed} {name:<20} final {final:.4f} proxy {proxy:.4f} "
+                  f"inside {m['inside']:.2f} hv {m['hypervolume']:.4f} "
+                  f"{minutes:.1f} min ({load()})", flush=True)
+        if want_uniform:
+            config, results = runs.get("default") or next(iter(runs.values()))
+            budgets = config.parsed_budgets()
+            uniform = [r for r in results if r.baseline and r.baseline.startswith("uniform")
+                       and r.feasible(budgets, config.primary)]
+            scored = [(finals(setting, task, r, seed), r) for r in uniform]
+            pairs += [(r.metrics[config.metric], f) for f, r in scored]
+            best_final, best = max(scored, key=lambda x: x[0], default=(math.nan, None))
+            rows["uniform"]["final"].append(best_final)
+            rows["uniform"]["proxy"].append(best.metrics[config.metric] if best
+                                            else math.nan)
+            print(f"  {setting} seed {seed} {'uniform':<20} final {best_final:.4f} "
+                  f"({best.baseline if best else 'none inside the budget'})", flush=True)
+    print_setting(rec, setting, rows, limits, pairs, load_before)
+    return rows
 
 
 COLUMNS = ["FINAL metric", "proxy metric", "searched trials inside", "hypervolume"]
