@@ -53,13 +53,16 @@ class PrunableGroup:
         return self.num_heads or self.channels
 
     def describe_units(self) -> str:
-        """``12 heads``, ``64 ch`` or ``64 ch in 8 groups`` (what ``autoprune layers`` shows)."""
+        """``12 heads``, ``64 ch`` or ``64 ch in 8 groups of 8`` (what ``autoprune layers``
+        shows; a grouped conv's group width decides its kernel path, see
+        docs/benchmarks.md#grouped-convolutions)."""
         if self.num_heads and self.heads_per_unit > 1:
             return f"{self.num_heads} kv groups of {self.heads_per_unit} heads"
         if self.num_heads:
             return f"{self.num_heads} heads"
         if self.channel_groups > 1:
-            return f"{self.channels} ch in {self.channel_groups} groups"
+            return (f"{self.channels} ch in {self.channel_groups} groups of "
+                    f"{self.channels // self.channel_groups}")
         return f"{self.channels} ch"
 
 

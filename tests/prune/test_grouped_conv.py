@@ -22,7 +22,7 @@ def test_grouped_convs_are_listed_with_their_group_count():
     assert grouped == {"stages.0.reduce.0": (16, 4), "stages.0.grouped.0": (16, 4),
                        "stages.1.reduce.0": (32, 4), "stages.1.grouped.0": (32, 4)}
     assert [u.name for u in info.unprunable] == ["fc"]
-    assert "32 ch in 4 groups" in info.table()
+    assert "32 ch in 4 groups of 8" in info.table()
 
 
 @pytest.mark.parametrize("sparsity, per_group", [(0.1, 7), (0.5, 4), (0.75, 2), (0.95, 1)])
@@ -71,4 +71,4 @@ def test_layers_command_lists_grouped_convs_as_prunable(tmp_path, capsys):
     assert main(["layers", "--task", str(task)]) == 0
     out = capsys.readouterr().out
     assert "stages.1.grouped.0" in out.split("not prunable")[0]
-    assert "32 ch in 4 groups" in out
+    assert "32 ch in 4 groups of 8" in out
