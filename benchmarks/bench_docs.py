@@ -127,7 +127,7 @@ def render_block(kind: str, args: list[str], doc: Path) -> str:
                                 for c in cols) + "|"]
         lines += ["| " + " | ".join(r[c] if c < len(r) else "" for c in cols) + " |"
                   for r in rows]
-        return "\n" + "\n".join(lines) + "\n"
+        return "\n\n" + "\n".join(lines) + "\n\n"  # blank lines: a block of its own
     if kind == "log":
         log = (RESULTS / record["log"]).read_text().splitlines()
         keep = _spans(opts.get("lines", "1-"), len(log))
@@ -137,7 +137,7 @@ def render_block(kind: str, args: list[str], doc: Path) -> str:
                 out.append("...")
             out.append(log[i - 1])
             last = i
-        return "\n```text\n" + "\n".join(out) + "\n```\n"
+        return "\n\n```text\n" + "\n".join(out) + "\n```\n\n"
     raise RenderError(f"unknown block results:{kind} (source, table, value or log)")
 
 
