@@ -66,8 +66,8 @@ def _index(items: list[str], key: str, what: str) -> int:
     if key.isdigit():
         return int(key) - 1
     plain = [re.sub(r"[*`]", "", i) for i in items]
-    if key in plain:
-        return plain.index(key)
+    if re.sub(r"[*`]", "", key) in plain:
+        return plain.index(re.sub(r"[*`]", "", key))
     raise RenderError(f"no {what} {key!r} (there are: {', '.join(plain)})")
 
 
