@@ -30,7 +30,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import RESULTS, ROOT, load_results  # noqa: E402
 
-DOCS = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "transformers.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "transformers.md",
+        ROOT / "docs" / "recovery.md"]
 HEADLINE = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- results:(\w+) (.*?) -->(.*?)<!-- /results -->", re.DOTALL)
 
@@ -92,10 +93,14 @@ def source(record: dict[str, Any], doc: Path) -> str:
     load = f"load average {before[0]:g}" + (f" before, {after[0]:g} after" if after else "")
     busy = " **Busy machine** (load above the core count): slower, noisier times." \
         if record["busy"] else ""
+    machine = ", ".join([f"{m['cores']} cores ({m['cpu']})",
+                         *([f"{m['memory_gib']} GiB"] if m.get("memory_gib") else []),
+                         *([f"torch {m['torch']}"] if m.get("torch") else []),
+                         *([f"ONNX Runtime {m['onnxruntime']}"] if m.get("onnxruntime")
+                           else [])])
     return (f"`{record['command']}`, {record['date']}, commit {record['commit']}"
-            f"{' (uncommitted changes)' if record['dirty'] else ''}; {m['cores']} cores "
-            f"({m['cpu']}), {m['memory_gib']} GiB, torch {m['torch']}, ONNX Runtime "
-            f"{m['onnxruntime']}; {load}. Raw output: "
+            f"{' (uncommitted changes)' if record['dirty'] else ''}; {machine}; {load}. "
+            f"Raw output: "
             f"[`{record['log']}`]({os.path.relpath(RESULTS / record['log'], doc.parent)})."
             f"{busy}")
 
