@@ -33,7 +33,7 @@ test-slow: setup
 test-cluster: setup
 	$(BIN)/python -m pytest -q -s -m slow tests/search/test_two_hosts.py
 
-# The measured numbers in README.md and docs/benchmarks.md, rendered from benchmarks/results/
+# The measured numbers in README.md and docs/ (bench_docs.DOCS), rendered from benchmarks/results/
 # (the check fails when a doc differs from what its results files render).
 bench-docs: setup
 	$(BIN)/python benchmarks/bench_docs.py
