@@ -66,9 +66,10 @@ def _table(record: dict[str, Any], name: str) -> dict[str, Any]:
 def _index(items: list[str], key: str, what: str) -> int:
     if key.isdigit():
         return int(key) - 1
-    plain = [re.sub(r"[*`]", "", i) for i in items]
-    if re.sub(r"[*`]", "", key) in plain:
-        return plain.index(re.sub(r"[*`]", "", key))
+    plain = [re.sub(r"[*`]", "", i) for i in items]  # cells as read, without Markdown marks
+    key = re.sub(r"[*`]", "", key)
+    if key in plain:
+        return plain.index(key)
     raise RenderError(f"no {what} {key!r} (there are: {', '.join(plain)})")
 
 

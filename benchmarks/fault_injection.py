@@ -71,13 +71,15 @@ def run(args: argparse.Namespace, rec: provenance.Record) -> None:
                     ["plans repeated", f"{len(kill.repeated)}"
                      + (f" (trials {', '.join(map(str, kill.repeated))})" if kill.repeated
                         else "") + f"; results reused for a repeated plan: {kill.reused}"]]
-        rec.value("kills_survived", kill.survived)
-        rec.value("kills", kill.kills)
-        rec.value("kill_trials", kill.trials)
-        rec.value("kill_exit_code", kill.exit_code)
-        rec.value("trials_lost", len(kill.lost))
-        rec.value("plans_repeated", len(kill.repeated))
-        rec.value("results_reused", kill.reused)
+        rec.values.update({
+            "kills_survived": kill.survived,
+            "kills": kill.kills,
+            "kill_trials": kill.trials,
+            "kill_exit_code": kill.exit_code,
+            "trials_lost": len(kill.lost),
+            "plans_repeated": len(kill.repeated),
+            "results_reused": kill.reused,
+        })
         if not args.skip_ray:
             worker = kill_ray_worker(work / "ray-worker")
             print(f"\nRay worker killed mid-trial ({worker.killed or 'none found'}): exit "
@@ -88,11 +90,13 @@ def run(args: argparse.Namespace, rec: provenance.Record) -> None:
                             f"({worker.trials} of {worker.wanted} trials, {worker.failed} "
                             f"failed; the killed one "
                             f"{'retried' if worker.retried else 'not retried'})"])
-            rec.value("ray_worker_exit_code", worker.exit_code)
-            rec.value("ray_worker_trials", worker.trials)
-            rec.value("ray_worker_wanted", worker.wanted)
-            rec.value("ray_worker_failed", worker.failed)
-            rec.value("ray_worker_retried", bool(worker.retried))
+            rec.values.update({
+                "ray_worker_exit_code": worker.exit_code,
+                "ray_worker_trials": worker.trials,
+                "ray_worker_wanted": worker.wanted,
+                "ray_worker_failed": worker.failed,
+                "ray_worker_retried": bool(worker.retried),
+            })
             cluster = cluster_search(work / "cluster")
             print(f"\n2-node Ray cluster via --address: {cluster.nodes} nodes, exit "
                   f"{cluster.exit_code}, {cluster.trials} trials, {cluster.seconds} s; lock file "
@@ -103,11 +107,13 @@ def run(args: argparse.Namespace, rec: provenance.Record) -> None:
                             f"{locked} of {cluster.nodes} nodes measured under their own lock; "
                             f"{cluster.front - cluster.front_screened} of {cluster.front} front "
                             f"plans re-measured in full (exit {cluster.exit_code})"])
-            rec.value("cluster_exit_code", cluster.exit_code)
-            rec.value("cluster_nodes", cluster.nodes)
-            rec.value("cluster_nodes_locked", locked)
-            rec.value("cluster_front", cluster.front)
-            rec.value("cluster_front_full", cluster.front - cluster.front_screened)
+            rec.values.update({
+                "cluster_exit_code": cluster.exit_code,
+                "cluster_nodes": cluster.nodes,
+                "cluster_nodes_locked": locked,
+                "cluster_front": cluster.front,
+                "cluster_front_full": cluster.front - cluster.front_screened,
+            })
             extend = extend_ray_search(work / "extend")
             print(f"\nRay search of {extend.first} trials resumed with --trials {extend.asked}: "
                   f"{extend.trials} trials, exits {extend.exit_codes}")
@@ -115,9 +121,11 @@ def run(args: argparse.Namespace, rec: provenance.Record) -> None:
                             f"{'yes' if extend.trials > extend.first else 'NO'} "
                             f"({extend.first} -> {extend.trials} trials, asked {extend.asked}; "
                             f"exits {', '.join(map(str, extend.exit_codes))})"])
-            rec.value("extend_first", extend.first)
-            rec.value("extend_asked", extend.asked)
-            rec.value("extend_trials", extend.trials)
+            rec.values.update({
+                "extend_first": extend.first,
+                "extend_asked": extend.asked,
+                "extend_trials": extend.trials,
+            })
         with MalformedRunner() as runner:
             outcomes = [runner.run(case) for case in load_corpus(CORPUS)]
         bad = [o for o in outcomes if not (o.rejected and o.says_why)]
@@ -126,9 +134,11 @@ def run(args: argparse.Namespace, rec: provenance.Record) -> None:
         summary.append(["malformed inputs rejected",
                         f"{len(outcomes) - len(bad)} of {len(outcomes)} (exit 2 or the expected "
                         f"4xx, with the expected reason, no traceback)"])
-        rec.value("malformed_rejected", len(outcomes) - len(bad))
-        rec.value("malformed_total", len(outcomes))
-    rec.value("seconds", round(time.time() - begin))
+        rec.values.update({
+            "malformed_rejected": len(outcomes) - len(bad),
+            "malformed_total": len(outcomes),
+            "seconds": round(time.time() - begin),
+        })
     provenance.print_table("summary", ["check", "result"], summary)
 
 
