@@ -128,6 +128,8 @@ class CostStructure:
     dense_macs: float  # the MACs metric of the dense model (Torch-Pruning's counter)
     dense_params: float  # the params metric of the dense model
     dense_size: float  # size_bytes of the dense model
+    # The main stack's blocks (a plan's drop_blocks remove them whole; see prune/_depth.py)
+    blocks: list[str] = field(default_factory=list)
 
     @classmethod
     def from_model(cls, model: Any, example_inputs: tuple, inspection: Any,
@@ -137,6 +139,7 @@ class CostStructure:
         from torch import nn
 
         from autoprune.prune import layer_costs
+        from autoprune.recover import main_blocks
 
         roots = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
         modules = dict(model.named_modules())
@@ -173,7 +176,8 @@ class CostStructure:
         return cls(layers, {g.name: g.units for g in inspection.groups},
                    {g.name: list(g.producers) for g in inspection.groups},
                    [g.name for g in inspection.groups if g.num_heads],
-                   reference["macs"], reference["params"], reference["size_bytes"])
+                   reference["macs"], reference["params"], reference["size_bytes"],
+                   main_blocks(model))
 
     def kept(self, plan: PruningPlan) -> dict[str, float]:
         """Kept fraction of every group under ``plan`` (structured rules only remove)."""
@@ -192,12 +196,19 @@ class CostStructure:
         return out
 
     def features(self, plan: PruningPlan) -> dict[str, float]:
-        """MACs, params, size and the latency features (Conv/Linear MACs per kernel path and
-        activations)."""
+        """MACs, params, size and the latency features (Conv/Linear MACs per kernel path,
+        activations and the blocks kept)."""
         k = self.kept(plan)
+        gone = tuple(f"{b}." for b in plan.drop_blocks)
         macs = removed = removed_buffers = acts = dense_macs = dense_acts = 0.0
         lat = {_feature(name, b): 0.0 for name in _PATHS for b in _NCHWC_BLOCKS}
         for layer in self.layers:
+            dense_macs += layer.macs
+            dense_acts += layer.activations
+            if layer.name.startswith(gone):  # in a dropped block: nothing of it is left
+                removed += layer.params + layer.per_channel
+                removed_buffers += layer.buffers
+                continue
             k_out, k_in = layer.kept(k)
             scale = layer.scale(k_out, k_in)
             macs += layer.macs * scale
@@ -211,15 +222,16 @@ class CostStructure:
             removed += layer.params * (1 - scale) + layer.per_channel * (1 - k_out)
             removed_buffers += layer.buffers * (1 - k_out)
             acts += layer.activations * k_out
-            dense_macs += layer.macs
-            dense_acts += layer.activations
         # Ops outside Conv/Linear (norms, activations) counted by the MACs counter scale with
         # the activations they run over.
         other_macs = (self.dense_macs - dense_macs) * (acts / dense_acts if dense_acts else 1)
         return {"macs": macs + other_macs, "flops": 2 * (macs + other_macs),
                 "params": self.dense_params - removed,
                 "size_bytes": self.dense_size - 4 * (removed + removed_buffers),  # fp32
-                **lat, "lat_acts": acts}
+                **lat, "lat_acts": acts,
+                # What a block costs beyond its Conv/Linear layers (a transformer layer's
+                # softmax, norms and reshapes) goes with the block
+                "lat_blocks": float(len(self.blocks) - len(plan.drop_blocks))}
 
 
 def _feature(name: str, block: int) -> str:
@@ -227,21 +239,24 @@ def _feature(name: str, block: int) -> str:
 
 
 def _row(f: dict[str, float], block: int) -> np.ndarray:
-    return np.array([1.0, f["lat_acts"], *(f[_feature(name, block)] for name in _PATHS)])
+    return np.array([1.0, f["lat_acts"], f["lat_blocks"],
+                     *(f[_feature(name, block)] for name in _PATHS)])
 
 
-_BASIC = 3  # the columns of _row fitted from few samples: constant, activations, all MACs
+_BASIC = 4  # the columns of _row fitted from few samples: constant, activations, blocks, MACs
+_BLOCKS = 2  # the column of blocks kept
 
 
 @dataclass
 class _LatencyFit:
-    """latency ~ c0 + c_acts * activations + the costs of the kernel paths' MACs and reorders,
-    counted on NCHWc blocks of ``block`` channels; a quantized plan: factor[scheme] * (c0 +
-    c_acts * activations + c_macs * MACs)."""
+    """latency ~ c0 + c_acts * activations + c_blocks * blocks + the costs of the kernel
+    paths' MACs and reorders, counted on NCHWc blocks of ``block`` channels; a quantized plan:
+    a + b * (c0 + c_acts * activations + c_blocks * blocks + c_macs * MACs), with (a, b) per
+    scheme: INT8 kernels shrink the MACs' cost, not the rest."""
 
     block: int = _NCHWC_BLOCKS[0]
-    coef: np.ndarray = field(default_factory=lambda: np.zeros(2 + len(_PATHS)))
-    factors: dict[str, float] = field(default_factory=dict)  # quantize scheme -> factor
+    coef: np.ndarray = field(default_factory=lambda: np.zeros(3 + len(_PATHS)))
+    factors: dict[str, tuple[float, float]] = field(default_factory=dict)  # scheme -> (a, b)
 
     def core(self, f: dict[str, float], quantize: str = "none") -> float:
         row = _row(f, self.block)
@@ -294,7 +309,11 @@ class CostModel:
                 fits = {}
                 for block in _NCHWC_BLOCKS:
                     x = np.array([_row(f, block) for f, _ in plain])
-                    if len(y) < 2 * x.shape[1]:  # too few to tell the kernel paths apart
+                    columns = x.shape[1]
+                    if np.ptp(x[:, _BLOCKS]) == 0:  # no block dropped yet: the constant's
+                        x[:, _BLOCKS] = 0.0
+                        columns -= 1
+                    if len(y) < 2 * columns:  # too few to tell the kernel paths apart
                         x[:, _BASIC:] = 0.0
                     scale = x.max(axis=0)
                     scale[scale == 0] = 1.0
@@ -307,10 +326,10 @@ class CostModel:
                 best = min(fits, key=lambda b: fits[b][0])
                 fit = fits[best if fits[best][0] < _SWITCH * fits[kept][0] else kept][1]
             for scheme in {q for _, q, _ in self.samples if q != "none"}:
-                ratios = [m[key] / fit.core(f, q) for f, q, m in self.samples
+                points = [(fit.core(f, q), m[key]) for f, q, m in self.samples
                           if q == scheme and m.get(key, 0) > 0 and fit.core(f, q) > 0]
-                if ratios:
-                    fit.factors[scheme] = float(np.median(ratios))
+                if points:
+                    fit.factors[scheme] = _quantized_map(points)
             self._fits[key] = fit
         for key, scheme in {(k, q if k == "size_bytes" else "") for _, q, _ in self.samples
                             for k in ("macs", "params", "size_bytes")}:
@@ -328,5 +347,20 @@ class CostModel:
         for key, fit in self._fits.items():
             core = fit.core(f, plan.quantize)
             if core > 0:
-                out[key] = core * fit.factors.get(plan.quantize, 1.0)
+                a, b = fit.factors.get(plan.quantize, (0.0, 1.0))
+                out[key] = a + b * core
         return out
+
+
+def _quantized_map(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(a, b) of a quantized latency ~ a + b * the fp32 fit's prediction, by non-negative least
+    squares on relative error; a factor alone (a = 0) until two plans far enough apart (10 %
+    in predicted fp32 latency) are measured."""
+    from scipy.optimize import nnls
+
+    core = np.array([c for c, _ in points])
+    y = np.array([v for _, v in points])
+    if core.max() < 1.1 * core.min():
+        return 0.0, float(np.median(y / core))
+    (a, b), _ = nnls(np.stack([1 / y, core / y], axis=1), np.ones(len(y)))
+    return float(a), float(b)

@@ -18,8 +18,9 @@ from autoprune.errors import PlanError, unknown_fields
 __all__ = ["PLAN_VERSION", "MODES", "CRITERIA", "UNSTRUCTURED_CRITERIA", "QUANTIZE",
            "LayerRule", "Recovery", "PruningPlan"]
 
-# 3: a recovery section; 2: quantize names the scheme (version 1's "int8" was dynamic INT8)
-PLAN_VERSION = 3
+# 4: drop_blocks; 3: a recovery section; 2: quantize names the scheme (version 1's "int8"
+# was dynamic INT8)
+PLAN_VERSION = 4
 MODES = ("structured", "unstructured", "skip")
 CRITERIA = ("l1", "l2", "taylor", "fpgm", "bn_scale", "lamp", "random", "activation", "fisher")
 # Criteria that score whole channels only, so they have no meaning for single weights.
@@ -29,7 +30,7 @@ UNSTRUCTURED_CRITERIA = tuple(c for c in CRITERIA if c not in _STRUCTURED_ONLY)
 # quantized at run time. See autoprune.quantize.
 QUANTIZE = ("none", "int8", "int8-dynamic")
 # Plan format versions read by from_dict, and how their quantize values map to this version's.
-_QUANTIZE_OF_VERSION = {1: {"none": "none", "int8": "int8-dynamic"}, 2: {}, 3: {}}
+_QUANTIZE_OF_VERSION = {1: {"none": "none", "int8": "int8-dynamic"}, 2: {}, 3: {}, 4: {}}
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ class PruningPlan:
     quantize: str = "none"  # post-training quantization: none | int8 | int8-dynamic
     finetune: dict[str, Any] = field(default_factory=dict)  # fine-tuning overrides (e.g. lr)
     recovery: Recovery = field(default_factory=Recovery)  # reconstruction and distillation
+    # Blocks of the main stack replaced by a pass-through (depth), by module name
+    drop_blocks: tuple[str, ...] = ()
     fingerprint: list[str] | None = None  # architecture signature of the model it was made for
     version: int = PLAN_VERSION  # plan format version
 
@@ -152,6 +155,13 @@ class PruningPlan:
             )
         if self.quantize not in QUANTIZE:
             raise PlanError(f"quantize: {self.quantize!r} is not one of {', '.join(QUANTIZE)}")
+        blocks = self.drop_blocks
+        if not isinstance(blocks, (tuple, list)) or not all(isinstance(b, str) for b in blocks):
+            raise PlanError(f"drop_blocks: {blocks!r} must be a list of block names such as "
+                            f"['encoder.layer.2'] (`autoprune layers` lists the blocks)")
+        if len(set(blocks)) != len(blocks):
+            raise PlanError(f"drop_blocks: {list(blocks)!r} names a block twice")
+        object.__setattr__(self, "drop_blocks", tuple(blocks))
         for key in self.rules:
             if key.startswith("re:"):
                 try:
@@ -189,6 +199,7 @@ class PruningPlan:
             "quantize": self.quantize,
             "finetune": dict(self.finetune),
             "recovery": self.recovery.to_dict(),
+            "drop_blocks": list(self.drop_blocks),
             "fingerprint": self.fingerprint,
         }
 
@@ -197,6 +208,8 @@ class PruningPlan:
         fingerprint and format version are left out)."""
         data = self.to_dict()
         del data["version"], data["fingerprint"]
+        if not data["drop_blocks"]:  # keys of plans without depth stay as they were
+            del data["drop_blocks"]
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -209,7 +222,7 @@ class PruningPlan:
         if "plan" in data and isinstance(data["plan"], dict):
             data = data["plan"]
         known = {"version", "default", "rules", "quantize", "finetune", "recovery",
-                 "fingerprint"}
+                 "drop_blocks", "fingerprint"}
         if extra := unknown_fields(data, known):
             raise PlanError(f"{source}: {extra}")
         version = data.get("version", PLAN_VERSION)
@@ -240,6 +253,7 @@ class PruningPlan:
             quantize=quantize,
             finetune=finetune,
             recovery=recovery,
+            drop_blocks=data.get("drop_blocks") or (),
             fingerprint=fingerprint,
         )
 

@@ -84,13 +84,17 @@ class SearchSpace:
     # Recovery choices (plan.Recovery): reconstruct true/false, hidden_distill weights,
     # calibration_samples; a field with one choice is fixed, absent fields keep the defaults
     recovery: dict[str, tuple] = field(default_factory=dict)
+    # Depth: up to this many blocks of the main stack may be dropped (a sampled count; which
+    # ones go is ranked once per search, see autoprune.prune.rank_blocks); 0 = width only
+    depth: int = 0
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "space") -> SearchSpace:
         if not isinstance(data, dict):
             raise SearchSpaceError(f"{source}: expected a mapping, got {type(data).__name__}")
         known = {"name", "description", "groups", "sparsity", "share", "stage_pattern", "modes",
-                 "criteria", "criteria_share", "round_to", "quantize", "finetune", "recovery"}
+                 "criteria", "criteria_share", "round_to", "quantize", "finetune", "recovery",
+                 "depth"}
         if extra := unknown_fields(data, known):
             raise SearchSpaceError(f"{source}: {extra}")
         groups = data.get("groups") or {}
@@ -115,11 +119,15 @@ class SearchSpace:
             finetune={k: _range(v, f"{source}.finetune.{k}")
                       for k, v in (data.get("finetune") or {}).items()},
             recovery=_recovery_choices(data.get("recovery") or {}, f"{source}.recovery"),
+            depth=data.get("depth", 0),
         )
         space._validate(source)
         return space
 
     def _validate(self, source: str) -> None:
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
+            raise SearchSpaceError(f"{source}.depth: {self.depth!r} must be a whole number of "
+                                   f"blocks >= 0 (0 = no block is dropped)")
         s = self.sparsity
         if not 0 <= s.low <= s.high < 1:
             raise SearchSpaceError(f"{source}.sparsity: need 0 <= low <= high < 1, got "
@@ -267,6 +275,14 @@ class BoundSpace:
     space: SearchSpace  # the YAML-level description
     units: dict[str, list[GroupInfo]]  # sampled unit -> the groups it sets
     skipped: list[GroupInfo]  # groups outside include/exclude
+    # The main stack's blocks in the order they are dropped (set by the search when the
+    # space's depth > 0); a plan of depth n drops the first n
+    block_order: list[str] = field(default_factory=list)
+
+    @property
+    def max_depth(self) -> int:
+        """The most blocks a plan of this space drops."""
+        return min(self.space.depth, len(self.block_order))
 
     def sample(self, trial: Any) -> dict[str, Any]:
         """Define-by-run sampling with an Optuna trial; returns the parameters."""
@@ -283,6 +299,8 @@ class BoundSpace:
         for name, options in sp.recovery.items():
             if len(options) > 1:
                 trial.suggest_categorical(f"rec.{name}", list(options))
+        if self.max_depth:
+            trial.suggest_int("depth", 0, self.max_depth)
         for unit, groups in self.units.items():
             mode = sp.modes[0]
             if len(sp.modes) > 1:
@@ -331,9 +349,13 @@ class BoundSpace:
         finetune = {k[3:]: v for k, v in params.items() if k.startswith("ft.")}
         recovery = Recovery(**{name: params.get(f"rec.{name}", options[0])
                                for name, options in sp.recovery.items()})
+        depth = int(params.get("depth", 0))
+        if depth > len(self.block_order):
+            raise SearchSpaceError(f"depth {depth}: only {len(self.block_order)} blocks of "
+                                   f"the model are ranked to drop")
         return PruningPlan(default=default, rules=rules,
                            quantize=params.get("quantize", sp.quantize[0]), finetune=finetune,
-                           recovery=recovery)
+                           recovery=recovery, drop_blocks=tuple(self.block_order[:depth]))
 
     def uniform_params(self, sparsity: float, mode: str | None = None) -> dict[str, Any]:
         """Parameters of a uniform plan in this space (baselines enqueued before searching)."""
@@ -352,6 +374,8 @@ class BoundSpace:
         for name, options in sp.recovery.items():  # baselines recover as the first choice
             if len(options) > 1:
                 params[f"rec.{name}"] = options[0]
+        if self.max_depth:
+            params["depth"] = 0
         for knob, r in sp.finetune.items():
             # The task's own lr where the range allows it, else the middle of the range
             mid = math.sqrt(r.low * r.high) if r.log else (r.low + r.high) / 2

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from autoprune.errors import PlanError
-from autoprune.plan import LayerRule, PruningPlan, Recovery
+from autoprune.plan import PLAN_VERSION, LayerRule, PruningPlan, Recovery
 
 PLAN = PruningPlan(
     default=LayerRule("structured", 0.25, "l2", round_to=8),
@@ -86,20 +86,20 @@ def test_plans_of_an_older_version_keep_their_quantization(tmp_path, version, sa
     data = {**PLAN.to_dict(), "version": version, "quantize": saved}
     del data["recovery"]  # older formats had no recovery section
     plan = PruningPlan.from_dict(data)
-    assert (plan.quantize, plan.version) == (loaded, 3)
+    assert (plan.quantize, plan.version) == (loaded, PLAN_VERSION)
     assert plan.rules == PLAN.rules and plan.fingerprint == PLAN.fingerprint
     # applied without recovery before version 3, they keep that meaning
     assert plan.recovery == Recovery(reconstruct=False, hidden_distill=0.0)
     f = tmp_path / "old.json"
     f.write_text(json.dumps(data))
-    assert PruningPlan.load(f) == plan  # saved again, it is a version 3 plan
-    assert json.loads(plan.to_json())["version"] == 3
+    assert PruningPlan.load(f) == plan  # saved again, it is a plan of this version
+    assert json.loads(plan.to_json())["version"] == PLAN_VERSION
 
 
 def test_unsupported_plan_versions_are_named():
-    for version in (0, 4, "2", True):
+    for version in (0, 5, "2", True):
         with pytest.raises(PlanError, match=r"plan format .* is not supported \(this autoprune "
-                                            r"reads versions 1, 2, 3\)"):
+                                            r"reads versions 1, 2, 3, 4\)"):
             PruningPlan.from_dict({"version": version})
 
 
@@ -130,3 +130,15 @@ def test_a_bad_recovery_section_names_the_field(recovery, message):
     with pytest.raises(PlanError, match=f"p.json.{message}" if message.startswith("recovery")
                        else message):
         PruningPlan.from_dict({**PLAN.to_dict(), "recovery": recovery}, source="p.json")
+
+
+def test_dropped_blocks_round_trip_and_bad_ones_are_named(tmp_path):
+    plan = PruningPlan.uniform(0.5, drop_blocks=["encoder.layer.2", "encoder.layer.4"])
+    assert json.loads(plan.to_json())["drop_blocks"] == ["encoder.layer.2", "encoder.layer.4"]
+    for suffix in (".json", ".yaml"):
+        assert PruningPlan.load(plan.save(tmp_path / f"p{suffix}")) == plan
+    assert "drop_blocks" in plan.key() and "drop_blocks" not in PruningPlan.uniform(0.5).key()
+    with pytest.raises(PlanError, match=r"drop_blocks: .* names a block twice"):
+        PruningPlan.from_dict({"drop_blocks": ["layers.0", "layers.0"]})
+    with pytest.raises(PlanError, match=r"drop_blocks: 'layers.0' must be a list of block names"):
+        PruningPlan.from_dict({"drop_blocks": "layers.0"})

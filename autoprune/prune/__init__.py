@@ -12,6 +12,7 @@ from autoprune.prune._apply import (
     prune_model_,
 )
 from autoprune.prune._conv1d import conv1d_to_linear_
+from autoprune.prune._depth import PassThrough, drop_blocks_, droppable_blocks, rank_blocks
 from autoprune.prune._groups import (
     ModelInspection,
     PrunableGroup,
@@ -22,6 +23,7 @@ from autoprune.prune._groups import (
 
 __all__ = [
     "ModelInspection",
+    "PassThrough",
     "PrunableGroup",
     "PruneReport",
     "WeightMask",
@@ -29,6 +31,8 @@ __all__ = [
     "apply_plan",
     "bake_masks_",
     "conv1d_to_linear_",
+    "drop_blocks_",
+    "droppable_blocks",
     "baked_copy",
     "count_kept",
     "group_rule",
@@ -36,4 +40,5 @@ __all__ = [
     "inspect_model",
     "layer_costs",
     "prune_model_",
+    "rank_blocks",
 ]

@@ -18,6 +18,7 @@ from autoprune.data_importance import InputStatistics, collect_statistics
 from autoprune.errors import PlanError
 from autoprune.fingerprint import architecture_signature, first_difference
 from autoprune.plan import LayerRule, PruningPlan
+from autoprune.prune._depth import drop_blocks_
 from autoprune.prune._groups import HEAD_COUNT_ATTRS, PrunableGroup, build_groups
 
 __all__ = [
@@ -43,6 +44,7 @@ class PruneReport:
     # channels they keep, in order (what reconstruction matches against the dense model)
     kept_out: dict[str, list[int]] = field(default_factory=dict)
     kept_in: dict[str, list[int]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)  # blocks replaced by a pass-through
 
 
 def count_kept(units: int, sparsity: float, round_to: int | None = None) -> int:
@@ -275,8 +277,9 @@ def prune_model_(
 ) -> PruneReport:
     """Apply ``plan`` to ``model`` in place and report what was removed.
 
-    Structured groups are removed first (physically, through Torch-Pruning's dependency
-    graph); then unstructured layers get masks, which stay applied
+    The plan's ``drop_blocks`` are replaced by pass-throughs first (depth); then structured
+    groups are removed (physically, through Torch-Pruning's dependency graph) from the blocks
+    left; then unstructured layers get masks, which stay applied
     through fine-tuning (a :class:`WeightMask` parametrization) until :func:`bake_masks_`.
     ``augment`` (a task's ``augment_fn``) adds a varied copy of each calibration batch to the
     statistics of the activation and fisher criteria (:mod:`autoprune.augment`).
@@ -286,6 +289,8 @@ def prune_model_(
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     calibration = list(calibration) if calibration is not None else None
     report = PruneReport()
+    drop_blocks_(model, plan.drop_blocks, example_inputs)
+    report.dropped = list(plan.drop_blocks)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the random criterion; everything else is deterministic
         _prune_structured(model, plan, example_inputs, calibration, loss_fn, seed, report,

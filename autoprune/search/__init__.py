@@ -119,7 +119,7 @@ def run_search(
     at the end and reports how well the search's metric predicted theirs (search/_verify.py).
     """
     from autoprune.latency import LatencyCache, load_target
-    from autoprune.prune import inspect_model
+    from autoprune.prune import inspect_model, rank_blocks
     from autoprune.task import load_task
 
     device = resolve_device(device)  # before anything runs: a missing GPU is a usage error
@@ -203,6 +203,10 @@ def run_search(
     if not config.reference:  # the dense model, timed in full: it resolves relative budgets
         say("measuring the dense model (full latency protocol)")
         config.reference = backend_obj.measure(ctx, [PruningPlan()])[0]
+    if space_obj.depth:  # which blocks go first, before the profile measures a drop
+        bound.block_order = rank_blocks(model, task_obj.calibration_batches(
+            settings.calibration_batches, seed), space_obj.depth)
+        say(f"depth: blocks ranked to drop first: {', '.join(bound.block_order) or 'none'}")
     settings.budgets, warnings = resolve_budgets(budget_objs, config.reference, names[0])
     warnings += check_criteria(space_obj, inspection.groups)
     ctx.steering = _steering(task_obj, model, inspection, bound, settings, config, run_dir,

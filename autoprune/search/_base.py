@@ -64,8 +64,9 @@ class SearchContext:
     steering: Steering | None = None  # scales allocations onto the cost budgets (or None)
     # plan key -> the first finished trial of that plan: a repeat reuses its result
     recorded: dict[str, TrialResult] = field(default_factory=dict)
-    # The global Fisher ranking's allocation at an overall sparsity (set with the baselines)
-    fisher_at: Callable[[float], dict[str, float]] | None = None
+    # The global Fisher ranking's allocation at an overall sparsity, over the groups outside
+    # the dropped blocks given (set with the baselines)
+    fisher_at: Callable[[float, tuple[str, ...]], dict[str, float]] | None = None
 
     def plan_for(self, params: dict[str, Any]):
         """The plan for sampled parameters, stamped with the model's architecture signature."""
@@ -82,8 +83,11 @@ class SearchContext:
         if fit and baseline.startswith(FISHER_FIT) and self.fisher_at is not None:
             # along the global ranking: its allocation at the overall sparsity that fits, not
             # the 50 % allocation scaled (which keeps the 50 % proportions at every budget)
+            dropped = tuple(self.space.block_order[:int(params.get("depth", 0))])
+
             def at(sparsity: float) -> dict[str, Any]:
-                shares = self.space.allocation_params(self.fisher_at(sparsity), "fisher")
+                shares = self.space.allocation_params(self.fisher_at(sparsity, dropped),
+                                                      "fisher")
                 return {**params, **{k: v for k, v in shares.items() if k.startswith("s.")}}
 
             return self.steering.project_along(at, self.space.space.sparsity.high,
@@ -149,10 +153,15 @@ class SearchContext:
             out[UNIFORM_FIT] = self.space.uniform_params(self.space.space.sparsity.high)
         allocation = self._fisher_allocation()
         if allocation:
-            out[FISHER_FIT] = fisher = self.space.allocation_params(allocation, "fisher")
+            fisher = self.space.allocation_params(allocation, "fisher")
+            starts = {FISHER_FIT: fisher}
             for scheme in self.space.space.quantize:  # and each precision the space offers
                 if scheme != "none":
-                    out[f"{FISHER_FIT}-{scheme}"] = {**fisher, "quantize": scheme}
+                    starts[f"{FISHER_FIT}-{scheme}"] = {**fisher, "quantize": scheme}
+            out.update(starts)
+            if self.space.max_depth:  # and each with the first ranked block dropped
+                out.update((f"{name}-depth1", {**params, "depth": 1})
+                           for name, params in starts.items())
         return out
 
     def _fisher_allocation(self) -> dict[str, float]:
@@ -168,8 +177,14 @@ class SearchContext:
                                                          self.settings.seed),
                                    fisher=True, seed=self.settings.seed)
         scores = fisher_unit_scores(inspection.groups, stats)
-        self.fisher_at = lambda s: allocate(scores, s, high=space.sparsity.high)
-        return self.fisher_at(0.5)
+
+        def fisher_at(sparsity: float, dropped: tuple[str, ...] = ()) -> dict[str, float]:
+            gone = tuple(f"{b}." for b in dropped)
+            return allocate({g: v for g, v in scores.items() if not g.startswith(gone)},
+                            sparsity, high=space.sparsity.high)
+
+        self.fisher_at = fisher_at
+        return fisher_at(0.5)
 
 
 class Backend(abc.ABC):

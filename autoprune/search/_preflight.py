@@ -87,7 +87,8 @@ def check_budgets(budgets: list[Budget], metric: Any, primary: str) -> None:
 def check_reach(steering: Any, space: Any, reference: dict[str, float], primary: str,
                 measure_full: Callable[[Any], dict[str, float]]) -> list[str]:
     """Upper cost budgets that even the space's most pruned plan (the cost profile's uniform
-    plan at the highest sparsity; a latency timed again with the full protocol) breaks: a
+    plan at the highest sparsity, every block it may drop dropped; a latency timed again with
+    the full protocol) breaks: a
     BudgetError naming the fix, before any trial. Where INT8 in the space may still reach a
     latency or size budget, a warning is returned instead."""
     if steering is None or steering.most_pruned is None:
@@ -109,7 +110,9 @@ def check_reach(steering: Any, space: Any, reference: dict[str, float], primary:
         share = f" ({value / dense:.0%} of the dense model)" if dense else ""
         text = (f"budget {b.describe()} is out of reach of search space {space.name!r}: its "
                 f"most pruned plan (every searched group at sparsity {space.sparsity.high:g}, "
-                f"{'structured' if 'structured' in space.modes else 'unstructured'}) measures "
+                f"{'structured' if 'structured' in space.modes else 'unstructured'}"
+                f"{f', {len(plan.drop_blocks)} blocks dropped' if plan.drop_blocks else ''}) "
+                f"measures "
                 f"{value:.4g}{unit}{share}")
         if b.metric in ("latency", "size") and any(q != "none" for q in space.quantize):
             warnings.append(f"{text}; only INT8 plans can meet it")

@@ -30,7 +30,9 @@ UNIFORM_FIT = "uniform-fit"  # baseline: one sparsity for every unit, scaled ont
 _EXACT_MARGIN = 0.002  # MACs / params / size are predicted from the structure (rounding only)
 PROFILE_FILE = "cost_profile.jsonl"
 _SCAN = 32  # factors tried, evenly spaced, before bisection refines the first that fits
-_MOST_PRUNED = 3  # the profile's uniform plan at the space's highest sparsity (level 1.0)
+# The profile's uniform plan at the space's highest sparsity (level 1.0); with depth, the
+# space's most pruned plan also drops every block it may
+_MOST_PRUNED = 3
 
 
 class Steering:
@@ -180,8 +182,10 @@ class Steering:
 
     def profile(self, measure: Callable[[list[PruningPlan]], list[dict[str, float]]],
                 run_dir: Path, say: Callable[[str], None]) -> None:
-        """Start the latency fit from a cheap profile: uniform plans at four levels and each
-        unit alone at the space's highest sparsity, screened, without fine-tuning. Kept in
+        """Start the latency fit from a cheap profile: uniform plans at four levels, each unit
+        alone at the space's highest sparsity, that with every block the space may drop (with
+        depth), and the dense and most pruned plans in each INT8 scheme the space offers; screened, without
+        fine-tuning. Kept in
         ``cost_profile.jsonl`` so a resumed search does not measure it again."""
         path = run_dir / PROFILE_FILE
         if path.is_file():
@@ -196,6 +200,16 @@ class Steering:
             plans += [self.space.build({**base, **{f"s.{v}": (high if v == u else 0.0)
                                                    for v in units}})
                       for u in units[:12]] if len(units) > 1 else []
+            # What a dropped block costs, and a quantized model at both ends of the range
+            dense = self.space.uniform_params(0.0, "structured")
+            most = {**base, **{f"s.{u}": high for u in units}}
+            if self.space.max_depth:  # the space's most pruned plan: every block it may drop
+                most["depth"] = self.space.max_depth
+                plans.append(self.space.build(most))
+            for scheme in self.space.space.quantize:
+                if scheme != "none":
+                    plans += [self.space.build({**params, "quantize": scheme})
+                              for params in (dense, most)]
             say(f"cost profile: measuring {len(plans)} plans (screened, no fine-tuning)")
             points = list(zip(plans, measure(plans)))
             partial = path.with_suffix(".partial")  # a kill never leaves half a profile
@@ -205,4 +219,6 @@ class Steering:
         for plan, metrics in points:
             self.model.observe(plan, metrics)
         if len(points) > _MOST_PRUNED:
-            self.most_pruned = points[_MOST_PRUNED]
+            self.most_pruned = next(
+                ((plan, m) for plan, m in points if plan.drop_blocks and plan.quantize == "none"),
+                points[_MOST_PRUNED])
