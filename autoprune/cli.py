@@ -78,6 +78,8 @@ def _apply(args: argparse.Namespace) -> int:
         if isinstance(value, dict):  # per group: how many groups got each value
             counts = Counter(value.values())
             shown = ", ".join(f"{v} ({n} groups)" for v, n in counts.items())
+        elif isinstance(value, list):
+            shown = ", ".join(map(str, value))
         else:
             shown = f"{value:.6g}" if isinstance(value, float) else str(value)
         print(f"{key.ljust(width)}  {shown}")
@@ -86,11 +88,20 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _layers(args: argparse.Namespace) -> int:
-    from autoprune.prune import inspect_model
+    from autoprune.prune import droppable_blocks, inspect_model
     from autoprune.task import load_task
 
     task = load_task(args.task)
-    print(inspect_model(task.build_model(), task.example_inputs).table())
+    model = task.build_model()
+    print(inspect_model(model, task.example_inputs).table())
+    blocks = droppable_blocks(model, task.example_inputs)
+    if blocks:
+        ok = [n for n, why in blocks.items() if why is None]
+        print(f"\nblocks of the main stack a plan may drop whole (drop_blocks): "
+              f"{', '.join(ok) if ok else 'none'}")
+        for name, why in blocks.items():
+            if why is not None:
+                print(f"  {name}: not droppable, {why}")
     return 0
 
 

@@ -76,6 +76,8 @@ def finalize_plan(
         "dense_macs": dense_stats.macs, "onnx_max_abs_diff": exported.max_abs_diff,
         **{f"{phase}_seconds": t for phase, t in seconds.items()},
     }
+    if report.dropped:
+        metrics["dropped_blocks"] = report.dropped
     if report.criteria:  # per group, the criterion that ranked it (l1 where the plan's cannot)
         metrics["criteria"] = report.criteria
     if report.fallbacks:

@@ -81,6 +81,8 @@ def _hover(r: TrialResult, config: RunConfig) -> dict[str, Any]:
         if key in m:
             attrs[key] = int(m[key])
     attrs["quantize"] = r.plan.quantize
+    if r.plan.drop_blocks:
+        attrs["blocks dropped"] = ", ".join(r.plan.drop_blocks)
     if f"{config.metric}_fp32" in m:  # a quantized plan: its metric is the quantized model's
         attrs[f"{config.metric} fp32"] = round(m[f"{config.metric}_fp32"], 5)
     if r.reason:

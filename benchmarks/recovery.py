@@ -44,14 +44,19 @@ import minilm_task  # noqa: E402
 import provenance  # noqa: E402
 
 from autoprune.augment import with_augmented  # noqa: E402
-from autoprune.data_importance import collect_statistics, global_allocation  # noqa: E402
+from autoprune.data_importance import (  # noqa: E402
+    allocate,
+    collect_statistics,
+    fisher_unit_scores,
+    global_allocation,
+)
 from autoprune.finetune import finetune_  # noqa: E402
 from autoprune.latency import compare_latency, export_onnx  # noqa: E402
 from autoprune.plan import LayerRule, PruningPlan, Recovery  # noqa: E402
-from autoprune.prune import prune_model_  # noqa: E402
+from autoprune.prune import prune_model_, rank_blocks  # noqa: E402
 from autoprune.prune._groups import build_groups  # noqa: E402
 from autoprune.quantize import OrtModule, quantize_model  # noqa: E402
-from autoprune.recover import TeacherCache, reconstruct_plan_  # noqa: E402
+from autoprune.recover import TeacherCache, main_blocks, reconstruct_plan_  # noqa: E402
 
 RESULTS = HERE / "results"
 
@@ -145,6 +150,22 @@ def ablation_at(s: float, args: argparse.Namespace, task, augment, dense, other,
                                        rules={name: LayerRule("structured", value, "fisher")
                                               for name, value in a.items()})
                    for copies, a in allocation.items()}
+    # Depth: the first ranked layer dropped, and the width share of the layers left lowered
+    # so that about the same share of the encoder's compute goes: 5/6 * (1 - s') = 1 - s
+    start = time.perf_counter()
+    first = rank_blocks(dense, with_augmented(calibration, augment), 1)
+    rank_seconds = time.perf_counter() - start
+    layers = len(main_blocks(dense))
+    s_deep = max(0.0, 1 - layers / (layers - 1) * (1 - s))
+    stats = collect_statistics(dense, with_augmented(calibration, augment), fisher=True)
+    scores = fisher_unit_scores(inspection.groups, stats)
+    gone = tuple(f"{b}." for b in first)
+    deep_alloc = allocate({g: v for g, v in scores.items() if not g.startswith(gone)}, s_deep,
+                          high=0.8)
+    deep_plan = PruningPlan(default=LayerRule("skip"), recovery=Recovery.none(),
+                            drop_blocks=tuple(first),
+                            rules={name: LayerRule("structured", value, "fisher")
+                                   for name, value in deep_alloc.items()})
     task_lr, lr = task.finetune.lr, args.lr
     # (row, plan, reconstruct, fine-tuning lr or None, hidden-state weight, int8, augment)
     rows = [
@@ -158,9 +179,12 @@ def ablation_at(s: float, args: argparse.Namespace, task, augment, dense, other,
         (f"+ calibration copies ({augment.p:.0%} of tokens replaced)", global_plan[augment],
          True, lr, 1.0, 0, augment),
         ("+ dynamic INT8", global_plan[augment], True, lr, 1.0, 1, augment),
+        (f"depth: {first[0]} dropped, global allocation at {s_deep:.2f} (all above, fp32)",
+         deep_plan, True, lr, 1.0, 0, augment),
+        ("depth + dynamic INT8", deep_plan, True, lr, 1.0, 1, augment),
     ]
     print(f"sparsity {s:g} of the heads and of the FFN channels; {args.steps} fine-tuning "
-          f"steps; Fisher scores {alloc_seconds:.1f} s")
+          f"steps; Fisher scores {alloc_seconds:.1f} s; layer ranking {rank_seconds:.1f} s")
     for copies, a in allocation.items():
         print(f"global allocation{' (with calibration copies)' if copies else ''}, per layer "
               "(heads / FFN removed): " + ", ".join(f"{a[g.name]:.2f}"

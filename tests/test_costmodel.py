@@ -141,3 +141,52 @@ def test_latency_fit_predicts_real_onnx_runtime_timings_of_held_out_plans():
         cost.observe(plan, {key: measured(plan)})
     for plan in [sampled() for _ in range(4)]:
         assert cost.predict(plan)[key] == pytest.approx(measured(plan), rel=0.35)
+
+
+def test_dropped_blocks_cost_nothing_and_what_a_block_costs_beyond_its_layers_is_learned():
+    model, example, structure = _structure("transformer_tiny")
+    assert structure.blocks == ["layers.0", "layers.1"]
+    dropped = PruningPlan(drop_blocks=("layers.0",))
+    measured = model_stats(apply_plan(model, dropped, example), example)
+    f = structure.features(dropped)
+    assert f["params"] == pytest.approx(measured.params, rel=0.01)
+    assert f["macs"] == pytest.approx(measured.macs, rel=0.05)
+    assert (f["lat_blocks"], structure.features(PruningPlan())["lat_blocks"]) == (1, 2)
+
+    def truth(plan: PruningPlan) -> float:  # 0.02 ms per block beyond its layers' MACs
+        g = structure.features(plan)
+        return 0.05 + 2e-5 * g["lat_macs/16"] + 0.02 * g["lat_blocks"]
+
+    key = latency_key("cpu")
+    model = CostModel(structure, ["cpu"])
+    groups = list(structure.units)
+    rng = random.Random(0)
+    width = [PruningPlan(rules={g: LayerRule("structured", rng.choice([0, 0.25, 0.5]))
+                                for g in groups}) for _ in range(6)]
+    for plan in [*width, dropped]:
+        model.observe(plan, {key: truth(plan)})
+    probe = PruningPlan(default=LayerRule("structured", 0.5), drop_blocks=("layers.1",))
+    assert model.predict(probe)[key] == pytest.approx(truth(probe), rel=0.02)
+
+
+def test_a_quantized_latency_maps_affinely_from_the_fp32_prediction():
+    _, _, structure = _structure("resnet_tiny")
+    key = latency_key("cpu")
+    model = CostModel(structure, ["cpu"])
+
+    def truth(plan: PruningPlan) -> float:
+        return 0.05 + 2e-6 * structure.features(plan)["lat_macs/16"]
+
+    for s in (0, 0.25, 0.5, 0.75):
+        plan = PruningPlan(default=LayerRule("structured", s))
+        model.observe(plan, {key: truth(plan)})
+    # INT8 kernels: the MACs' cost a quarter, the fixed cost unchanged (not one factor)
+    int8 = {s: PruningPlan(default=LayerRule("structured", s), quantize="int8-dynamic")
+            for s in (0, 0.3, 0.6)}
+
+    def int8_truth(plan: PruningPlan) -> float:
+        return 0.05 + 0.5e-6 * structure.features(plan)["lat_macs/16"]
+
+    model.observe(int8[0], {key: int8_truth(int8[0])})
+    model.observe(int8[0.6], {key: int8_truth(int8[0.6])})
+    assert model.predict(int8[0.3])[key] == pytest.approx(int8_truth(int8[0.3]), rel=0.02)

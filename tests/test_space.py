@@ -146,3 +146,22 @@ def test_quantize_flag_limits_the_precision_choices():
     with pytest.raises(SearchSpaceError, match="--quantize dynamic: space 'per_layer_structured' "
                                                "does not search int8-dynamic"):
         load_space("per_layer_structured").with_precision("dynamic")
+
+
+def test_a_space_with_depth_samples_how_many_ranked_blocks_go():
+    space = SearchSpace.from_dict({"name": "deep", "depth": 2})
+    bound = space.bind(GROUPS)
+    assert bound.max_depth == 0 and "depth" not in _sample(bound, 0)  # nothing ranked yet
+    bound.block_order = ["stages.1", "stages.0"]
+    depths = {_sample(bound, seed)["depth"] for seed in range(30)}
+    assert depths == {0, 1, 2}
+    assert bound.build({"depth": 1}).drop_blocks == ("stages.1",)
+    assert bound.build({"depth": 2}).drop_blocks == ("stages.1", "stages.0")
+    assert bound.uniform_params(0.5)["depth"] == 0
+    bound.block_order = ["stages.1"]  # fewer blocks ranked than the space allows
+    assert bound.max_depth == 1
+    with pytest.raises(SearchSpaceError, match=r"depth 2: only 1 blocks of the model"):
+        bound.build({"depth": 2})
+    for bad in (-1, 1.5, True):
+        with pytest.raises(SearchSpaceError, match=r"space\.depth: .* must be a whole number"):
+            SearchSpace.from_dict({"name": "x", "depth": bad})

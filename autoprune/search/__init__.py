@@ -118,6 +118,7 @@ def run_search(
     ``verify=K`` fine-tunes the front's top K plans and K others with the task's full budget
     at the end and reports how well the search's metric predicted theirs (search/_verify.py).
     """
+    from autoprune.augment import with_augmented
     from autoprune.latency import LatencyCache, load_target
     from autoprune.prune import inspect_model, rank_blocks
     from autoprune.task import load_task
@@ -204,8 +205,9 @@ def run_search(
         say("measuring the dense model (full latency protocol)")
         config.reference = backend_obj.measure(ctx, [PruningPlan()])[0]
     if space_obj.depth:  # which blocks go first, before the profile measures a drop
-        bound.block_order = rank_blocks(model, task_obj.calibration_batches(
-            settings.calibration_batches, seed), space_obj.depth)
+        batches = task_obj.calibration_batches(settings.calibration_batches, seed)
+        bound.block_order = rank_blocks(model, with_augmented(batches, task_obj.augment_fn,
+                                                              seed), space_obj.depth)
         say(f"depth: blocks ranked to drop first: {', '.join(bound.block_order) or 'none'}")
     settings.budgets, warnings = resolve_budgets(budget_objs, config.reference, names[0])
     warnings += check_criteria(space_obj, inspection.groups)

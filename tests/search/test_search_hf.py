@@ -31,3 +31,24 @@ def test_three_trial_search_on_a_tiny_encoder(family, tmp_path, fast_target):
     assert pruned and all(0 < r.metrics["cosine"] <= 1 for r in pruned)
     assert all(r.metrics["params"] < dense.metrics["params"] for r in pruned
                if any(rule.sparsity >= 0.2 for rule in r.plan.rules.values()))
+
+
+def test_a_space_with_depth_starts_from_the_fisher_allocation_with_the_least_needed_layer_gone(
+        tmp_path, fast_target):
+    task = load_task(f"{EXAMPLE}:make_task", family="bert", size="tiny", n_train=32, n_val=16,
+                     seq_len=8, batch_size=8, steps=3)
+    space = SearchSpace(name="deep", sparsity=FloatRange(0.0, 0.6, 0.1), criteria=("fisher",),
+                        depth=1)
+    result = run_search(task, space, ["latency<10s"], targets=[fast_target], trials=7,
+                        output=tmp_path / "run", progress=False)
+    _, results = load_run(result.run_dir)
+    by_start = {r.baseline: r for r in results}
+    assert list(by_start) == ["dense", "uniform-structured-0.2", "uniform-structured-0.5",
+                              "uniform-structured-0.6", "uniform-fit", "fisher-global",
+                              "fisher-global-depth1"]
+    deep = by_start["fisher-global-depth1"]
+    assert deep.status == "complete", deep.reason
+    # the tiny BERT has two layers: one may go, ranked on the calibration data
+    assert deep.plan.drop_blocks in (("model.encoder.layer.0",), ("model.encoder.layer.1",))
+    assert deep.metrics["params"] < by_start["fisher-global"].metrics["params"]
+    assert all(not r.plan.drop_blocks for r in results if r is not deep)

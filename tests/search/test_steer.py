@@ -1,3 +1,4 @@
+import copy
 import json
 import random
 
@@ -69,6 +70,19 @@ def test_an_extra_margin_lands_further_inside_a_latency_budget(steering):
     assert further[PREDICTED + KEY] < plain[PREDICTED + KEY] - 0.05 * budget.value
 
 
+def test_a_start_point_aims_at_its_own_margin_not_at_the_recent_errors(steering):
+    steer, budget = steering
+    steer = copy.copy(steer)  # the fixture is shared
+    steer._errors = [0.2] * 6  # the cost model read recent plans 20 % slow
+    assert steer.margin(budget) == pytest.approx(0.2)
+    assert steer.margin(budget, 0.04, start=True) == pytest.approx(0.04)
+    sampled = _sample(steer.space, 0)
+    _, sampled_plan = steer.project(sampled, extra_margin=0.04)
+    _, start = steer.project(sampled, extra_margin=0.04, start=True)
+    assert sampled_plan[PREDICTED + KEY] <= budget.value * 0.76 + 1e-9
+    assert budget.value * 0.85 <= start[PREDICTED + KEY] <= budget.value * 0.96 + 1e-9
+
+
 def test_steering_along_a_path_takes_its_least_point_that_fits(steering):
     steer, budget = steering
     space = steer.space
@@ -121,8 +135,8 @@ def test_a_steered_search_records_measured_latency_never_the_prediction(
         tmp_path, fast_target, compute_bound_task, monkeypatch):
     real = Steering.project
 
-    def wrong_prediction(self, params, steer=True, extra_margin=0.0):  # never recorded
-        params, predicted = real(self, params, steer, extra_margin)
+    def wrong_prediction(self, params, steer=True, extra_margin=0.0, start=False):  # unrecorded
+        params, predicted = real(self, params, steer, extra_margin, start)
         return params, {**predicted, PREDICTED + latency_key("fast"): 1e6}
 
     monkeypatch.setattr(Steering, "project", wrong_prediction)
