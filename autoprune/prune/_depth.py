@@ -32,6 +32,8 @@ class PassThrough(nn.Module):
         torch.Size([2])
     """
 
+    dropped_block = True  # main_blocks() still counts it in its stack
+
     def __init__(self, arg: int | str, tuple_len: int, block: str = ""):
         super().__init__()
         self.arg = arg  # positional index or keyword of the hidden states

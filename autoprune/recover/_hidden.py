@@ -3,7 +3,7 @@ output pulled toward the dense model's, next to the task's own loss.
 
 The blocks are the children of the model's main stack: the ``ModuleList`` or ``Sequential`` of
 two or more modules of one class that holds the most parameters (a transformer's layers, a
-CNN's stages). Only blocks whose outputs keep the dense model's shape are distilled; a CNN block
+CNN's stages), dropped blocks (:class:`autoprune.prune.PassThrough`) included. Only blocks whose outputs keep the dense model's shape are distilled; a CNN block
 whose output channels were pruned is not.
 """
 
@@ -33,7 +33,8 @@ def main_blocks(model: nn.Module) -> list[str]:
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
             continue
         children = list(module.named_children())
-        if len(children) < 2 or len({type(c) for _, c in children}) != 1:
+        kinds = {type(c) for _, c in children if not getattr(c, "dropped_block", False)}
+        if len(children) < 2 or len(kinds) != 1:
             continue
         params = sum(p.numel() for p in module.parameters())
         if params > best_params:

@@ -106,3 +106,11 @@ def test_the_block_the_outputs_need_least_is_ranked_first_and_the_model_is_left_
         torch.testing.assert_close(model(*inputs).last_hidden_state, before)
     # never all of them: one block stays
     assert len(rank_blocks(model, batches, 9)) == 3
+
+
+def test_the_main_stack_keeps_its_dropped_blocks():
+    from autoprune.recover import main_blocks
+
+    model = _bert()
+    drop_blocks_(model, ["encoder.layer.1"], _ids())
+    assert main_blocks(model) == BLOCKS
