@@ -36,7 +36,12 @@ def finalize_plan(
     export and latency on the CPU.
     """
     from autoprune.finetune import finetune_
-    from autoprune.latency import compare_latency, export_onnx, load_target
+    from autoprune.latency import (
+        SIDE_BY_SIDE_ROUNDS,
+        compare_latency,
+        export_onnx,
+        load_target,
+    )
     from autoprune.prune import bake_masks_, prune_model_
     from autoprune.quantize import evaluate_shipped, quantize_model
     from autoprune.recover import reconstruct_plan_
@@ -89,7 +94,8 @@ def finalize_plan(
         target = load_target(spec, token_file=token_file)
         dense_row, shipped_row = compare_latency({"dense": model, "shipped": pruned},
                                                  task.example_inputs, target,
-                                                 onnx_models={"shipped": onnx_bytes})
+                                                 onnx_models={"shipped": onnx_bytes},
+                                                 repeats=SIDE_BY_SIDE_ROUNDS)
         metrics.update(latency_metrics(target.name, shipped_row.stats))
         metrics[f"dense_{latency_key(target.name)}"] = dense_row.stats.p50_ms
         metrics[f"speedup@{target.name}"] = shipped_row.speedup

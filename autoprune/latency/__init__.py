@@ -22,6 +22,7 @@ from __future__ import annotations
 from autoprune.latency._cache import LatencyCache
 from autoprune.latency._client import RemoteTarget, measure_remote
 from autoprune.latency._compare import (
+    SIDE_BY_SIDE_ROUNDS,
     LatencyRow,
     compare_latency,
     format_latency_table,
@@ -74,6 +75,7 @@ __all__ = [
     "LatencyCache",
     # comparison (CLI `bench`)
     "LatencyRow",
+    "SIDE_BY_SIDE_ROUNDS",
     "compare_latency",
     "measure_interleaved",
     "format_latency_table",

@@ -73,7 +73,7 @@ def _calls(model: nn.Module, blocks: dict[str, nn.Module], example_inputs: tuple
     return seen
 
 
-def _pass_through(name: str, call: tuple[tuple, dict, object] | None, block: nn.Module
+def _pass_through(call: tuple[tuple, dict, object] | None, block: nn.Module
                   ) -> PassThrough | str:
     """The pass-through for a block, or why the block cannot be dropped."""
     if call is None:
@@ -101,7 +101,7 @@ def _made(model: nn.Module, names: list[str], example_inputs: Sequence[torch.Ten
     modules = dict(model.named_modules())
     blocks = {n: modules[n] for n in names}
     calls = _calls(model, blocks, tuple(example_inputs))
-    return {n: _pass_through(n, calls.get(n), b) for n, b in blocks.items()}
+    return {n: _pass_through(calls.get(n), b) for n, b in blocks.items()}
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

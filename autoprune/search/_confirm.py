@@ -28,11 +28,6 @@ from autoprune.trial import (
     measure_plan,
 )
 
-# Interleaved rounds of the final side-by-side timing, pooled by median. On the pretrained
-# MiniLM one round put the recommended plan at 1.68x, five rounds after the run at 1.56-1.58x
-# (benchmarks/results/recovery-default-20261207-1739.txt and -1802.txt): the verdict on a
-# relative budget is made on this ratio.
-SIDE_BY_SIDE_ROUNDS = 3
 
 __all__ = ["confirm_and_time", "confirm_fronts", "screened", "time_side_by_side",
            "untimed"]
@@ -122,7 +117,7 @@ def time_side_by_side(task, results: list[TrialResult], config: RunConfig,
     (``side_by_side_latency_p50_ms@T``, p90 and mean too: relative budgets are judged on it)
     in each plan's metrics, and ``dense_end_ms@T`` in the dense trial's. A plan that
     quantizes is timed as the ONNX model it ships."""
-    from autoprune.latency import compare_latency
+    from autoprune.latency import SIDE_BY_SIDE_ROUNDS, compare_latency
     from autoprune.plan import PruningPlan
     from autoprune.quantize import quantize_model
     from autoprune.trial import _prune
