@@ -31,7 +31,7 @@ FIGURES = {
                  ("recommended", "uniform_plan", "uniform", "gap", "noise")),
     "tau": (r"Kendall tau between proxy and final accuracy over (\d+) plans: (-?\d+\.\d+|nan)",
             ("plans", "tau")),
-    "trials": (r"(\d+) trials \((\d+) complete, (\d+) infeasible, (\d+) pruned, (\d+) failed\)",
+    "trials": (r"(\d+) trials \((\d+) complete, (\d+) infeasible, (\d+) pruned, (\d+) failed[;)]",
                ("all", "complete", "infeasible", "pruned", "failed")),
     "run_dir": (r"run directory: (\S+)", ("path",)),
 }

@@ -143,7 +143,8 @@ class SearchContext:
         if sum(r.baseline == result.baseline for r in results) > FIT_RETRIES:
             return False
         again, _ = self.prepare(result.params, result.baseline)
-        return again.key() != result.plan.key()  # the refit cost model moves it
+        tried = {r.plan.key() for r in results if r.baseline == result.baseline}
+        return again.key() not in tried  # the refit cost model moves it somewhere new
 
     def record(self, result: TrialResult) -> None:
         """Remember a finished trial (for reuse) and refit the cost model from it."""
