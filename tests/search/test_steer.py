@@ -234,3 +234,29 @@ def test_a_fit_baseline_that_misses_the_budget_or_lands_far_inside_is_steered_ag
     assert fits[1].status == "complete" and fits[1].params == fits[0].params
     assert 0.3 * dense < fits[1].metrics["params"] < 0.4 * dense  # steered just inside
     assert fits[1].number > fits[0].number
+
+
+def test_a_start_point_that_missed_is_retried_past_its_own_miss(steering):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from autoprune.search._base import SearchContext
+    from autoprune.trial import TrialResult
+
+    steer, budget = steering
+    steer = copy.deepcopy(steer)  # it learns from the miss
+    ctx = SearchContext(task_spec="t", task=None, space=steer.space, objectives=[], config=None,
+                        settings=SimpleNamespace(primary="cpu", budgets=[budget]),
+                        run_dir=Path("."), trials=3, steering=steer)
+    params = _sample(steer.space, 0)
+    first, predicted = ctx.steer(params, UNIFORM_FIT)
+    assert budget.value * 0.9 <= predicted[PREDICTED + KEY] <= budget.value * 0.96 + 1e-9
+    # measured 30 % slower than predicted: outside the budget; the refit model moves part way
+    plan = steer.space.build(first)
+    ctx.record(TrialResult(plan, "infeasible", {KEY: 1.3 * predicted[PREDICTED + KEY]},
+                           baseline=UNIFORM_FIT, params=params))
+    missed = ctx._missed_by(UNIFORM_FIT)
+    refit = steer.model.predict(plan)[KEY]
+    assert missed == pytest.approx(1.3 * predicted[PREDICTED + KEY] / refit - 1) and missed > 0
+    _, again = ctx.steer(params, UNIFORM_FIT)
+    assert again[PREDICTED + KEY] <= budget.value * (0.96 - missed) + 1e-9
