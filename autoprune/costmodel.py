@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from autoprune.plan import PruningPlan
+from autoprune.plan import PruningPlan, within
 
 __all__ = ["CostModel", "CostStructure", "LayerCost"]
 
@@ -199,13 +199,12 @@ class CostStructure:
         """MACs, params, size and the latency features (Conv/Linear MACs per kernel path,
         activations and the blocks kept)."""
         k = self.kept(plan)
-        gone = tuple(f"{b}." for b in plan.drop_blocks)
         macs = removed = removed_buffers = acts = dense_macs = dense_acts = 0.0
         lat = {_feature(name, b): 0.0 for name in _PATHS for b in _NCHWC_BLOCKS}
         for layer in self.layers:
             dense_macs += layer.macs
             dense_acts += layer.activations
-            if layer.name.startswith(gone):  # in a dropped block: nothing of it is left
+            if within(layer.name, plan.drop_blocks):  # in a dropped block: nothing is left
                 removed += layer.params + layer.per_channel
                 removed_buffers += layer.buffers
                 continue

@@ -26,6 +26,7 @@ import torch_pruning as tp
 from torch import nn
 
 from autoprune.nested import tensors
+from autoprune.plan import within
 
 __all__ = ["InputStatistics", "collect_statistics", "ActivationImportance", "FisherImportance",
            "activation_weight_scores", "fisher_head_scores", "fisher_unit_scores",
@@ -225,8 +226,10 @@ def fisher_unit_scores(groups: list, stats: InputStatistics
 
 
 def allocate(scores: dict[str, tuple[torch.Tensor, bool]], sparsity: float,
-             high: float = 0.9) -> dict[str, float]:
-    """:func:`global_allocation` from :func:`fisher_unit_scores`."""
+             high: float = 0.9, dropped: tuple[str, ...] = ()) -> dict[str, float]:
+    """:func:`global_allocation` from :func:`fisher_unit_scores`, over the groups outside the
+    ``dropped`` blocks (a plan's ``drop_blocks``: what they hold is gone whole)."""
+    scores = {name: v for name, v in scores.items() if not within(name, dropped)}
     out: dict[str, float] = {}
     for heads in (True, False):
         kind = [name for name, (_, is_heads) in scores.items() if is_heads == heads]

@@ -16,7 +16,7 @@ from typing import Any
 from autoprune.errors import PlanError, unknown_fields
 
 __all__ = ["PLAN_VERSION", "MODES", "CRITERIA", "UNSTRUCTURED_CRITERIA", "QUANTIZE",
-           "LayerRule", "Recovery", "PruningPlan"]
+           "LayerRule", "Recovery", "PruningPlan", "within"]
 
 # 4: drop_blocks; 3: a recovery section; 2: quantize names the scheme (version 1's "int8"
 # was dynamic INT8)
@@ -31,6 +31,18 @@ UNSTRUCTURED_CRITERIA = tuple(c for c in CRITERIA if c not in _STRUCTURED_ONLY)
 QUANTIZE = ("none", "int8", "int8-dynamic")
 # Plan format versions read by from_dict, and how their quantize values map to this version's.
 _QUANTIZE_OF_VERSION = {1: {"none": "none", "int8": "int8-dynamic"}, 2: {}, 3: {}, 4: {}}
+
+
+def within(name: str, blocks: tuple[str, ...] | list[str]) -> bool:
+    """Whether module ``name`` lies inside one of ``blocks`` (e.g. a plan's ``drop_blocks``).
+
+    Example:
+        >>> within("encoder.layer.2.output.dense", ["encoder.layer.2"])
+        True
+        >>> within("encoder.layer.21.output.dense", ["encoder.layer.2"])
+        False
+    """
+    return name.startswith(tuple(f"{b}." for b in blocks)) if blocks else False
 
 
 @dataclass(frozen=True)

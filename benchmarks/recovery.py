@@ -159,9 +159,7 @@ def ablation_at(s: float, args: argparse.Namespace, task, augment, dense, other,
     s_deep = max(0.0, 1 - layers / (layers - 1) * (1 - s))
     stats = collect_statistics(dense, with_augmented(calibration, augment), fisher=True)
     scores = fisher_unit_scores(inspection.groups, stats)
-    gone = tuple(f"{b}." for b in first)
-    deep_alloc = allocate({g: v for g, v in scores.items() if not g.startswith(gone)}, s_deep,
-                          high=0.8)
+    deep_alloc = allocate(scores, s_deep, high=0.8, dropped=tuple(first))
     deep_plan = PruningPlan(default=LayerRule("skip"), recovery=Recovery.none(),
                             drop_blocks=tuple(first),
                             rules={name: LayerRule("structured", value, "fisher")

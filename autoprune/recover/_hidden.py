@@ -3,8 +3,9 @@ output pulled toward the dense model's, next to the task's own loss.
 
 The blocks are the children of the model's main stack: the ``ModuleList`` or ``Sequential`` of
 two or more modules of one class that holds the most parameters (a transformer's layers, a
-CNN's stages), dropped blocks (:class:`autoprune.prune.PassThrough`) included. Only blocks whose outputs keep the dense model's shape are distilled; a CNN block
-whose output channels were pruned is not.
+CNN's stages), dropped blocks (:class:`autoprune.prune.PassThrough`) included. Only blocks
+whose outputs keep the dense model's shape are distilled; a CNN block whose output channels
+were pruned is not.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class SearchContext:
         if self.steering is None:
             return params, {}
         fit = _is_fit(baseline)
-        margin = FIT_MARGIN + self._missed_by(baseline) if fit else 0.0
+        margin = FIT_MARGIN + self._missed_by(baseline) if fit else None
         if fit and baseline.startswith(FISHER_FIT) and self.fisher_at is not None:
             # along the global ranking: its allocation at the overall sparsity that fits, not
             # the 50 % allocation scaled (which keeps the 50 % proportions at every budget)
@@ -96,9 +96,8 @@ class SearchContext:
                 return {**params, **{k: v for k, v in shares.items() if k.startswith("s.")}}
 
             return self.steering.project_along(at, self.space.space.sparsity.high,
-                                               extra_margin=margin, start=True)
-        return self.steering.project(params, steer=baseline is None or fit,
-                                     extra_margin=margin, start=fit)
+                                               margin=margin)
+        return self.steering.project(params, steer=baseline is None or fit, margin=margin)
 
     def _missed_by(self, baseline: str) -> float:
         """How much slower the start point's last attempt measured than the refit cost model
@@ -136,7 +135,7 @@ class SearchContext:
         if result.status == "complete":  # room to spare beyond the margin it aimed at
             upper = [b for b in self.settings.budgets if b.is_cost and b.op in ("<", "<=")]
             spare = min((-b.violation_by(result.metrics, self.settings.primary)
-                         - self.steering.margin(b, FIT_MARGIN, start=True) for b in upper),
+                         - self.steering.margin(b, FIT_MARGIN) for b in upper),
                         default=0.0)  # judged on the 4 % a first attempt aims at
             if spare <= FIT_SLACK:
                 return False
@@ -198,13 +197,8 @@ class SearchContext:
                                    fisher=True, seed=self.settings.seed)
         scores = fisher_unit_scores(inspection.groups, stats)
 
-        def fisher_at(sparsity: float, dropped: tuple[str, ...] = ()) -> dict[str, float]:
-            gone = tuple(f"{b}." for b in dropped)
-            return allocate({g: v for g, v in scores.items() if not g.startswith(gone)},
-                            sparsity, high=space.sparsity.high)
-
-        self.fisher_at = fisher_at
-        return fisher_at(0.5)
+        self.fisher_at = lambda s, dropped=(): allocate(scores, s, space.sparsity.high, dropped)
+        return self.fisher_at(0.5)
 
 
 class Backend(abc.ABC):

@@ -28,7 +28,6 @@ from autoprune.trial import (
     measure_plan,
 )
 
-
 __all__ = ["confirm_and_time", "confirm_fronts", "screened", "time_side_by_side",
            "untimed"]
 

@@ -73,18 +73,16 @@ class Steering:
             out[f"s.{u}"] = round(min(max(t * shares[u], r.low), r.high), 4)
         return out
 
-    def margin(self, budget: Budget, extra: float = 0.0, start: bool = False) -> float:
-        """The share of ``budget`` a steered plan aims inside it (``extra`` added for a
-        latency budget). A start point (``start``) aims at ``extra`` alone, not at the recent
-        errors' margin: one that misses is steered again on its own measurement, while a
-        margin inflated by other plans' errors would leave it far inside the budget."""
-        if start and budget.metric == "latency":
-            return extra
-        return self._margin(budget) + (extra if budget.metric == "latency" else 0.0)
-
-    def _margin(self, budget: Budget) -> float:
+    def margin(self, budget: Budget, fixed: float | None = None) -> float:
+        """The share of ``budget`` a steered plan aims inside it. For a latency budget that
+        follows the cost model's recent errors, unless ``fixed`` (a start point's) replaces
+        it: a start point that misses is steered again on its own measurement, while a margin
+        inflated by other plans' errors would leave it far inside the budget."""
         if budget.metric != "latency":
             return _EXACT_MARGIN
+        return fixed if fixed is not None else self._latency_margin()
+
+    def _latency_margin(self) -> float:
         recent = self._errors[-12:]
         if len(recent) < 3:
             return 0.05
@@ -92,16 +90,16 @@ class Steering:
         # left visibly more steered plans outside the budget (docs/benchmarks.md).
         return float(np.clip(np.percentile(recent, 90), 0.01, 0.25))
 
-    def project(self, params: dict[str, Any], steer: bool = True, extra_margin: float = 0.0,
-                start: bool = False) -> tuple[dict[str, Any], dict[str, float]]:
+    def project(self, params: dict[str, Any], steer: bool = True, margin: float | None = None
+                ) -> tuple[dict[str, Any], dict[str, float]]:
         """``params`` with each structured unit's sparsity scaled by one factor so that the
         predicted cost just meets the tightest budget, and the plan's predicted metrics.
 
         Units keep their sampled proportions (an all-zero allocation counts as uniform); each
         sparsity stays inside the space's range. A budget the dense model already meets, or
         one whose cost the model cannot predict yet, does not steer. With ``steer=False``
-        only the prediction is made. ``extra_margin`` (a share of the budget) keeps a latency
-        further inside its budget; ``start`` aims a start point (see :meth:`margin`).
+        only the prediction is made. ``margin`` fixes how far inside a latency budget it aims
+        (see :meth:`margin`).
         """
         units = self._structured_units(params)
         if not units or not self.active or not steer:
@@ -109,11 +107,11 @@ class Steering:
         shares = {u: float(params[f"s.{u}"]) for u in units}
         if not any(shares.values()):
             shares = dict.fromkeys(units, 1.0)
-        t = self._scale(params, units, shares, extra_margin, start)
+        t = self._scale(params, units, shares, margin)
         if t is None:  # out of reach while some units keep everything: they take a share too
             least = min(v for v in shares.values() if v > 0)
             shares = {u: v or least for u, v in shares.items()}
-            t = self._scale(params, units, shares, extra_margin, start)
+            t = self._scale(params, units, shares, margin)
         if t is None:  # the budget is out of the space's reach: prune as much as it allows
             t = self.space.space.sparsity.high / min(v for v in shares.values() if v > 0)
         if not t:
@@ -122,33 +120,31 @@ class Steering:
         return steered, self._predicted(steered)
 
     def _scale(self, params: dict[str, Any], units: list[str], shares: dict[str, float],
-               extra_margin: float = 0.0, start: bool = False) -> float | None:
+               margin: float | None = None) -> float | None:
         """The smallest factor whose predicted costs meet every budget, 0 if no budget needs
         one, None if even the largest factor does not meet them. Predicted latency is not
         monotonic in sparsity (a conv whose input channels drop off the kernels' blocks slows
         down), so a coarse scan finds the first factor that meets them and bisection refines
         it from the one before."""
         t_max = self.space.space.sparsity.high / min(v for v in shares.values() if v > 0)
-        return self._least(lambda t: self._scaled(params, units, shares, t), t_max,
-                           extra_margin, start)
+        return self._least(lambda t: self._scaled(params, units, shares, t), t_max, margin)
 
     def project_along(self, params_at: Callable[[float], dict[str, Any]], top: float,
-                      extra_margin: float = 0.0, start: bool = False
-                      ) -> tuple[dict[str, Any], dict[str, float]]:
+                      margin: float | None = None) -> tuple[dict[str, Any], dict[str, float]]:
         """The parameters ``params_at(x)`` of the least ``x`` in ``[0, top]`` whose predicted
         costs meet the budgets (``top`` if none does), and their predicted metrics: steering
         along a path of plans other than one scale of fixed shares, e.g. a global ranking's
         allocation at each overall sparsity."""
-        x = self._least(params_at, top, extra_margin, start) if self.active else 0.0
+        x = self._least(params_at, top, margin) if self.active else 0.0
         steered = params_at(top if x is None else x)
         return steered, self._predicted(steered)
 
     def _least(self, params_at: Callable[[float], dict[str, Any]], top: float,
-               extra_margin: float, start: bool = False) -> float | None:
+               margin: float | None = None) -> float | None:
         """The least ``x`` in ``[0, top]`` whose ``params_at(x)`` meets the budgets (see
         :meth:`_scale`)."""
-        limits = [(b.metric_key(self.primary),
-                   b.value * (1 - self.margin(b, extra_margin, start))) for b in self.budgets]
+        limits = [(b.metric_key(self.primary), b.value * (1 - self.margin(b, margin)))
+                  for b in self.budgets]
 
         def meets(x: float) -> bool:
             cost = self._predict(params_at(x))
@@ -189,9 +185,9 @@ class Steering:
                 run_dir: Path, say: Callable[[str], None]) -> None:
         """Start the latency fit from a cheap profile: uniform plans at four levels, each unit
         alone at the space's highest sparsity, that with every block the space may drop (with
-        depth), and the dense and most pruned plans in each INT8 scheme the space offers; screened, without
-        fine-tuning. Kept in
-        ``cost_profile.jsonl`` so a resumed search does not measure it again."""
+        depth), and the dense and most pruned plans in each INT8 scheme the space offers;
+        screened, without fine-tuning. Kept in ``cost_profile.jsonl`` so a resumed search
+        does not measure it again."""
         path = run_dir / PROFILE_FILE
         if path.is_file():
             rows = [json.loads(line) for line in path.read_text().splitlines()]
