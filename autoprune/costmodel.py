@@ -48,39 +48,42 @@ class LayerCost:
     in_groups: tuple[tuple[str, int], ...] = ()
     depthwise: bool = False  # input channels shrink with the output channels: k, not k^2
     conv2d: bool = False  # a 2-D convolution: ONNX Runtime runs it on blocked channels (NCHWc)
-    groups: int = 1  # a convolution's groups (pruning keeps their number)
+    groups: int = 1  # a convolution's groups (kept, unless a plan removes whole groups)
 
     def kept(self, k: dict[str, float]) -> tuple[float, float]:
         """Kept fractions of the (outputs, inputs) given each group's kept fraction."""
         return _share(self.out_groups, self.out_channels, k), _share(
             self.in_groups, self.in_channels, k)
 
-    def scale(self, k_out: float, k_in: float) -> float:
-        """The share of the dense weights and MACs kept."""
-        return k_out if self.depthwise else k_out * k_in
+    def scale(self, k_out: float, k_in: float, whole: bool = False) -> float:
+        """The share of the dense weights and MACs kept (``whole``: a grouped conv that loses
+        whole groups keeps each group's width, so only the outputs count)."""
+        return k_out if self.depthwise or whole else k_out * k_in
 
-    def kernel(self, k: dict[str, float], block: int) -> tuple[float, str | None]:
+    def kernel(self, k: dict[str, float], block: int,
+               whole: bool = False) -> tuple[float, str | None]:
         """The share of the dense MACs the CPU kernels compute (channels padded to their
         blocks; ``block``: a 2-D conv's NCHWc block, 1 for none) and the slower path they
-        take, if any (``lat_direct`` or ``lat_fallback``)."""
+        take, if any (``lat_direct`` or ``lat_fallback``); ``whole``: the plan removes whole
+        groups of this grouped conv."""
         k_out, k_in = self.kept(k)
         if not self.conv2d:  # GEMM (and other convs)
             return self.scale(_blocks(k_out, self.out_channels, _GEMM_BLOCK),
                               _blocks(k_in, self.in_channels, _GEMM_BLOCK)), None
         if block == 1:
-            return self.scale(k_out, k_in), None
+            return self.scale(k_out, k_in, whole), None
         n_out, n_in = round(k_out * self.out_channels), round(k_in * self.in_channels)
+        groups = max(1, round(k_out * self.groups)) if whole else self.groups
         if self.depthwise:  # one channel per group, no channel multiplier
             blocked = self.out_channels == self.groups and n_out % block == 0
-        elif self.groups > 1:  # whole blocks in all and in every group
-            blocked = not (n_out % block or n_out // self.groups % block
-                           or n_in // self.groups % block)
+        elif groups > 1:  # whole blocks in all and in every group
+            blocked = not (n_out % block or n_out // groups % block or n_in // groups % block)
         else:  # input channels in whole blocks, or fewer than one (read unblocked)
             blocked = n_in < block or n_in % block == 0
         if not blocked:
-            return self.scale(k_out, k_in), "lat_fallback"
-        padded = self.scale(_blocks(k_out, self.out_channels, block), k_in)
-        return padded, "lat_direct" if self.groups == 1 and n_in < block else None
+            return self.scale(k_out, k_in, whole), "lat_fallback"
+        padded = self.scale(_blocks(k_out, self.out_channels, block), k_in, whole)
+        return padded, "lat_direct" if groups == 1 and n_in < block else None
 
 
 # ONNX Runtime's CPU kernels (MLAS) compute whole blocks of channels: 26 of 32 channels cost
@@ -130,6 +133,9 @@ class CostStructure:
     dense_size: float  # size_bytes of the dense model
     # The main stack's blocks (a plan's drop_blocks remove them whole; see prune/_depth.py)
     blocks: list[str] = field(default_factory=list)
+    # group of a grouped conv's outputs -> (the conv, the group feeding it, its conv groups):
+    # what a rule's whole_groups removes whole
+    whole_groups: dict[str, tuple[str, str, int]] = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: Any, example_inputs: tuple, inspection: Any,
@@ -177,28 +183,44 @@ class CostStructure:
                    {g.name: list(g.producers) for g in inspection.groups},
                    [g.name for g in inspection.groups if g.num_heads],
                    reference["macs"], reference["params"], reference["size_bytes"],
-                   main_blocks(model))
+                   main_blocks(model),
+                   {g.name: (*g.whole_groups, g.channel_groups) for g in inspection.groups
+                    if g.whole_groups})
 
     def kept(self, plan: PruningPlan) -> dict[str, float]:
         """Kept fraction of every group under ``plan`` (structured rules only remove)."""
-        from types import SimpleNamespace
-
-        from autoprune.prune import count_kept, group_rule
+        from autoprune.prune import count_kept
 
         out = {}
         for name, units in self.units.items():
-            rule = group_rule(plan, SimpleNamespace(name=name, producers=self.producers[name]))
+            rule = self._rule(plan, name)
             if rule.mode == "structured" and rule.sparsity > 0:
                 round_to = None if name in self.heads else rule.round_to
                 out[name] = count_kept(units, rule.sparsity, round_to) / units
             else:
                 out[name] = 1.0
+        for name, (_, feeding, groups) in self._whole(plan).items():
+            out[name] = out[feeding] = count_kept(groups, self._rule(plan, name).sparsity) / groups
         return out
+
+    def _rule(self, plan: PruningPlan, group: str) -> Any:
+        from types import SimpleNamespace
+
+        from autoprune.prune import group_rule
+
+        return group_rule(plan, SimpleNamespace(name=group, producers=self.producers[group]))
+
+    def _whole(self, plan: PruningPlan) -> dict[str, tuple[str, str, int]]:
+        """The grouped convs' output groups ``plan`` removes whole conv groups of."""
+        return {name: w for name, w in self.whole_groups.items()
+                if (r := self._rule(plan, name)).whole_groups and r.mode == "structured"
+                and r.sparsity > 0}
 
     def features(self, plan: PruningPlan) -> dict[str, float]:
         """MACs, params, size and the latency features (Conv/Linear MACs per kernel path,
         activations and the blocks kept)."""
         k = self.kept(plan)
+        whole = {conv for conv, _, _ in self._whole(plan).values()}
         macs = removed = removed_buffers = acts = dense_macs = dense_acts = 0.0
         lat = {_feature(name, b): 0.0 for name in _PATHS for b in _NCHWC_BLOCKS}
         for layer in self.layers:
@@ -209,10 +231,10 @@ class CostStructure:
                 removed_buffers += layer.buffers
                 continue
             k_out, k_in = layer.kept(k)
-            scale = layer.scale(k_out, k_in)
+            scale = layer.scale(k_out, k_in, layer.name in whole)
             macs += layer.macs * scale
             for b in _NCHWC_BLOCKS:
-                share, path = layer.kernel(k, b)
+                share, path = layer.kernel(k, b, layer.name in whole)
                 lat[_feature("lat_macs", b)] += layer.macs * share
                 if path:
                     lat[_feature(path, b)] += layer.macs * share

@@ -92,8 +92,23 @@ register_criterion(Criterion(
 register_criterion(Criterion(
     "taylor", lambda _: tp.importance.GroupTaylorImportance(normalizer=None),
     _elementwise(_taylor_scores), calibration="gradients"))
-register_criterion(Criterion(
-    "fpgm", lambda _: tp.importance.FPGMImportance(normalizer=None), None))
+class _FPGM(tp.importance.FPGMImportance):
+    """Torch-Pruning's FPGM, with a grouped conv's input slice left out of the score (its
+    handling of one fails: ``repeat`` of a 2-D tensor by the group count); the rest of the
+    group (the layer producing those channels, its norm) still scores them."""
+
+    def __call__(self, group: tp.Group, **kwargs) -> torch.Tensor | None:
+        kept = tp.dependency.Group()
+        kept._DG = group._DG
+        for item in group:
+            m = item.dep.target.module
+            if not (isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels
+                    and item.dep.handler == tp.prune_conv_in_channels):
+                kept._group.append(item)
+        return super().__call__(kept, **kwargs)
+
+
+register_criterion(Criterion("fpgm", lambda _: _FPGM(normalizer=None), None))
 register_criterion(Criterion(
     "bn_scale", lambda _: tp.importance.BNScaleImportance(normalizer=None), None))
 # Inside one layer LAMP's ordering is the magnitude ordering; it differs only across layers.

@@ -18,9 +18,9 @@ from autoprune.errors import PlanError, unknown_fields
 __all__ = ["PLAN_VERSION", "MODES", "CRITERIA", "UNSTRUCTURED_CRITERIA", "QUANTIZE",
            "LayerRule", "Recovery", "PruningPlan", "within"]
 
-# 4: drop_blocks; 3: a recovery section; 2: quantize names the scheme (version 1's "int8"
-# was dynamic INT8)
-PLAN_VERSION = 4
+# 5: a rule's whole_groups; 4: drop_blocks; 3: a recovery section; 2: quantize names the
+# scheme (version 1's "int8" was dynamic INT8)
+PLAN_VERSION = 5
 MODES = ("structured", "unstructured", "skip")
 CRITERIA = ("l1", "l2", "taylor", "fpgm", "bn_scale", "lamp", "random", "activation", "fisher")
 # Criteria that score whole channels only, so they have no meaning for single weights.
@@ -30,7 +30,7 @@ UNSTRUCTURED_CRITERIA = tuple(c for c in CRITERIA if c not in _STRUCTURED_ONLY)
 # quantized at run time. See autoprune.quantize.
 QUANTIZE = ("none", "int8", "int8-dynamic")
 # Plan format versions read by from_dict, and how their quantize values map to this version's.
-_QUANTIZE_OF_VERSION = {1: {"none": "none", "int8": "int8-dynamic"}, 2: {}, 3: {}, 4: {}}
+_QUANTIZE_OF_VERSION = {1: {"none": "none", "int8": "int8-dynamic"}, 2: {}, 3: {}, 4: {}, 5: {}}
 
 
 def within(name: str, blocks: tuple[str, ...] | list[str]) -> bool:
@@ -58,6 +58,10 @@ class LayerRule:
     sparsity: float = 0.0  # fraction removed (structured) or zeroed (unstructured), 0 <= s < 1
     criterion: str = "l1"  # importance used to pick what goes, one of CRITERIA
     round_to: int | None = None  # structured: keep a multiple of this many channels
+    # structured, on a grouped convolution's output channels: remove whole conv groups (with
+    # the input channels that feed them) instead of the same channels inside every group
+    # (docs/plans-and-spaces.md#grouped-convolutions)
+    whole_groups: bool = False
 
     def __post_init__(self) -> None:
         _check_rule(self, "rule")
@@ -86,6 +90,16 @@ def _check_rule(rule: LayerRule, where: str) -> None:
     r = rule.round_to
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
         raise PlanError(f"{where}.round_to: {r!r} must be a positive integer or null")
+    if not isinstance(rule.whole_groups, bool):
+        raise PlanError(f"{where}.whole_groups: {rule.whole_groups!r} must be true or false")
+
+
+def _rule_dict(rule: LayerRule) -> dict[str, Any]:
+    """A rule as plain data; whole_groups only when set, so plans without it keep their keys."""
+    data = asdict(rule)
+    if not rule.whole_groups:
+        del data["whole_groups"]
+    return data
 
 
 @dataclass(frozen=True)
@@ -206,8 +220,8 @@ class PruningPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "default": asdict(self.default),
-            "rules": {k: asdict(r) for k, r in self.rules.items()},
+            "default": _rule_dict(self.default),
+            "rules": {k: _rule_dict(r) for k, r in self.rules.items()},
             "quantize": self.quantize,
             "finetune": dict(self.finetune),
             "recovery": self.recovery.to_dict(),
@@ -322,7 +336,8 @@ def _rule_from(data: Any, where: str) -> LayerRule:
     if extra := unknown_fields(data, {f.name for f in fields(LayerRule)}):
         raise PlanError(f"{where}: {extra}")
     rule = object.__new__(LayerRule)  # validate with the field path before constructing
-    defaults = (("mode", "skip"), ("sparsity", 0.0), ("criterion", "l1"), ("round_to", None))
+    defaults = (("mode", "skip"), ("sparsity", 0.0), ("criterion", "l1"), ("round_to", None),
+                ("whole_groups", False))
     for k, default in defaults:
         object.__setattr__(rule, k, data.get(k, default))
     _check_rule(rule, where)

@@ -46,6 +46,7 @@ class GroupInfo:
 
     name: str  # leading layer (structured rules are keyed by it)
     producers: tuple[str, ...]  # layers whose outputs the group's channels are
+    whole_groups: bool = False  # a grouped conv's outputs whose conv groups may go whole
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ class SearchSpace:
     # Depth: up to this many blocks of the main stack may be dropped (a sampled count; which
     # ones go is ranked once per search, see autoprune.prune.rank_blocks); 0 = width only
     depth: int = 0
+    # Grouped convs: remove whole conv groups (true) or channels inside every group (false);
+    # two choices are sampled once per plan (see prune.grouped_advice for which pays)
+    whole_groups: tuple[bool, ...] = (False,)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "space") -> SearchSpace:
@@ -94,7 +98,7 @@ class SearchSpace:
             raise SearchSpaceError(f"{source}: expected a mapping, got {type(data).__name__}")
         known = {"name", "description", "groups", "sparsity", "share", "stage_pattern", "modes",
                  "criteria", "criteria_share", "round_to", "quantize", "finetune", "recovery",
-                 "depth"}
+                 "depth", "whole_groups"}
         if extra := unknown_fields(data, known):
             raise SearchSpaceError(f"{source}: {extra}")
         groups = data.get("groups") or {}
@@ -120,6 +124,8 @@ class SearchSpace:
                       for k, v in (data.get("finetune") or {}).items()},
             recovery=_recovery_choices(data.get("recovery") or {}, f"{source}.recovery"),
             depth=data.get("depth", 0),
+            whole_groups=tuple(_bools(data.get("whole_groups", [False]),
+                                      f"{source}.whole_groups")),
         )
         space._validate(source)
         return space
@@ -218,6 +224,13 @@ def _str_list(value: Any, where: str) -> list[str]:
     return value
 
 
+def _bools(value: Any, where: str) -> list[bool]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, bool) for v in values):
+        raise SearchSpaceError(f"{where}: expected true, false or a list of them, got {value!r}")
+    return list(dict.fromkeys(values))
+
+
 def _choices(value: Any, allowed: tuple[str, ...], where: str) -> list[str]:
     value = [value] if isinstance(value, str) else value
     if not isinstance(value, list) or not value:
@@ -280,6 +293,12 @@ class BoundSpace:
     block_order: list[str] = field(default_factory=list)
 
     @property
+    def whole_choice(self) -> bool:
+        """Whether plans choose between whole conv groups and channels inside groups."""
+        return len(self.space.whole_groups) > 1 and any(
+            g.whole_groups for groups in self.units.values() for g in groups)
+
+    @property
     def max_depth(self) -> int:
         """The most blocks a plan of this space drops."""
         return min(self.space.depth, len(self.block_order))
@@ -301,6 +320,8 @@ class BoundSpace:
                 trial.suggest_categorical(f"rec.{name}", list(options))
         if self.max_depth:
             trial.suggest_int("depth", 0, self.max_depth)
+        if self.whole_choice:
+            trial.suggest_categorical("whole_groups", list(sp.whole_groups))
         for unit, groups in self.units.items():
             mode = sp.modes[0]
             if len(sp.modes) > 1:
@@ -319,13 +340,15 @@ class BoundSpace:
             return "criterion"
         return "criterion." + (group if share == "per_layer" else self.space.stage_of(group))
 
-    def _rule(self, params: dict[str, Any], group: str, mode: str, sparsity: float,
+    def _rule(self, params: dict[str, Any], group: GroupInfo, mode: str, sparsity: float,
               round_to: int | None) -> LayerRule:
-        crit = params.get(self._criterion_key(group), self.space.criteria[0])
+        crit = params.get(self._criterion_key(group.name), self.space.criteria[0])
         if mode == "unstructured" and crit not in UNSTRUCTURED_CRITERIA:
             crit = "l1"  # fpgm / bn_scale score channels only
+        whole = (mode == "structured" and group.whole_groups
+                 and params.get("whole_groups", self.space.whole_groups[0]))
         return LayerRule(mode, round(sparsity, 6), crit,
-                         round_to if mode == "structured" else None)
+                         round_to if mode == "structured" else None, bool(whole))
 
     def build(self, params: dict[str, Any]) -> PruningPlan:
         """Turn sampled parameters into a plan (pure and deterministic)."""
@@ -338,10 +361,10 @@ class BoundSpace:
             sparsity = float(params.get(f"s.{unit}", 0.0)) if mode != "skip" else 0.0
             if sp.share == "global" and mode == "unstructured" and not self.skipped:
                 # global unstructured: every Conv/Linear, output layer included
-                default = self._rule(params, groups[0].name, mode, sparsity, round_to)
+                default = self._rule(params, groups[0], mode, sparsity, round_to)
                 continue
             for g in groups:
-                rule = self._rule(params, g.name, mode, sparsity, round_to)
+                rule = self._rule(params, g, mode, sparsity, round_to)
                 if mode == "unstructured":  # masks go on the layers producing the channels
                     rules.update({p: rule for p in g.producers})
                 else:
@@ -376,10 +399,13 @@ class BoundSpace:
                 params[f"rec.{name}"] = options[0]
         if self.max_depth:
             params["depth"] = 0
+        if self.whole_choice:
+            params["whole_groups"] = sp.whole_groups[0]
         for knob, r in sp.finetune.items():
             # The task's own lr where the range allows it, else the middle of the range
             mid = math.sqrt(r.low * r.high) if r.log else (r.low + r.high) / 2
-            params[f"ft.{knob}"] = self._snap_to(1.0 if knob == "lr_scale" else mid, r)
+            own = knob == "lr_scale" and r.low <= 1.0 <= r.high
+            params[f"ft.{knob}"] = self._snap_to(1.0 if own else mid, r)
         for unit in self.units:
             if len(sp.modes) > 1:
                 params[f"mode.{unit}"] = mode

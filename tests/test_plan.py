@@ -97,9 +97,9 @@ def test_plans_of_an_older_version_keep_their_quantization(tmp_path, version, sa
 
 
 def test_unsupported_plan_versions_are_named():
-    for version in (0, 5, "2", True):
+    for version in (0, 6, "2", True):
         with pytest.raises(PlanError, match=r"plan format .* is not supported \(this autoprune "
-                                            r"reads versions 1, 2, 3, 4\)"):
+                                            r"reads versions 1, 2, 3, 4, 5\)"):
             PruningPlan.from_dict({"version": version})
 
 
@@ -142,3 +142,15 @@ def test_dropped_blocks_round_trip_and_bad_ones_are_named(tmp_path):
         PruningPlan.from_dict({"drop_blocks": ["layers.0", "layers.0"]})
     with pytest.raises(PlanError, match=r"drop_blocks: 'layers.0' must be a list of block names"):
         PruningPlan.from_dict({"drop_blocks": "layers.0"})
+
+
+def test_whole_groups_round_trips_and_is_left_out_when_false(tmp_path):
+    rule = LayerRule("structured", 0.5, "l2", whole_groups=True)
+    plan = PruningPlan(rules={"stages.1.grouped.0": rule})
+    assert json.loads(plan.to_json())["rules"]["stages.1.grouped.0"]["whole_groups"] is True
+    for suffix in (".json", ".yaml"):
+        assert PruningPlan.load(plan.save(tmp_path / f"p{suffix}")) == plan
+    assert "whole_groups" not in PruningPlan.uniform(0.5).to_json()  # keys stay as they were
+    with pytest.raises(PlanError, match=r"rules\['c'\]\.whole_groups: 'yes' must be true or "
+                                        r"false"):
+        PruningPlan.from_dict({"rules": {"c": {"mode": "structured", "whole_groups": "yes"}}})

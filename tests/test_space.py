@@ -165,3 +165,25 @@ def test_a_space_with_depth_samples_how_many_ranked_blocks_go():
     for bad in (-1, 1.5, True):
         with pytest.raises(SearchSpaceError, match=r"space\.depth: .* must be a whole number"):
             SearchSpace.from_dict({"name": "x", "depth": bad})
+
+
+def test_whole_groups_is_sampled_only_for_a_model_with_grouped_convs():
+    space = SearchSpace.from_dict({"name": "g", "whole_groups": [False, True]})
+    assert "whole_groups" not in _sample(space.bind(GROUPS), 0)  # no grouped conv
+    groups = [*GROUPS, GroupInfo("stages.1.grouped.0", ("stages.1.grouped.0",), True)]
+    bound = space.bind(groups)
+    assert {_sample(bound, seed)["whole_groups"] for seed in range(20)} == {False, True}
+    plan = bound.build({**bound.uniform_params(0.5), "whole_groups": True})
+    assert [n for n, r in plan.rules.items() if r.whole_groups] == ["stages.1.grouped.0"]
+    assert bound.uniform_params(0.5)["whole_groups"] is False
+    assert load_space("per_layer_structured").whole_groups == (False, True)
+    with pytest.raises(SearchSpaceError, match=r"space\.whole_groups: expected true, false or "
+                                               r"a list of them, got 'yes'"):
+        SearchSpace.from_dict({"name": "x", "whole_groups": "yes"})
+
+
+def test_start_points_take_the_tasks_lr_or_the_middle_of_a_range_without_it():
+    assert load_space("per_layer_structured").bind(GROUPS).uniform_params(0.5)[
+        "ft.lr_scale"] == 1.0
+    encoder = load_space("encoder").bind(GROUPS)  # lr_scale 1.5-15 (log): its middle
+    assert encoder.uniform_params(0.5)["ft.lr_scale"] == pytest.approx(22.5 ** 0.5)

@@ -17,6 +17,7 @@ from autoprune.prune._groups import (
     ModelInspection,
     PrunableGroup,
     Unprunable,
+    grouped_advice,
     inspect_model,
     layer_costs,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "baked_copy",
     "count_kept",
     "group_rule",
+    "grouped_advice",
     "has_masks",
     "inspect_model",
     "layer_costs",

@@ -160,6 +160,15 @@ def _prune_structured(
     work = [(g, group_rule(plan, g)) for g in inspection.groups]
     work += [(g, r) for g in inspection.hidden if (r := _named_rule(plan, g)) is not None]
     work = [(g, r) for g, r in work if r.mode == "structured" and r.sparsity > 0]
+    whole = {g.name for g, r in work if r.whole_groups and g.whole_groups}
+    for g, r in work:
+        if r.whole_groups and not g.whole_groups:
+            report.notes.append(f"{g.name}: whole_groups applies to a grouped conv's output "
+                                f"channels only (`autoprune layers` lists them); pruned by "
+                                f"channels")
+    # A grouped conv losing whole groups decides what the group feeding it loses.
+    fed = {g.whole_groups[1] for g, _ in work if g.name in whole}
+    work = [(g, r) for g, r in work if g.name not in fed]
     if not work:
         return
     stats = _calibrate(model, {r.criterion for _, r in work}, calibration, loss_fn, seed, augment)
@@ -184,6 +193,13 @@ def _prune_structured(
                 by_head = scores.view(group.num_heads, per_head).mean(1)
             heads = _pick(by_head.detach().cpu().float(), group.num_heads - keep)
             idxs = (heads[:, None] * per_head + torch.arange(per_head)).flatten()
+        elif group.name in whole:  # whole conv groups, scored by their channels' mean
+            n = group.channel_groups
+            size = group.channels // n
+            keep = count_kept(n, rule.sparsity)
+            gone = _pick(scores.view(n, size).mean(1), n - keep)
+            idxs = (gone[:, None] * size + torch.arange(size)).flatten()
+            keep *= size
         elif group.channel_groups > 1:  # the same positions in every group (Torch-Pruning's
             n = group.channel_groups  # channel groups): grouped convs stay grouped
             size = group.channels // n
@@ -203,12 +219,41 @@ def _prune_structured(
             removal = dg.get_pruning_group(root.target.module, root.handler, idxs)
             _record_kept(removal, dg, names, report)
             removal.prune(record_history=False)
+            if group.name in whole:
+                _remove_conv_inputs(model, dg, inspection.group(group.whole_groups[1]),
+                                    group, idxs, names, report)
         report.structured[group.name] = (group.units, keep)
     modules = dict(model.named_modules())
     for group, _, keep in chosen:
         for owner_name in group.head_owners:
             _set_head_count(modules[owner_name], keep, group.channels // group.num_heads)
     model.zero_grad(set_to_none=True)
+
+
+def _remove_conv_inputs(model: nn.Module, dg: object, feeding: PrunableGroup,
+                        outputs: PrunableGroup, removed: list[int],
+                        names: dict[nn.Module, str], report: PruneReport) -> None:
+    """After a grouped conv lost the output channels ``removed`` (whole conv groups), remove
+    the input channels of those groups: from the layers of ``feeding`` through Torch-Pruning,
+    and from the conv itself by lowering its group count (its weights' input slice per group
+    is unchanged; Torch-Pruning's conv pruner would cut the same positions in every group)."""
+    conv = dict(model.named_modules())[outputs.whole_groups[0]]
+    out_size = outputs.channels // outputs.channel_groups
+    in_size = feeding.channels // feeding.channel_groups
+    gone = sorted({i // out_size for i in removed})
+    idxs = [j * in_size + c for j in gone for c in range(in_size)]
+    root = feeding.tp_group[0].dep
+    removal = dg.get_pruning_group(root.target.module, root.handler, idxs)
+    removal._group = [item for item in removal  # Group.prune runs every item of this list
+                      if not (item.dep.target.module is conv
+                              and not dg.is_out_channel_pruning_fn(item.dep.handler))]
+    _record_kept(removal, dg, names, report)
+    removal.prune(record_history=False)
+    conv.in_channels -= len(idxs)
+    conv.groups -= len(gone)
+    gone_in = set(idxs)
+    report.kept_in[names[conv]] = [i for i in range(feeding.channels) if i not in gone_in]
+    report.structured[feeding.name] = (feeding.units, feeding.channels - len(idxs))
 
 
 def _record_kept(removal: object, dg: object, names: dict[nn.Module, str],

@@ -23,7 +23,7 @@ from autoprune.prune._conv1d import is_conv1d
 from autoprune.prune._diagnose import tensors, why_unreached
 
 __all__ = ["PrunableGroup", "Unprunable", "ModelInspection", "inspect_model", "build_groups",
-           "layer_costs"]
+           "layer_costs", "grouped_advice"]
 
 _ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Python-int head counts attention modules keep (timm/ours, BERT/RoBERTa/ViT, DistilBERT).
@@ -45,6 +45,9 @@ class PrunableGroup:
     channel_groups: int = 1  # grouped conv / GroupNorm groups: each loses the same channels
     heads_per_unit: int = 1  # query heads per unit: grouped-query attention prunes whole
     # key/value groups (num_heads counts them), each with this many query heads
+    # (grouped conv, group feeding its inputs) when these are the outputs of a grouped conv
+    # whose conv groups a rule with whole_groups may remove whole
+    whole_groups: tuple[str, str] | None = None
     tp_group: object = field(default=None, repr=False)  # the Torch-Pruning group (internal)
 
     @property
@@ -64,6 +67,23 @@ class PrunableGroup:
             return (f"{self.channels} ch in {self.channel_groups} groups of "
                     f"{self.channels // self.channel_groups}")
         return f"{self.channels} ch"
+
+
+def grouped_advice(width: int) -> str:
+    """Which way of shrinking a grouped conv with ``width`` channels per group pays on ONNX
+    Runtime's CPU convs, which run on blocks of 16 channels (AVX-512; 8 with AVX2) only when
+    every group's channels are whole blocks (benchmarks/grouped_conv.py measures both ways)."""
+    block = next((b for b in (16, 8) if width % b == 0), None)
+    if block is None:
+        return (f"groups of {width} ch miss the blocked kernels already: channels inside "
+                f"groups pay (they remove about twice the MACs of whole groups)")
+    cpus = "AVX-512 and AVX2 CPUs" if block == 16 else "AVX2 CPUs"
+    if width == block:
+        return (f"groups of {width} ch run on the blocked kernels ({cpus}); channels removed "
+                f"inside groups leave them: whole groups pay")
+    return (f"groups of {width} ch run on the blocked kernels ({cpus}); channels inside "
+            f"groups stay on them only if every group keeps a multiple of {block} ch, "
+            f"whole groups always")
 
 
 @dataclass
@@ -111,6 +131,12 @@ class ModelInspection:
         if self.hidden:
             lines.insert(len(self.groups) + 1, "hidden width, pruned only by a rule naming it:")
         lines.insert(1, "-" * len(lines[0]))
+        grouped = [g for g in self.groups if g.whole_groups]
+        if grouped:
+            lines += ["", "grouped convolutions (a rule's whole_groups: true removes whole conv "
+                          "groups and the input channels feeding them):"]
+            lines += [f"  {g.name}: {grouped_advice(g.channels // g.channel_groups)}"
+                      for g in grouped]
         if self.unprunable:
             lines += ["", "not prunable structurally (unstructured rules still apply):"]
             lines += [f"  {u.name}: {u.reason}" for u in self.unprunable]
@@ -320,6 +346,7 @@ def build_groups(
     with bounded_analysis(dg, names):
         groups, hidden, unprunable, covered = _find_groups(
             dg, model, example_inputs, names, macs, total_macs, attn, output_layers, pruner)
+    _mark_whole_groups(groups, dict(model.named_modules()))
     order = {n: i for i, n in enumerate(names.values())}
     for found in (groups, hidden):
         found.sort(key=lambda gr: order[gr.name])
@@ -380,6 +407,36 @@ def _find_groups(dg: tp.DependencyGraph, model: nn.Module, example_inputs: tuple
         unprunable += [Unprunable(names[m], "not reached by the dependency graph: " + reasons[m])
                        for m in missing]
     return groups, hidden, unprunable, covered
+
+
+def _mark_whole_groups(groups: list[PrunableGroup], modules: dict[str, nn.Module]) -> None:
+    """Set ``whole_groups`` on each group made of a grouped conv's outputs whose conv groups can
+    go whole: the conv is its only grouped layer, and one group (with no other grouped layer)
+    holds all of the conv's inputs, so removing conv group j removes input channels j and
+    output channels j and nothing else changes shape."""
+    feeding = {}  # grouped conv -> the group holding its input channels
+    for g in groups:
+        for name in g.coupled:
+            m = modules[name]
+            if _grouped(m) and name not in g.producers:
+                feeding.setdefault(name, []).append(g)
+    for g in groups:
+        convs = [n for n in g.producers if _grouped(modules[n])]
+        if len(convs) != 1 or g.num_heads:
+            continue
+        conv = modules[convs[0]]
+        inputs = feeding.get(convs[0], [])
+        if (len(inputs) == 1 and g.channels == conv.out_channels
+                and g.channel_groups == conv.groups == inputs[0].channel_groups
+                and inputs[0].channels == conv.in_channels and not inputs[0].num_heads
+                and not any(_grouped(modules[n]) for n in inputs[0].coupled + g.coupled
+                            if n != convs[0])):
+            g.whole_groups = (convs[0], inputs[0].name)
+
+
+def _grouped(m: nn.Module) -> bool:
+    """A grouped (not depthwise) convolution."""
+    return isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels
 
 
 def _partial_copies(dg: tp.DependencyGraph, group: tp.Group,

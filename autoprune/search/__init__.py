@@ -169,7 +169,8 @@ def run_search(
                                       task_obj.metric.direction, names[0], statistic)
     model = task_obj.build_model()
     inspection = inspect_model(model, task_obj.example_inputs)
-    bound = space_obj.bind([GroupInfo(g.name, tuple(g.producers)) for g in inspection.groups])
+    bound = space_obj.bind([GroupInfo(g.name, tuple(g.producers), bool(g.whole_groups))
+                             for g in inspection.groups])
 
     backend_obj = get_backend(backend)
     check_budgets(budget_objs, task_obj.metric, names[0])  # before any output

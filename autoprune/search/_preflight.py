@@ -86,11 +86,11 @@ def check_budgets(budgets: list[Budget], metric: Any, primary: str) -> None:
 
 def check_reach(steering: Any, space: Any, reference: dict[str, float], primary: str,
                 measure_full: Callable[[Any], dict[str, float]]) -> list[str]:
-    """Upper cost budgets that even the space's most pruned plan (the cost profile's uniform
-    plan at the highest sparsity, every block it may drop dropped; a latency timed again with
-    the full protocol) breaks: a
-    BudgetError naming the fix, before any trial. Where INT8 in the space may still reach a
-    latency or size budget, a warning is returned instead."""
+    """Upper cost budgets that even the space's most pruned plan (the cost profile's fastest
+    at the highest sparsity: uniform, with every block it may drop dropped, or with whole conv
+    groups; a latency timed again with the full protocol) breaks: a BudgetError naming the
+    fix, before any trial. Where INT8 in the space may still reach a latency or size budget,
+    a warning is returned instead."""
     if steering is None or steering.most_pruned is None:
         return []
     plan, metrics = steering.most_pruned
@@ -108,10 +108,12 @@ def check_reach(steering: Any, space: Any, reference: dict[str, float], primary:
         dense = reference.get(key)
         unit = {"latency": " ms", "size": " B"}.get(b.metric, "")
         share = f" ({value / dense:.0%} of the dense model)" if dense else ""
+        whole = ", whole conv groups" if any(r.whole_groups for r in plan.rules.values()) else ""
         text = (f"budget {b.describe()} is out of reach of search space {space.name!r}: its "
                 f"most pruned plan (every searched group at sparsity {space.sparsity.high:g}, "
                 f"{'structured' if 'structured' in space.modes else 'unstructured'}"
-                f"{f', {len(plan.drop_blocks)} blocks dropped' if plan.drop_blocks else ''}) "
+                f"{f', {len(plan.drop_blocks)} blocks dropped' if plan.drop_blocks else ''}"
+                f"{whole}) "
                 f"measures "
                 f"{value:.4g}{unit}{share}")
         if b.metric in ("latency", "size") and any(q != "none" for q in space.quantize):

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from autoprune.budget import Budget
+from autoprune.budget import Budget, latency_key
 from autoprune.costmodel import PREDICTED, CostModel
 from autoprune.plan import PruningPlan
 from autoprune.space import BoundSpace
@@ -173,8 +173,6 @@ class Steering:
     # -- learning -------------------------------------------------------------------------
     def observe(self, plan: PruningPlan, metrics: dict[str, float]) -> None:
         """Refit from a real measurement; track the error of the latency it had predicted."""
-        from autoprune.budget import latency_key
-
         key = latency_key(self.primary)
         if PREDICTED + key in metrics and metrics.get(key):
             self._errors.append(metrics[key] / metrics[PREDICTED + key] - 1)
@@ -185,7 +183,8 @@ class Steering:
                 run_dir: Path, say: Callable[[str], None]) -> None:
         """Start the latency fit from a cheap profile: uniform plans at four levels, each unit
         alone at the space's highest sparsity, that with every block the space may drop (with
-        depth), and the dense and most pruned plans in each INT8 scheme the space offers;
+        depth), two levels with whole conv groups (with grouped convs and ``whole_groups``
+        choices), and the dense and most pruned plans in each INT8 scheme the space offers;
         screened, without fine-tuning. Kept in ``cost_profile.jsonl`` so a resumed search
         does not measure it again."""
         path = run_dir / PROFILE_FILE
@@ -207,6 +206,10 @@ class Steering:
             if self.space.max_depth:  # the space's most pruned plan: every block it may drop
                 most["depth"] = self.space.max_depth
                 plans.append(self.space.build(most))
+            if self.space.whole_choice:  # grouped convs losing whole groups, not channels
+                plans += [self.space.build({**base, "whole_groups": True,
+                                            **{f"s.{u}": level * high for u in units}})
+                          for level in (0.5, 1.0)]
             for scheme in self.space.space.quantize:
                 if scheme != "none":
                     plans += [self.space.build({**params, "quantize": scheme})
@@ -220,6 +223,10 @@ class Steering:
         for plan, metrics in points:
             self.model.observe(plan, metrics)
         if len(points) > _MOST_PRUNED:
-            self.most_pruned = next(
-                ((plan, m) for plan, m in points if plan.drop_blocks and plan.quantize == "none"),
-                points[_MOST_PRUNED])
+            # the fastest fp32 plan at the highest sparsity: uniform, with blocks dropped or
+            # with whole conv groups
+            key = latency_key(self.primary)
+            most = [points[_MOST_PRUNED]] + [
+                (plan, m) for plan, m in points if plan.quantize == "none"
+                and (plan.drop_blocks or any(r.whole_groups for r in plan.rules.values()))]
+            self.most_pruned = min(most, key=lambda point: point[1].get(key, math.inf))

@@ -260,3 +260,24 @@ def test_a_start_point_that_missed_is_retried_past_its_own_miss(steering):
     assert missed == pytest.approx(1.3 * predicted[PREDICTED + KEY] / refit - 1) and missed > 0
     _, again = ctx.steer(params, UNIFORM_FIT)
     assert again[PREDICTED + KEY] <= budget.value * (0.96 - missed) + 1e-9
+
+
+def test_a_search_on_grouped_convs_profiles_and_tries_whole_groups(tmp_path, fast_target):
+    task = tmp_path / "resnext_task.py"
+    task.write_text("from autoprune.testing.tasks import synthetic_task\n\n\n"
+                    "def make_task():\n"
+                    "    return synthetic_task(model='resnext_tiny', train_steps=2)\n")
+    result = run_search(f"{task}:make_task", "per_layer_structured", ["latency<90%"],
+                        targets=[fast_target], trials=6, finetune_steps=1,
+                        output=tmp_path / "r", progress=False)
+    rows = [json.loads(line) for line in
+            (result.run_dir / "cost_profile.jsonl").read_text().splitlines()]
+    whole = [r for r in rows if any(rule.get("whole_groups") for rule in r["plan"]["rules"]
+                                    .values())]
+    assert len(whole) == 2  # two levels of whole conv groups
+    assert sorted(name for name, rule in whole[0]["plan"]["rules"].items()
+                  if rule.get("whole_groups")) == ["stages.0.grouped.0", "stages.1.grouped.0"]
+    _, trials = load_run(result.run_dir)
+    for t in trials:  # every plan says which way its grouped convs lose width
+        assert t.plan.rules["stages.1.grouped.0"].whole_groups is t.params["whole_groups"]
+    assert sum(t.status == "complete" for t in trials) >= 3
