@@ -12,14 +12,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Any
 
 from autoprune.errors import BudgetError
+from autoprune.metrics import SIDE_BY_SIDE, STATISTICS, latency_key, latency_metrics
 
 __all__ = ["Budget", "Objective", "parse_budget", "parse_budgets", "parse_objectives",
            "resolve_budgets", "latency_key", "latency_metrics", "STATISTICS", "COST_METRICS"]
 
-STATISTICS = ("p50", "p90", "mean")
 COST_METRICS = ("latency", "params", "flops", "macs", "size")  # known before fine-tuning
 
 _TIME = {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}  # -> milliseconds
@@ -34,9 +33,6 @@ _PATTERN = re.compile(
     r"(?P<at>(@[\w.:/-]+)*)\s*$"
 )
 _RELATIVE = {"%": 0.01, "x": 1.0}  # cost budgets relative to the dense model
-# Metrics key prefix of a plan's latency as a fraction of the dense model's, the two timed side
-# by side at the end of a search ("side_by_side_latency_p50_ms@cpu-1t")
-SIDE_BY_SIDE = "side_by_side_"
 _EXAMPLES = ('latency<10ms, latency<35%, speedup>=3x, latency<=2.5ms@p90, latency<5ms@cpu-1t, '
              'accuracy>=0.97, params<1M, params<50%, flops<50M, size<4MB')
 
@@ -151,16 +147,6 @@ class Budget:
 
     def __str__(self) -> str:
         return self.text or f"{self.metric}{self.op}{self.value}"
-
-
-def latency_key(target: str, statistic: str = "p50") -> str:
-    """Metrics key of a latency value, e.g. ``latency_p50_ms@cpu-1t``."""
-    return f"latency_{statistic}_ms@{target}"
-
-
-def latency_metrics(target: str, stats: Any) -> dict[str, float]:
-    """Metrics of one latency measurement (``LatencyStats``): every statistic a budget names."""
-    return {latency_key(target, s): stats.value(s) for s in STATISTICS}
 
 
 def parse_budget(text: str) -> Budget:

@@ -20,11 +20,11 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from autoprune.budget import latency_key
-from autoprune.trial import BUSY, FASTEST, TrialResult
+from autoprune.metrics import BUSY, CV, FASTEST, latency_key
+from autoprune.trial import TrialResult
 
 if TYPE_CHECKING:
-    from autoprune.results import RunConfig
+    from autoprune.run.config import RunConfig
 
 __all__ = ["BusyMeasurement", "busy_measurements", "busy_lines", "busy_note"]
 
@@ -80,7 +80,7 @@ def busy_measurements(results: list[TrialResult], config: RunConfig) -> list[Bus
             flips = [b.describe() for b in budgets if b.limits_latency_on(t, config.primary)
                      and fastest <= b.value <= m.get(latency_key(t, b.statistic), -math.inf)]
             found.append(BusyMeasurement(r, t, m[latency_key(t)], m[latency_key(t, "p90")],
-                                         m.get(f"latency_cv@{t}", math.nan), fastest, flips))
+                                         m.get(CV + t, math.nan), fastest, flips))
     return found
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from autoprune import __version__
 from autoprune.errors import AutopruneError, UsageError
+from autoprune.run.layout import RUN_JSON
 
 __all__ = ["main", "build_parser"]
 
@@ -49,7 +50,7 @@ def _search(args: argparse.Namespace) -> int:
             backend_options=options, progress=not args.quiet, token_file=args.token_file,
             verify=args.verify, quantize=args.quantize, device=args.device)
     except KeyboardInterrupt:
-        if args.output and not (Path(args.output) / "run.json").is_file():
+        if args.output and not (Path(args.output) / RUN_JSON).is_file():
             print("\ninterrupted before the first trial: nothing to resume; run the same "
                   "command again", file=sys.stderr)
         else:

@@ -27,7 +27,6 @@ from autoprune.plan import PruningPlan, within
 
 __all__ = ["CostModel", "CostStructure", "LayerCost"]
 
-PREDICTED = "predicted_"  # metrics key prefix of a trial's predicted costs
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoprune.budget import Budget, latency_key
+from autoprune.budget import Budget
 from autoprune.busy import BusyMeasurement, busy_lines, busy_measurements
-from autoprune.results import RunConfig, load_run, metric_cell, target_budgets
-from autoprune.trial import SPEEDUP, TrialResult
+from autoprune.metrics import LATENCY, SPEEDUP, latency_key
+from autoprune.results import load_run, metric_cell, target_budgets
+from autoprune.run.config import RunConfig
+from autoprune.run.layout import DEPLOYMENT_JSON, DEPLOYMENT_MD
+from autoprune.trial import TrialResult
 
 __all__ = ["TargetPlan", "DeploymentPlan", "deployment_plan",
            "write_deployment_plan"]
@@ -217,7 +220,7 @@ def deployment_plan(config: RunConfig, results: list[TrialResult]) -> Deployment
         [('cpu-1t', 17, True), ('cpu', 9, True)]  # doctest: +SKIP
     """
     dense = next((r for r in sorted(results, key=lambda r: r.status != "complete")
-                  if r.baseline == "dense" and any(k.startswith("latency_") for k in r.metrics)),
+                  if r.baseline == "dense" and any(k.startswith(LATENCY) for k in r.metrics)),
                  None)
     targets = [_plan_for_target(config, results, t, dense) for t in config.targets]
     every = [r for r in results
@@ -343,6 +346,6 @@ def write_deployment_plan(run_dir: str | Path) -> str:
     if plan.shared is not None:
         plan.shared_file = _plan_file(run_dir, plan.shared, config, write=True)
     markdown = plan.to_markdown(run_dir)
-    (run_dir / "deployment.md").write_text(markdown)
-    (run_dir / "deployment.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    (run_dir / DEPLOYMENT_MD).write_text(markdown)
+    (run_dir / DEPLOYMENT_JSON).write_text(json.dumps(plan.to_dict(), indent=2))
     return markdown

@@ -9,7 +9,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from autoprune.budget import latency_key, latency_metrics
+from autoprune.metrics import DENSE, SPEEDUP, latency_key, latency_metrics
 from autoprune.plan import PruningPlan
 
 __all__ = ["finalize_plan"]
@@ -77,8 +77,8 @@ def finalize_plan(
     metrics: dict[str, Any] = {
         **evaluate_shipped(task, pruned, shipped), "finetune_steps": settings.steps,
         "params": stats.params, "nonzero_params": stats.nonzero_params, "macs": stats.macs,
-        "size_bytes": len(onnx_bytes), "dense_params": dense_stats.params,
-        "dense_macs": dense_stats.macs, "onnx_max_abs_diff": exported.max_abs_diff,
+        "size_bytes": len(onnx_bytes), DENSE + "params": dense_stats.params,
+        DENSE + "macs": dense_stats.macs, "onnx_max_abs_diff": exported.max_abs_diff,
         **{f"{phase}_seconds": t for phase, t in seconds.items()},
     }
     if report.dropped:
@@ -97,8 +97,8 @@ def finalize_plan(
                                                  onnx_models={"shipped": onnx_bytes},
                                                  repeats=SIDE_BY_SIDE_ROUNDS)
         metrics.update(latency_metrics(target.name, shipped_row.stats))
-        metrics[f"dense_{latency_key(target.name)}"] = dense_row.stats.p50_ms
-        metrics[f"speedup@{target.name}"] = shipped_row.speedup
+        metrics[DENSE + latency_key(target.name)] = dense_row.stats.p50_ms
+        metrics[SPEEDUP + target.name] = shipped_row.speedup
     metrics["seconds"] = time.time() - started
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

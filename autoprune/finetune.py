@@ -19,7 +19,7 @@ from torch import nn
 from autoprune.errors import NonFiniteLossError, TaskError, UsageError
 from autoprune.finetune_settings import FinetuneSettings
 from autoprune.recover import TeacherCache, capture_blocks, hidden_loss, main_blocks
-from autoprune.task import Task, _to_device, call_model, iterate_seeded
+from autoprune.task._contract import Task, _to_device, call_model, iterate_seeded
 
 __all__ = ["FinetuneSettings", "FinetuneResult", "finetune_", "distillation_loss",
            "recalibrate_bn_"]

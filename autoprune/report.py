@@ -24,7 +24,6 @@ from autoprune.budget import Budget, latency_key
 from autoprune.deployment import deployment_plan, table_rows
 from autoprune.errors import UsageError
 from autoprune.results import (
-    RunConfig,
     fallback_lines,
     load_run,
     metric_cell,
@@ -33,6 +32,8 @@ from autoprune.results import (
     target_front,
     warning_lines,
 )
+from autoprune.run.config import RunConfig
+from autoprune.run.layout import REPORT_HTML
 from autoprune.trial import TrialResult
 
 __all__ = ["write_report", "build_figures"]
@@ -496,7 +497,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     _plotly()  # fail before any work when plotly is missing
     config, results = load_run(run_dir)
-    path = Path(output) if output else run_dir / "report.html"
+    path = Path(output) if output else run_dir / REPORT_HTML
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(run_dir, config, results), encoding="utf-8")
     return path

@@ -1,84 +1,24 @@
-"""Search results: Pareto fronts, the run directory and the summary a search prints.
-
-Run directory layout (the same for every backend)::
-
-    run.json          how the search was configured (for --resume, show, report, plan)
-    study.db          the Optuna study (Optuna backend; optuna-dashboard opens it)
-    trials.jsonl      every finished trial: plan, status, reason, metrics, timings
-    trials.csv        the same as a table
-    pareto/           one plan file per Pareto-optimal trial (plan + metrics + targets)
-    summary.md        the summary printed at the end of the search
-"""
+"""Search results: Pareto fronts, the run directory's trials (layout: ``autoprune.run.layout``)
+and the summary a search prints."""
 
 from __future__ import annotations
 
 import csv
 import json
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autoprune.budget import Budget, Objective, latency_key, parse_budgets
+from autoprune.budget import Budget, Objective, latency_key
 from autoprune.busy import busy_lines
-from autoprune.trial import DENSE_END, SPEEDUP, TrialResult
+from autoprune.metrics import DENSE_END, PREDICTED, SPEEDUP
+from autoprune.run.config import RunConfig
+from autoprune.run.layout import PARETO_DIR, RUN_JSON, SUMMARY_MD, TRIALS_CSV, TRIALS_JSONL
+from autoprune.trial import TrialResult
 
 __all__ = ["RunConfig", "pareto_front", "write_run", "load_run", "summarize",
            "recommend", "target_budgets", "target_front", "front_plans", "steering_lines",
            "cost_model_errors", "within_cost_budgets"]
-
-
-@dataclass
-class RunConfig:
-    """How a search was configured; saved as ``run.json``."""
-
-    task: str  # task spec ("digits", "file.py:make_task", ...)
-    space: dict[str, Any]  # the search space as plain data
-    budgets: list[str]  # budget strings as the user wrote them
-    targets: list[dict[str, Any]]  # target profiles (first = primary)
-    objectives: list[dict[str, str]]  # [{key, direction}]
-    metric: str  # the task metric's name
-    metric_direction: str  # maximize | minimize
-    backend: str = "optuna"  # optuna | ray
-    sampler: str = "tpe"  # tpe | nsga2 | random
-    trials: int = 40  # trials requested
-    seed: int = 0  # sampler seed
-    finetune_steps: int | None = None  # override of the task's fine-tuning steps
-    screen_latency: bool = True  # trials timed with the screening protocol (front: full)
-    steer: bool = True  # scale sampled allocations onto the cost budgets (search/_steer.py)
-    # The dense model's cost metrics (full latency protocol) measured before the first trial:
-    # they resolve relative budgets ("latency<35%"), so verdicts do not move during a search.
-    reference: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def target_names(self) -> list[str]:
-        return [t["name"] for t in self.targets]
-
-    @property
-    def primary(self) -> str:
-        return self.targets[0]["name"]
-
-    def parsed_budgets(self) -> list[Budget]:
-        """The budgets, relative ones resolved against the dense model (``reference``)."""
-        budgets = parse_budgets(self.budgets)
-        if not self.reference:  # not measured yet: relative budgets stay unresolved
-            return budgets
-        return [b.resolve(self.reference, self.primary) for b in budgets]
-
-    def budgets_text(self, budgets: list[Budget] | None = None) -> str:
-        """Budgets as written, each relative one with the absolute value it resolved to."""
-        shown = self.parsed_budgets() if budgets is None else budgets
-        return ", ".join(b.describe() for b in shown) or "none"
-
-    def parsed_objectives(self) -> list[Objective]:
-        return [Objective(o["key"], o["direction"]) for o in self.objectives]
-
-    def save(self, run_dir: Path) -> None:
-        (run_dir / "run.json").write_text(json.dumps(self.__dict__, indent=2))
-
-    @classmethod
-    def load(cls, run_dir: Path) -> RunConfig:
-        return cls(**json.loads((run_dir / "run.json").read_text()))
 
 
 def _dominates(a: list[float], b: list[float]) -> bool:
@@ -197,13 +137,13 @@ _CSV_FIXED = ["number", "status", "baseline", "params", "nonzero_params", "macs"
 def write_run(run_dir: Path, config: RunConfig, results: list[TrialResult]) -> list[TrialResult]:
     """Write trials.jsonl, trials.csv, pareto/ and summary.md; return the front."""
     results = sorted(results, key=lambda r: r.number if r.number is not None else -1)
-    with open(run_dir / "trials.jsonl", "w") as f:
+    with open(run_dir / TRIALS_JSONL, "w") as f:
         for r in results:
             f.write(json.dumps(r.to_dict()) + "\n")
     lat_cols = [latency_key(t, s) for t in config.target_names for s in ("p50", "p90")]
     cols = [*_CSV_FIXED[:3], config.metric, *lat_cols, *_CSV_FIXED[3:], "reason",
             "t_prune", "t_latency", "t_finetune", "t_evaluate", "plan_params"]
-    with open(run_dir / "trials.csv", "w", newline="") as f:
+    with open(run_dir / TRIALS_CSV, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in results:
@@ -213,7 +153,7 @@ def write_run(run_dir: Path, config: RunConfig, results: list[TrialResult]) -> l
                    **{k: (f"{v:.6g}" if isinstance(v, float) else v)
                       for k, v in r.metrics.items()}}
             w.writerow([row.get(c, "") for c in cols])
-    pareto_dir = run_dir / "pareto"
+    pareto_dir = run_dir / PARETO_DIR
     pareto_dir.mkdir(exist_ok=True)
     for old in pareto_dir.glob("*.json"):
         old.unlink()
@@ -222,22 +162,22 @@ def write_run(run_dir: Path, config: RunConfig, results: list[TrialResult]) -> l
     for r in front_plans(results, config).values():
         (pareto_dir / f"trial_{r.number}.json").write_text(
             json.dumps(_plan_file(r, config), indent=2))
-    (run_dir / "summary.md").write_text(summarize(results, config))
+    (run_dir / SUMMARY_MD).write_text(summarize(results, config))
     return front
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, list[TrialResult]]:
     """Read a run directory written by any backend."""
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
+    if not (run_dir / RUN_JSON).is_file():
         from autoprune.errors import UsageError
 
         raise UsageError(f"{run_dir} is not a run directory (no run.json); pass the --output "
                          f"directory of a search")
     config = RunConfig.load(run_dir)
     results = []
-    if (run_dir / "trials.jsonl").is_file():
-        for line in (run_dir / "trials.jsonl").read_text().splitlines():
+    if (run_dir / TRIALS_JSONL).is_file():
+        for line in (run_dir / TRIALS_JSONL).read_text().splitlines():
             if line.strip():
                 results.append(TrialResult.from_dict(json.loads(line)))
     return config, results
@@ -276,8 +216,8 @@ def _reused(results: list[TrialResult]) -> str:
 def cost_model_errors(results: list[TrialResult], target: str) -> list[float]:
     """|predicted / measured - 1| of each measured trial's latency on ``target``, in order."""
     key = latency_key(target)
-    return [abs(r.metrics["predicted_" + key] / r.metrics[key] - 1) for r in results
-            if r.reused_from is None and r.metrics.get(key) and r.metrics.get("predicted_" + key)]
+    return [abs(r.metrics[PREDICTED + key] / r.metrics[key] - 1) for r in results
+            if r.reused_from is None and r.metrics.get(key) and r.metrics.get(PREDICTED + key)]
 
 
 def within_cost_budgets(results: list[TrialResult], config: RunConfig) -> tuple[int, int]:

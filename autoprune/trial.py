@@ -21,28 +21,25 @@ from statistics import fmean
 from typing import Any
 
 from autoprune._filelock import file_lock
-from autoprune.budget import Budget, Objective, latency_metrics
+from autoprune.budget import Budget, Objective
 from autoprune.criteria import get_criterion
 from autoprune.errors import AutopruneError, MeasurementWarning, TrialFailure
+from autoprune.metrics import (
+    BUSY,
+    CI,
+    CV,
+    FASTEST,
+    SCREENED,
+    latency_metrics,
+)
 from autoprune.plan import LayerRule, PruningPlan
 
-__all__ = ["TrialSettings", "TrialResult", "run_trial", "measure_plan", "STATUSES",
-           "SCREENED", "BUSY", "FASTEST"]
+__all__ = ["TrialSettings", "TrialResult", "run_trial", "measure_plan", "prune_for_task",
+           "STATUSES"]
 
 # complete: fine-tuned and evaluated; infeasible: broke a cost budget, stopped before
 # fine-tuning; pruned: stopped early by the search's pruner; failed: an error, see reason.
 STATUSES = ("complete", "infeasible", "pruned", "failed")
-# Metrics key prefix marking a latency from the quick screening protocol ("screened@cpu-1t");
-# the search re-measures its fronts with the full protocol and drops the mark.
-SCREENED = "latency_screened@"
-# Set at the end of a search (search/_confirm.py): dense / plan latency timed side by side, and
-# the dense model's latency (the target's statistic) in that same run.
-SPEEDUP = "speedup@"
-DENSE_END = "dense_end_ms@"
-# Metrics key prefixes of the busy-machine flag (1.0 when the measurement's p90 was more than
-# 1.5x its median, see LatencyStats.busy, else 0.0) and of the fastest timed run (ms).
-BUSY = "latency_busy@"
-FASTEST = "latency_min_ms@"
 
 
 @dataclass
@@ -152,8 +149,9 @@ class _Clock:
             self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
 
 
-def _prune(task: Any, plan: PruningPlan, settings: TrialSettings) -> tuple[Any, Any, Any]:
-    """(the task's fresh model, the pruned copy, the PruneReport)."""
+def prune_for_task(task: Any, plan: PruningPlan, settings: TrialSettings) -> tuple[Any, Any, Any]:
+    """Prune a fresh copy of the task's model as a trial does (calibration batches for the
+    data-aware criteria): (the fresh model, the pruned copy, the PruneReport)."""
     from autoprune.prune import prune_model_
 
     model = task.build_model()
@@ -220,8 +218,8 @@ def _measure(task, model, plan: PruningPlan, settings: TrialSettings, targets: l
                 stats = measure_latency(subject, task.example_inputs, target,
                                         cache=settings.latency_cache)
             metrics.update(latency_metrics(target.name, stats))
-            metrics[f"latency_cv@{target.name}"] = stats.cv
-            metrics[f"latency_ci@{target.name}"] = stats.ci_rel  # 95 % CI half-width / median
+            metrics[CV + target.name] = stats.cv
+            metrics[CI + target.name] = stats.ci_rel
             metrics[FASTEST + target.name] = stats.min_ms
             metrics[BUSY + target.name] = float(stats.busy)
             if stats.screened:
@@ -234,7 +232,7 @@ def measure_plan(task: Any, plan: PruningPlan, settings: TrialSettings, targets:
     """Cost metrics of ``plan``: size and MACs, and latency on ``targets`` (full protocol
     unless ``screen``). No fine-tuning: cost depends on the pruned shapes only. The search
     measures the dense model, its cost profile and its fronts' re-measurements with it."""
-    _, pruned, _ = _prune(task, _shapes_only(plan), settings)
+    _, pruned, _ = prune_for_task(task, _shapes_only(plan), settings)
     return {**_cost_metrics(pruned, task.example_inputs),
             **_measure(task, pruned, plan, settings, targets, screen=screen)}
 
@@ -329,7 +327,7 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
     from autoprune.recover import reconstruct_plan_
 
     with clock("prune"):
-        model, pruned, report = _prune(task, plan, settings)
+        model, pruned, report = prune_for_task(task, plan, settings)
         fallbacks.update(report.fallbacks)
         metrics.update(_cost_metrics(pruned, task.example_inputs))
     with clock("quantize"):

@@ -46,6 +46,7 @@ import provenance  # noqa: E402
 
 from autoprune.budget import latency_key  # noqa: E402
 from autoprune.errors import UsageError  # noqa: E402
+from autoprune.metrics import SPEEDUP  # noqa: E402
 from autoprune.results import (  # noqa: E402
     cost_model_errors,
     load_run,
@@ -54,7 +55,6 @@ from autoprune.results import (  # noqa: E402
 )
 from autoprune.search import run_search  # noqa: E402
 from autoprune.search._verify import VERIFY_FILE  # noqa: E402
-from autoprune.trial import SPEEDUP  # noqa: E402
 
 VARIANTS = {
     "cpu-1t": "",

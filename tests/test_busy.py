@@ -13,12 +13,13 @@ from autoprune.budget import latency_key
 from autoprune.busy import busy_lines, busy_measurements, busy_note
 from autoprune.deployment import deployment_plan, write_deployment_plan
 from autoprune.latency import load_target, summarize
+from autoprune.metrics import BUSY, FASTEST
 from autoprune.plan import PruningPlan
 from autoprune.results import RunConfig, write_run
 from autoprune.results import summarize as summarize_run
 from autoprune.search import _progress_printer
 from autoprune.task import load_task
-from autoprune.trial import BUSY, FASTEST, TrialResult, TrialSettings, run_trial
+from autoprune.trial import TrialResult, TrialSettings, run_trial
 
 TASK = "autoprune.testing.tasks:synthetic_task"
 

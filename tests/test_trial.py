@@ -5,12 +5,13 @@ import pytest
 import autoprune.search._confirm as confirm_module
 from autoprune.budget import latency_key, parse_budgets
 from autoprune.latency import LatencyCache, LatencyStats, Target
+from autoprune.metrics import SCREENED
 from autoprune.plan import PruningPlan
 from autoprune.results import RunConfig, target_front
 from autoprune.search import report_every
 from autoprune.search._confirm import confirm_fronts
 from autoprune.task import load_task
-from autoprune.trial import SCREENED, TrialResult, TrialSettings, run_trial
+from autoprune.trial import TrialResult, TrialSettings, run_trial
 
 SYNTHETIC = "autoprune.testing.tasks:synthetic_task"
 FAST = {"warmup_runs": 2, "warmup_seconds": 0.0, "min_runs": 5, "min_seconds": 0.0,

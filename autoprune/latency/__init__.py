@@ -30,17 +30,14 @@ from autoprune.latency._compare import (
 )
 from autoprune.latency._export import ExportResult, export_onnx, onnx_digest
 from autoprune.latency._measure import (
-    LatencyStats,
     create_session,
     measure_latency,
     measure_onnx,
-    median_ci,
-    median_ci_rel,
     prepare_inputs,
-    summarize,
     time_session,
 )
 from autoprune.latency._server import LatencyServer, serve, serve_latency
+from autoprune.latency._stats import LatencyStats, median_ci, median_ci_rel, summarize
 from autoprune.latency._target import (
     BUILTIN_TARGETS,
     TOKEN_ENV_VAR,

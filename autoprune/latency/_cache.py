@@ -5,16 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import tempfile
 import threading
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 
 from autoprune._filelock import file_lock
-from autoprune.latency._measure import LatencyStats
-from autoprune.latency._target import Target
+from autoprune.latency._stats import LatencyStats
+from autoprune.latency._target import Target, local_device
 
 __all__ = ["LatencyCache", "CACHE_FORMAT_VERSION"]
 
@@ -74,7 +72,7 @@ class LatencyCache:
                 against it, so it does not answer for another budget).
         """
         shapes = ";".join("x".join(str(d) for d in s) for s in input_shapes)
-        device = f"remote={target.remote}" if target.is_remote else _local_device()
+        device = f"remote={target.remote}" if target.is_remote else local_device()
         protocol = ""
         if screened:
             protocol = "|screen" + (f"<{limit_ms!r}ms" if limit_ms is not None else "")
@@ -159,25 +157,3 @@ class LatencyCache:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-
-
-@lru_cache(maxsize=1)
-def _local_device() -> str:
-    """This machine as a latency cache sees it: CPU model, usable cores, ORT version."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    try:
-        ort_version = version("onnxruntime")
-    except PackageNotFoundError:  # pragma: no cover
-        ort_version = "?"
-    return f"local={model}/{cores}cpu/ort{ort_version}"

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from autoprune.errors import ExportError, TargetError
-from autoprune.latency._measure import LatencyStats
-from autoprune.latency._server import _CLIENT_TARGET_FIELDS, PROTOCOL_VERSION, REQUEST_HEADER
+from autoprune.latency._protocol import CLIENT_TARGET_FIELDS, PROTOCOL_VERSION, REQUEST_HEADER
+from autoprune.latency._stats import LatencyStats
 from autoprune.latency._target import Target, _parse_address, resolve_token
 
 __all__ = ["RemoteTarget", "measure_remote"]
@@ -65,7 +65,7 @@ class RemoteTarget:
             ExportError: the server's ONNX Runtime cannot load or run the model.
         """
         settings = {
-            k: v for k, v in target.to_dict().items() if k in _CLIENT_TARGET_FIELDS
+            k: v for k, v in target.to_dict().items() if k in CLIENT_TARGET_FIELDS
         }
         request = {
             "version": PROTOCOL_VERSION,

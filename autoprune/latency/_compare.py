@@ -13,14 +13,8 @@ import torch
 from torch import nn
 
 from autoprune.latency._export import DEFAULT_OPSET, export_onnx
-from autoprune.latency._measure import (
-    LatencyStats,
-    _feeds,
-    create_session,
-    median_ci_rel,
-    prepare_inputs,
-    summarize,
-)
+from autoprune.latency._measure import _feeds, create_session, prepare_inputs
+from autoprune.latency._stats import LatencyStats, median_ci_rel, summarize
 from autoprune.latency._target import Target, load_target
 from autoprune.prune import baked_copy
 

@@ -42,7 +42,9 @@ from typing import Any
 import numpy as np
 
 from autoprune.errors import TargetError, UsageError
-from autoprune.latency._target import Target, resolve_token
+from autoprune.latency import _measure as measuring
+from autoprune.latency._protocol import CLIENT_TARGET_FIELDS, PROTOCOL_VERSION, REQUEST_HEADER
+from autoprune.latency._target import Target, local_device, resolve_token
 
 __all__ = [
     "LatencyServer",
@@ -55,18 +57,13 @@ __all__ = [
 
 logger = logging.getLogger("autoprune.latency.server")
 
-PROTOCOL_VERSION = 1
 DEFAULT_PORT = 8765
 DEFAULT_MAX_MODEL_BYTES = 256 * 2**20
-REQUEST_HEADER = "X-Autoprune-Request"
 _MAX_INPUT_ELEMENTS = 64 * 2**20  # per request, all inputs together (memory bound)
 _DRAIN_LIMIT = 64 * 2**20  # bytes of a rejected body read and discarded so the client sees why
 _MIN_UPLOAD_RATE = 256 * 2**10  # bytes/s a body must keep up on average (on top of the timeout)
 DEFAULT_READ_TIMEOUT = 20.0  # seconds a client may stay silent while sending a request
 _DTYPES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"}
-# Target fields a client may set: all but where the measurement runs (that stays the server's
-# business) and the client's token file.
-_CLIENT_TARGET_FIELDS = {f.name for f in dataclasses.fields(Target)} - {"remote", "token_file"}
 
 
 class _RequestError(Exception):
@@ -163,10 +160,8 @@ class LatencyServer:
     def device_info(self) -> dict[str, Any]:
         import onnxruntime as ort
 
-        from autoprune.latency._cache import _local_device
-
         return {
-            "device": _local_device(),
+            "device": local_device(),
             "platform": platform.platform(),
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "onnxruntime": ort.__version__,
@@ -376,7 +371,7 @@ class _Handler(BaseHTTPRequestHandler):
         target_data = meta.get("target", {})
         if not isinstance(target_data, dict):
             raise _RequestError(HTTPStatus.BAD_REQUEST, "'target' must be a JSON object")
-        unknown = sorted(set(target_data) - _CLIENT_TARGET_FIELDS)
+        unknown = sorted(set(target_data) - CLIENT_TARGET_FIELDS)
         if unknown:
             raise _RequestError(
                 HTTPStatus.BAD_REQUEST, f"unknown or forbidden target field(s): {unknown}"
@@ -443,10 +438,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _measure(
         onnx_model: bytes, arrays: list[np.ndarray], target: Any, limit_ms: float | None
     ) -> Any:
-        from autoprune.latency._measure import measure_onnx
-
         try:
-            return measure_onnx(onnx_model, arrays, target, limit_ms)[0]
+            return measuring.measure_onnx(onnx_model, arrays, target, limit_ms)[0]
         except TargetError as exc:
             raise _RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         except Exception as exc:  # ORT rejects the model or the inputs

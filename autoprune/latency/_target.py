@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import platform
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -322,3 +325,25 @@ def resolve_token(token_file: str | Path | None = None) -> str:
             f"{TOKEN_ENV_VAR}"
         )
     return token
+
+
+@lru_cache(maxsize=1)
+def local_device() -> str:
+    """This machine as a latency cache sees it: CPU model, usable cores, ORT version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    try:
+        ort_version = version("onnxruntime")
+    except PackageNotFoundError:  # pragma: no cover
+        ort_version = "?"
+    return f"local={model}/{cores}cpu/ort{ort_version}"

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from autoprune.augment import with_augmented
 from autoprune.nested import tensors
-from autoprune.task import _model_device, _to_device, iterate_seeded
+from autoprune.task._contract import _model_device, _to_device, iterate_seeded
 
 __all__ = ["LayerFit", "ReconstructionReport", "reconstruct_", "reconstruct_plan_",
            "calibration_batches"]

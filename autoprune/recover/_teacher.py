@@ -12,7 +12,7 @@ from torch import nn
 
 from autoprune.nested import tensors
 from autoprune.recover._hidden import capture_blocks
-from autoprune.task import _model_device, _to_device, call_model
+from autoprune.task._contract import _model_device, _to_device, call_model
 
 __all__ = ["TeacherCache"]
 

@@ -17,7 +17,8 @@ from autoprune.device import resolve_device
 from autoprune.errors import BudgetError, UsageError
 from autoprune.plan import PruningPlan
 from autoprune.recover import TeacherCache
-from autoprune.results import RunConfig, pareto_front, summarize, write_run
+from autoprune.results import pareto_front, summarize, write_run
+from autoprune.run.config import RunConfig
 from autoprune.search._base import (
     Backend,
     EarlyStopper,
@@ -41,6 +42,7 @@ __all__ = ["Backend", "EarlyStopper", "SearchContext", "SearchResult", "get_back
            "register_backend", "run_search", "search"]
 
 # Backends register themselves on import; ray is imported lazily by its module.
+from autoprune.run.layout import LATENCY_CACHE, RUN_JSON, SUMMARY_MD
 from autoprune.search import (
     _optuna,  # noqa: E402,F401
     _ray,  # noqa: E402,F401
@@ -128,8 +130,8 @@ def run_search(
     if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
         raise UsageError(f"--verify takes a number of plans >= 0, got {verify!r}")
     if resume:
-        if not (run_dir / "run.json").is_file():
-            raise UsageError(f"--resume: {run_dir} holds no run to resume (no run.json)")
+        if not (run_dir / RUN_JSON).is_file():
+            raise UsageError(f"--resume: {run_dir} holds no run to resume (no {RUN_JSON})")
         saved = RunConfig.load(run_dir)
         task, space = saved.task, SearchSpace.from_dict(saved.space)
         budgets, backend, sampler, seed = saved.budgets, saved.backend, saved.sampler, saved.seed
@@ -138,7 +140,7 @@ def run_search(
         steer = saved.steer
         objectives = [o["key"].replace("size_bytes", "size") for o in saved.objectives[2:]]
         trials = saved.trials if trials is None else trials
-    elif (run_dir / "run.json").exists():
+    elif (run_dir / RUN_JSON).exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it or "
                          f"--output NEW_DIR for a new one")
     trials = 40 if trials is None else trials
@@ -191,7 +193,7 @@ def run_search(
         steer=steer, reference=saved.reference if resume else {})
     settings = TrialSettings(
         targets=target_objs, budgets=budget_objs, finetune=ft,
-        latency_cache=LatencyCache(run_dir / "latency_cache.json"),
+        latency_cache=LatencyCache(run_dir / LATENCY_CACHE),
         teacher_cache=TeacherCache(task_obj.build_model, device=device),
         screen_latency=screen_latency, seed=seed, device=device)
     say = (lambda text: print(text, flush=True)) if progress else (lambda _: None)
@@ -231,7 +233,7 @@ def run_search(
 
         summary += verify_search(task_obj, results, config, settings, verify, run_dir,
                                  say).section()
-        (run_dir / "summary.md").write_text(summary)
+        (run_dir / SUMMARY_MD).write_text(summary)
     return SearchResult(front, results, run_dir, summary)
 
 

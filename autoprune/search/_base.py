@@ -15,7 +15,7 @@ from autoprune.data_importance import allocate, collect_statistics, fisher_unit_
 from autoprune.fingerprint import architecture_signature
 from autoprune.plan import PruningPlan
 from autoprune.prune._groups import build_groups
-from autoprune.results import RunConfig
+from autoprune.run.config import RunConfig
 from autoprune.search._steer import UNIFORM_FIT, Steering
 from autoprune.space import BoundSpace
 from autoprune.trial import TrialResult, TrialSettings

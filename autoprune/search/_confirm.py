@@ -17,16 +17,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from autoprune.budget import SIDE_BY_SIDE, STATISTICS, latency_key
-from autoprune.results import RunConfig, front_plans
-from autoprune.trial import (
+from autoprune.metrics import (
     DENSE_END,
+    LATENCY,
     SCREENED,
+    SIDE_BY_SIDE,
     SPEEDUP,
-    TrialResult,
-    TrialSettings,
-    measure_plan,
+    STATISTICS,
+    latency_key,
 )
+from autoprune.results import front_plans
+from autoprune.run.config import RunConfig
+from autoprune.trial import TrialResult, TrialSettings, measure_plan
 
 __all__ = ["confirm_and_time", "confirm_fronts", "screened", "time_side_by_side",
            "untimed"]
@@ -77,7 +79,7 @@ def confirm_fronts(
                 continue
             for name in names:
                 result.metrics.pop(SCREENED + name, None)
-            result.metrics.update({k: v for k, v in fresh.items() if k.startswith("latency_")})
+            result.metrics.update({k: v for k, v in fresh.items() if k.startswith(LATENCY)})
     return len(tried)
 
 
@@ -119,7 +121,7 @@ def time_side_by_side(task, results: list[TrialResult], config: RunConfig,
     from autoprune.latency import SIDE_BY_SIDE_ROUNDS, compare_latency
     from autoprune.plan import PruningPlan
     from autoprune.quantize import quantize_model
-    from autoprune.trial import _prune
+    from autoprune.trial import prune_for_task
 
     say = say or (lambda text: print(text, flush=True))
     dense = next((r for r in results if r.baseline == "dense"), None)
@@ -131,10 +133,10 @@ def time_side_by_side(task, results: list[TrialResult], config: RunConfig,
         if not shown:
             continue
         say(f"timing the dense model side by side with {len(shown)} plan(s) on {target.name}")
-        models, shipped = {"dense": _prune(task, PruningPlan(), settings)[1]}, {}
+        models, shipped = {"dense": prune_for_task(task, PruningPlan(), settings)[1]}, {}
         for r in shown.values():
             label = f"trial {r.number}"
-            models[label] = _prune(task, r.plan, settings)[1]
+            models[label] = prune_for_task(task, r.plan, settings)[1]
             if r.plan.quantize != "none":
                 shipped[label] = quantize_model(task, models[label], r.plan.quantize)
         try:

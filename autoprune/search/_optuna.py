@@ -7,6 +7,7 @@ import math
 import warnings
 from typing import Any
 
+from autoprune.run.layout import STUDY_DB
 from autoprune.search._base import Backend, EarlyStopper, SearchContext, register_backend
 from autoprune.trial import TrialResult, run_trial
 
@@ -105,7 +106,7 @@ class OptunaBackend(Backend):
         from optuna.trial import TrialState
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = _storage(ctx.run_dir / "study.db")
+        storage = _storage(ctx.run_dir / STUDY_DB)
         # A resumed study goes on with a fresh seed: restarting the sampler from the original
         # seed would propose the plans it already tried.
         done = len(_previous_trials(storage)) if ctx.resume else 0

@@ -193,7 +193,7 @@ def check_targets(targets: list) -> None:
 def _remote_info(target: Any) -> dict[str, Any]:
     """``GET /info`` of a remote target's server, with a short timeout."""
     from autoprune.latency import RemoteTarget
-    from autoprune.latency._server import PROTOCOL_VERSION
+    from autoprune.latency._protocol import PROTOCOL_VERSION
 
     remote = dataclasses.replace(RemoteTarget.from_target(target), timeout=REMOTE_TIMEOUT)
     try:

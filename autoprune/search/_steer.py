@@ -20,15 +20,17 @@ from typing import Any
 import numpy as np
 
 from autoprune.budget import Budget, latency_key
-from autoprune.costmodel import PREDICTED, CostModel
+from autoprune.costmodel import CostModel
+from autoprune.metrics import PREDICTED
 from autoprune.plan import PruningPlan
+from autoprune.run.layout import COST_PROFILE
 from autoprune.space import BoundSpace
 
 __all__ = ["Steering", "UNIFORM_FIT", "PROFILE_FILE"]
 
 UNIFORM_FIT = "uniform-fit"  # baseline: one sparsity for every unit, scaled onto the budget
 _EXACT_MARGIN = 0.002  # MACs / params / size are predicted from the structure (rounding only)
-PROFILE_FILE = "cost_profile.jsonl"
+PROFILE_FILE = COST_PROFILE
 _SCAN = 32  # factors tried, evenly spaced, before bisection refines the first that fits
 # The profile's uniform plan at the space's highest sparsity (level 1.0); with depth, the
 # space's most pruned plan also drops every block it may

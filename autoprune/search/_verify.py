@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.budget import latency_key
-from autoprune.results import RunConfig, recommend, target_front, uniform_reference
+from autoprune.results import recommend, target_front, uniform_reference
+from autoprune.run.config import RunConfig
+from autoprune.run.layout import VERIFY_JSON
 from autoprune.trial import TrialResult, TrialSettings, run_trial
 
 __all__ = ["Verification", "kendall_tau", "pick_plans", "final_result", "verify_search",
            "verify_section", "VERIFY_FILE"]
 
-VERIFY_FILE = "verify.json"
+VERIFY_FILE = VERIFY_JSON
 
 
 @dataclass

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from autoprune.errors import TaskError
+from autoprune.task._contract import Task
 
 __all__ = ["register_task", "get_task", "list_tasks"]
 
@@ -35,10 +37,6 @@ def get_task(name: str, **overrides: Any) -> Any:
     Example:
         >>> task = get_task("digits", epochs=2)  # doctest: +SKIP
     """
-    import inspect
-
-    from autoprune.task import Task
-
     if name not in _TASKS:
         raise TaskError(f"unknown task {name!r}; built-in tasks: {', '.join(list_tasks())}")
     fn = _TASKS[name]

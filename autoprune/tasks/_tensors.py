@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autoprune.finetune import FinetuneSettings
-from autoprune.task import Task, accuracy
+from autoprune.finetune_settings import FinetuneSettings
+from autoprune.task._contract import Task, accuracy
 
 __all__ = ["train_classifier_", "tensor_task"]
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoprune.finetune import FinetuneSettings
-from autoprune.task import Task
+from autoprune.finetune_settings import FinetuneSettings
+from autoprune.task._contract import Task
 from autoprune.tasks import _cache
 from autoprune.tasks._registry import register_task
 from autoprune.tasks._tensors import tensor_task, train_classifier_

@@ -32,6 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autoprune.metrics import SCREENED
+from autoprune.run.layout import PARETO_DIR, RUN_JSON, STUDY_DB, TRIALS_JSONL
+
 __all__ = ["KillReport", "RayWorkerReport", "ClusterReport", "ExtendReport", "kill_driver",
            "kill_ray_worker", "cluster_search", "extend_ray_search", "search_command",
            "finished_trials", "repeated_plans"]
@@ -75,7 +78,7 @@ def _kill(proc: subprocess.Popen) -> None:
 def finished_trials(run_dir: Path) -> dict[int, dict]:
     """Trials with a recorded result in an Optuna run's study.db, by number (read as a crash
     left it)."""
-    db = run_dir / "study.db"
+    db = run_dir / STUDY_DB
     if not db.is_file():
         return {}
     con = sqlite3.connect(str(db), timeout=30)
@@ -111,7 +114,7 @@ def repeated_plans(trials: list[dict]) -> tuple[list[int], int]:
 
 
 def _final_trials(run_dir: Path) -> list[dict]:
-    path = run_dir / "trials.jsonl"
+    path = run_dir / TRIALS_JSONL
     if not path.is_file():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
@@ -148,7 +151,7 @@ def kill_driver(workdir: str | Path, *, kills: int = 5, trials: int = 20, seed: 
     report = KillReport()
     seen: dict[int, dict] = {}
     while True:
-        resume = ["--resume"] if (out / "run.json").is_file() else []
+        resume = ["--resume"] if (out / RUN_JSON).is_file() else []
         started = time.time()
         proc = _start(search_command(workdir, out, trials, *resume), log)
         if report.kills < kills:
@@ -314,10 +317,10 @@ def cluster_search(workdir: str | Path, *, trials: int = 8, timeout: float = 900
         shutil.rmtree(d, ignore_errors=True)
     final = _final_trials(out)
     report.trials = len(final)
-    front = [json.loads(p.read_text()) for p in (out / "pareto").glob("trial_*.json")] \
-        if (out / "pareto").is_dir() else []
+    front = [json.loads(p.read_text()) for p in (out / PARETO_DIR).glob("trial_*.json")] \
+        if (out / PARETO_DIR).is_dir() else []
     report.front = len(front)
-    report.front_screened = sum(any(k.startswith("latency_screened@") for k in p["metrics"])
+    report.front_screened = sum(any(k.startswith(SCREENED) for k in p["metrics"])
                                 for p in front)
     return report
 

@@ -12,8 +12,8 @@ import functools
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from autoprune.finetune import FinetuneSettings
-from autoprune.task import Task, accuracy
+from autoprune.finetune_settings import FinetuneSettings
+from autoprune.task._contract import Task, accuracy
 from autoprune.testing.models import create_test_model
 
 __all__ = ["synthetic_task", "synthetic_data"]

@@ -26,6 +26,7 @@ from autoprune.latency import (
     summarize,
 )
 from autoprune.latency._measure import _block_spread, _stop
+from autoprune.latency._stats import BUSY_P90_P50
 from autoprune.plan import PruningPlan
 from autoprune.prune import apply_plan
 from autoprune.testing import create_test_model
@@ -343,7 +344,7 @@ def test_a_screened_value_near_its_budget_is_decided_by_the_full_protocol(monkey
 def test_busy_measurement_is_one_whose_p90_is_far_above_its_median():
     quiet = summarize([1.0] * 85 + [1.4] * 15)  # p90 1.4 ms: 1.4x the median
     busy = summarize([1.0] * 85 + [1.6] * 15)  # p90 1.6 ms: 1.6x
-    assert measure_module.BUSY_P90_P50 == 1.5
+    assert BUSY_P90_P50 == 1.5
     assert not quiet.busy and busy.busy
 
 

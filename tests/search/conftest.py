@@ -28,8 +28,7 @@ def kept_metrics():
     """Compare a trial's metrics before a kill and after --resume: equal, except the latency
     of front and baseline plans, which the end of the search re-measures in full and times
     side by side with the dense model."""
-    from autoprune.budget import SIDE_BY_SIDE
-    from autoprune.trial import DENSE_END, SCREENED, SPEEDUP
+    from autoprune.metrics import DENSE_END, SCREENED, SIDE_BY_SIDE, SPEEDUP
 
     def check(saved: dict, now: dict, target: str = "fast") -> None:
         now = {k: v for k, v in now.items() if k not in (SPEEDUP + target, DENSE_END + target)

@@ -13,11 +13,12 @@ from autoprune.budget import parse_budgets
 from autoprune.cli import main
 from autoprune.finalize import finalize_plan
 from autoprune.latency import load_target
+from autoprune.metrics import SCREENED
 from autoprune.plan import PruningPlan
 from autoprune.results import load_run
 from autoprune.search import run_search
 from autoprune.task import load_task
-from autoprune.trial import SCREENED, TrialSettings, run_trial
+from autoprune.trial import TrialSettings, run_trial
 
 SYNTHETIC = "autoprune.testing.tasks:synthetic_task"
 

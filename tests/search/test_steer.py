@@ -5,7 +5,8 @@ import random
 import pytest
 
 from autoprune.budget import latency_key, parse_budget
-from autoprune.costmodel import PREDICTED, CostModel, CostStructure
+from autoprune.costmodel import CostModel, CostStructure
+from autoprune.metrics import PREDICTED
 from autoprune.plan import PruningPlan
 from autoprune.prune import inspect_model
 from autoprune.results import load_run

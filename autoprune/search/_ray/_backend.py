@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.errors import UsageError
+from autoprune.run.layout import RAY_DIR
 from autoprune.search._base import Backend, EarlyStopper, SearchContext, register_backend
 from autoprune.search._ray._cluster import _check_ray, _connected, _env, _log_level
 from autoprune.search._ray._isolation import _isolation_mode
@@ -54,7 +55,7 @@ class RayBackend(Backend):
         _isolation_mode(ctx)
         if _active() is not None:
             raise UsageError("a Ray search is already running in this process")
-        ray_dir = (ctx.run_dir / "ray").resolve()
+        ray_dir = (ctx.run_dir / RAY_DIR).resolve()
         if not ctx.resume and ray_dir.exists() and any(ray_dir.iterdir()):
             raise UsageError(f"{ray_dir} already holds a Ray experiment: pass --resume")
         journal = _Journal(ray_dir / "journal.jsonl")

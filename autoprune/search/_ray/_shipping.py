@@ -21,7 +21,7 @@ RUNTIME_ENV_VARS = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}  # workers stay in the workin
 
 def _task_file(spec: str) -> tuple[Path, str] | None:
     """The file and function of a ``file.py[:function]`` spec whose file exists, else None."""
-    from autoprune.task import _split_spec
+    from autoprune.task._loader import _split_spec
 
     path, fn = _split_spec(spec)
     if path.endswith(".py") and Path(path).is_file():
@@ -67,7 +67,8 @@ def worker_spec(ctx: SearchContext) -> str:
 
 def load_worker_task(spec: str, shipped: bool) -> Any:
     """The task on a worker; a shipped task file is looked up in this worker's working_dir."""
-    from autoprune.task import _split_spec, load_task
+    from autoprune.task import load_task
+    from autoprune.task._loader import _split_spec
 
     if not shipped:
         return load_task(spec)
