@@ -14,10 +14,11 @@ import re
 from dataclasses import dataclass, replace
 
 from autoprune.errors import BudgetError
-from autoprune.metrics import SIDE_BY_SIDE, STATISTICS, latency_key, latency_metrics
+from autoprune.metrics import SIDE_BY_SIDE, STATISTICS, Direction, latency_key, latency_metrics
 
 __all__ = ["Budget", "Objective", "parse_budget", "parse_budgets", "parse_objectives",
-           "resolve_budgets", "latency_key", "latency_metrics", "STATISTICS", "COST_METRICS"]
+           "objective_names", "resolve_budgets", "latency_key", "latency_metrics", "STATISTICS",
+           "COST_METRICS", "EXTRA_OBJECTIVES"]
 
 COST_METRICS = ("latency", "params", "flops", "macs", "size")  # known before fine-tuning
 
@@ -238,7 +239,21 @@ class Objective:
     """One search objective, e.g. maximize accuracy or minimize latency on a target."""
 
     key: str  # metrics key, e.g. "accuracy" or "latency_p50_ms@cpu-1t"
-    direction: str  # "maximize" | "minimize"
+    direction: Direction  # a plain string is taken as its Direction
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "direction", Direction(self.direction))
+
+
+# Objectives a search may add to the task metric and latency: name -> metrics key
+EXTRA_OBJECTIVES = {"params": "params", "flops": "flops", "macs": "macs", "size": "size_bytes"}
+
+
+def objective_names(objectives: list[Objective]) -> list[str]:
+    """The names ``parse_objectives`` takes for the extra objectives in ``objectives`` (those
+    after the task metric and latency): what resumes a search with the same objectives."""
+    names = {key: name for name, key in EXTRA_OBJECTIVES.items()}
+    return [names[o.key] for o in objectives[2:]]
 
 
 def parse_objectives(
@@ -247,8 +262,8 @@ def parse_objectives(
 ) -> list[Objective]:
     """Default: the task metric and latency on the first target; extras: params/flops/size."""
     objectives = [Objective(metric, metric_direction), Objective(latency_key(target, statistic),
-                                                                 "minimize")]
-    allowed = {"params": "params", "flops": "flops", "macs": "macs", "size": "size_bytes"}
+                                                                 Direction.MINIMIZE)]
+    allowed = EXTRA_OBJECTIVES
     for name in names or []:
         for part in (p.strip().lower() for p in name.split(",") if p.strip()):
             if part in (metric, "latency"):
@@ -257,5 +272,5 @@ def parse_objectives(
                 raise BudgetError(f"unknown objective {part!r}; the task metric ({metric}) and "
                                   f"latency are always objectives, add any of "
                                   f"{', '.join(allowed)}")
-            objectives.append(Objective(allowed[part], "minimize"))
+            objectives.append(Objective(allowed[part], Direction.MINIMIZE))
     return objectives

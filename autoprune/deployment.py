@@ -22,7 +22,7 @@ from typing import Any
 
 from autoprune.budget import Budget
 from autoprune.busy import BusyMeasurement, busy_lines, busy_measurements
-from autoprune.metrics import LATENCY, SPEEDUP, latency_key
+from autoprune.metrics import LATENCY, SPEEDUP, Direction, TrialStatus, latency_key
 from autoprune.results import load_run, metric_cell, target_budgets
 from autoprune.run.config import RunConfig
 from autoprune.run.layout import DEPLOYMENT_JSON, DEPLOYMENT_MD
@@ -118,7 +118,7 @@ class DeploymentPlan:
 
 
 def _sign(config: RunConfig) -> float:
-    return 1.0 if config.metric_direction == "maximize" else -1.0
+    return Direction(config.metric_direction).sign
 
 
 def _best(candidates: list[TrialResult], config: RunConfig, target: str) -> TrialResult | None:
@@ -175,19 +175,19 @@ def _plan_for_target(config: RunConfig, results: list[TrialResult], target: dict
     # target) and were not fine-tuned; only the dense one has a metric (the trained model's),
     # so they compete only when they are truly better. Without a metric a plan can still be
     # the closest one when nothing meets the budgets.
-    pool = [r for r in measured if r.status in ("complete", "infeasible")]
+    pool = [r for r in measured if r.status in (TrialStatus.COMPLETE, TrialStatus.INFEASIBLE)]
     meets = [r for r in pool if config.metric in r.metrics
              and all(c["ok"] for c in _checks(r, budgets, primary))]
     best = _best(meets, config, name)
     if best is not None:
         plan.met, plan.trial = True, best
-        tuned = sum(r.status == "complete" for r in meets)
+        tuned = sum(r.status == TrialStatus.COMPLETE for r in meets)
         plan.note = (f"no budget applies to this target: best {config.metric} of all plans"
                      if not budgets else f"best {config.metric} among the {len(meets)} plans "
                      f"meeting every budget on {name} ({tuned} fine-tuned)")
         if best.baseline == "dense":
             plan.note += "; the dense model: pruning is not needed here"
-        elif best.status != "complete":
+        elif best.status != TrialStatus.COMPLETE:
             plan.note += (f"; it was not fine-tuned in the search (it broke a budget on another "
                           f"target), so its {config.metric} is before fine-tuning: "
                           "`autoprune apply` fine-tunes it")
@@ -197,7 +197,7 @@ def _plan_for_target(config: RunConfig, results: list[TrialResult], target: dict
         return plan
     else:
         closest = min(pool, key=lambda r: (
-            round(_violation(r, budgets, primary), 12), r.status != "complete",
+            round(_violation(r, budgets, primary), 12), r.status != TrialStatus.COMPLETE,
             -_sign(config) * r.metrics.get(config.metric, -_sign(config) * math.inf),
             r.number or 0))
         plan.trial = closest
@@ -219,15 +219,14 @@ def deployment_plan(config: RunConfig, results: list[TrialResult]) -> Deployment
         >>> [(t.target, t.trial.number, t.met) for t in deployment_plan(config, results).targets]
         [('cpu-1t', 17, True), ('cpu', 9, True)]  # doctest: +SKIP
     """
-    dense = next((r for r in sorted(results, key=lambda r: r.status != "complete")
+    dense = next((r for r in sorted(results, key=lambda r: r.status != TrialStatus.COMPLETE)
                   if r.baseline == "dense" and any(k.startswith(LATENCY) for k in r.metrics)),
                  None)
     targets = [_plan_for_target(config, results, t, dense) for t in config.targets]
     every = [r for r in results
              if r.feasible(config.parsed_budgets(), config.primary)
              and all(latency_key(t) in r.metrics for t in config.target_names)]
-    counts = {s: sum(r.status == s for r in results)
-              for s in ("complete", "infeasible", "pruned", "failed")}
+    counts = {s.value: sum(r.status == s for r in results) for s in TrialStatus}
     return DeploymentPlan(config, targets, _best(every, config, config.primary), None, counts,
                           busy_measurements(results, config), busy_lines(results, config))
 

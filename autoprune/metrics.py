@@ -6,10 +6,44 @@ summary carry). Per-target values are ``PREFIX + target``: ``latency_p50_ms@cpu-
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
-__all__ = ["STATISTICS", "latency_key", "latency_metrics", "LATENCY", "CV", "CI", "SCREENED",
-           "BUSY", "FASTEST", "SPEEDUP", "DENSE_END", "SIDE_BY_SIDE", "PREDICTED", "DENSE"]
+__all__ = ["TrialStatus", "Direction", "STATISTICS", "latency_key", "latency_metrics", "LATENCY",
+           "CV", "CI", "SCREENED", "BUSY", "FASTEST", "SPEEDUP", "DENSE_END", "SIDE_BY_SIDE",
+           "PREDICTED", "DENSE"]
+
+
+
+class TrialStatus(str, Enum):
+    """How a trial ended. A member equals its value and prints as it (``complete``), so
+    trials.jsonl, trials.csv and the summary hold the plain word."""
+
+    COMPLETE = "complete"  # fine-tuned and evaluated
+    INFEASIBLE = "infeasible"  # broke a cost budget: stopped before fine-tuning
+    PRUNED = "pruned"  # stopped early by the search's pruner
+    FAILED = "failed"  # an error; the trial's reason says which
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__  # a dict keyed by the word finds the member, and back
+
+
+class Direction(str, Enum):
+    """Which way an objective or a task's metric is better; equals and prints as its value."""
+
+    MAXIMIZE = "maximize"
+    MINIMIZE = "minimize"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__  # a dict keyed by the word finds the member, and back
+
+    @property
+    def sign(self) -> float:
+        """+1 for maximize, -1 for minimize: ``sign * value`` is larger when better."""
+        return 1.0 if self is Direction.MAXIMIZE else -1.0
+
 
 STATISTICS = ("p50", "p90", "mean")  # latency statistics a budget may name
 LATENCY = "latency_"  # every latency-derived key starts with this

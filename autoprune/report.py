@@ -23,6 +23,7 @@ from typing import Any
 from autoprune.budget import Budget, latency_key
 from autoprune.deployment import deployment_plan, table_rows
 from autoprune.errors import UsageError
+from autoprune.metrics import Direction, TrialStatus
 from autoprune.results import (
     fallback_lines,
     load_run,
@@ -38,8 +39,8 @@ from autoprune.trial import TrialResult
 
 __all__ = ["write_report", "build_figures"]
 
-_STATUS_COLORS = {"complete": "#1f77b4", "infeasible": "#ff7f0e", "pruned": "#9467bd",
-                  "failed": "#d62728"}
+_STATUS_COLORS = {TrialStatus.COMPLETE: "#1f77b4", TrialStatus.INFEASIBLE: "#ff7f0e",
+                  TrialStatus.PRUNED: "#9467bd", TrialStatus.FAILED: "#d62728"}
 
 
 def _plotly():
@@ -157,16 +158,18 @@ def front_figure(config: RunConfig, results: list[TrialResult], target: str,
 
     def values(r: TrialResult) -> list[float] | None:
         m = r.metrics
-        if r.status not in ("complete", "infeasible") or not _finite(m.get(metric), m.get(lat)):
+        measured = r.status in (TrialStatus.COMPLETE, TrialStatus.INFEASIBLE)
+        if not measured or not _finite(m.get(metric), m.get(lat)):
             return None
         return [m[metric], m[lat]]
 
     def constraints(r: TrialResult) -> dict[str, float]:
         out = {b.text: b.violation_by(r.metrics, config.primary) for b in budgets}
-        out["fine-tuned"] = 0.0 if r.status == "complete" else 1.0
+        out["fine-tuned"] = 0.0 if r.status == TrialStatus.COMPLETE else 1.0
         return out
 
-    study = _study([config.metric_direction, "minimize"], results, config, values, constraints)
+    directions = [config.metric_direction, Direction.MINIMIZE]
+    study = _study(directions, results, config, values, constraints)
     # Latency on x, the metric on y: how people read an accuracy-latency trade-off.
     fig = optuna.visualization.plot_pareto_front(
         study, target_names=[f"p50 latency on {target} (ms)", metric],
@@ -259,7 +262,7 @@ def metric_history_figure(config: RunConfig, results: list[TrialResult]):
 
     def values(r: TrialResult) -> list[float] | None:
         v = r.metrics.get(metric)
-        return [v] if r.status == "complete" and _finite(v) else None
+        return [v] if r.status == TrialStatus.COMPLETE and _finite(v) else None
 
     study = _study([config.metric_direction], results, config, values)
     fig = optuna.visualization.plot_optimization_history(study, target_name=metric)
@@ -319,7 +322,7 @@ def build_figures(config: RunConfig, results: list[TrialResult]) -> dict[str, An
             on_fronts.setdefault(r.number, (r, []))[1].append(target)
     if on_fronts:
         figures["sparsity"] = sparsity_figure(config, on_fronts)
-    if any(r.status == "complete" and config.metric in r.metrics for r in results):
+    if any(r.status == TrialStatus.COMPLETE and config.metric in r.metrics for r in results):
         figures["history:metric"] = metric_history_figure(config, results)
     if results:
         figures["history:latency"] = latency_history_figure(config, results)
@@ -464,7 +467,7 @@ def render_html(run_dir: Path, config: RunConfig, results: list[TrialResult]) ->
     if warned:
         body.append("<h2>Warnings</h2>")
         body.append(_lines_html(warned))
-    others = [r for r in results if r.status != "complete"]
+    others = [r for r in results if r.status != TrialStatus.COMPLETE]
     body.append(f"<h2>Failed, infeasible and early-stopped trials ({len(others)})</h2>")
     if others:
         rows = [[str(r.number), r.status, r.baseline or "",

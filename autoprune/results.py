@@ -11,7 +11,7 @@ from typing import Any
 
 from autoprune.budget import Budget, Objective, latency_key
 from autoprune.busy import busy_lines
-from autoprune.metrics import DENSE_END, PREDICTED, SPEEDUP
+from autoprune.metrics import DENSE_END, PREDICTED, SPEEDUP, Direction, TrialStatus
 from autoprune.run.config import RunConfig
 from autoprune.run.layout import PARETO_DIR, RUN_JSON, SUMMARY_MD, TRIALS_CSV, TRIALS_JSONL
 from autoprune.trial import TrialResult
@@ -35,8 +35,8 @@ def pareto_front(
     """
     pool = [r for r in results if r.feasible(budgets, primary) and r.values(objectives)]
     if not pool:
-        pool = [r for r in results if r.status == "complete" and r.values(objectives)]
-    signs = [1.0 if o.direction == "minimize" else -1.0 for o in objectives]
+        pool = [r for r in results if r.status == TrialStatus.COMPLETE and r.values(objectives)]
+    signs = [-o.direction.sign for o in objectives]
     keyed = [(r, [s * v for s, v in zip(signs, r.values(objectives))]) for r in pool]
     front = [r for r, v in keyed if not any(_dominates(w, v) for _, w in keyed)]
     # One representative per distinct point (duplicated plans measure the same).
@@ -58,7 +58,7 @@ def target_budgets(config: RunConfig, target: str) -> list[Budget]:
 def target_front(results: list[TrialResult], config: RunConfig, target: str) -> list[TrialResult]:
     """The metric-vs-latency front on one target (every target keeps its own front)."""
     objectives = [Objective(config.metric, config.metric_direction),
-                  Objective(latency_key(target), "minimize")]
+                  Objective(latency_key(target), Direction.MINIMIZE)]
     return pareto_front(results, objectives, target_budgets(config, target), config.primary)
 
 
@@ -70,7 +70,7 @@ def recommend(results: list[TrialResult], config: RunConfig, target: str | None 
     ok = [r for r in results if r.feasible(budgets, config.primary)]
     if not ok:
         return None
-    sign = -1.0 if config.metric_direction == "maximize" else 1.0
+    sign = -Direction(config.metric_direction).sign
     lat = latency_key(target)
     return min(ok, key=lambda r: (sign * r.metrics[config.metric], r.metrics.get(lat, 0.0)))
 
@@ -78,7 +78,7 @@ def recommend(results: list[TrialResult], config: RunConfig, target: str | None 
 def _completed_uniform(results: list[TrialResult], config: RunConfig) -> list[TrialResult]:
     lat = latency_key(config.primary)
     return [r for r in results if r.baseline and r.baseline.startswith("uniform")
-            and r.status == "complete" and lat in r.metrics]
+            and r.status == TrialStatus.COMPLETE and lat in r.metrics]
 
 
 def uniform_reference(results: list[TrialResult], config: RunConfig, best: TrialResult
@@ -88,7 +88,7 @@ def uniform_reference(results: list[TrialResult], config: RunConfig, best: Trial
     lat = latency_key(config.primary)
     if lat not in best.metrics:
         return None
-    sign = 1.0 if config.metric_direction == "maximize" else -1.0
+    sign = Direction(config.metric_direction).sign
     at_latency = [r for r in _completed_uniform(results, config)
                   if r.metrics[lat] <= best.metrics[lat] * 1.02]
     return max(at_latency, key=lambda r: sign * r.metrics[config.metric], default=None)
@@ -224,7 +224,7 @@ def within_cost_budgets(results: list[TrialResult], config: RunConfig) -> tuple[
     """How many searched plans (not baselines, not reused, not failed) met every cost budget,
     and how many there are; (0, 0) without a cost budget."""
     searched = [r for r in results if not r.baseline and r.reused_from is None
-                and r.status != "failed"]
+                and r.status != TrialStatus.FAILED]
     cost = [b for b in config.parsed_budgets() if b.is_cost]
     if not cost:
         return 0, 0
@@ -281,8 +281,7 @@ def warning_lines(results: list[TrialResult]) -> list[str]:
 def summarize(results: list[TrialResult], config: RunConfig) -> str:
     """Markdown summary: counts, the front, the recommended plan, the gain over baselines."""
     budgets = config.parsed_budgets()
-    counts = {s: sum(r.status == s for r in results) for s in
-              ("complete", "infeasible", "pruned", "failed")}
+    counts = {s.value: sum(r.status == s for r in results) for s in TrialStatus}
     lines = [f"# autoprune run: task {config.task}, space {config.space.get('name')}", "",
              f"{len(results)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())}"
              f"{_reused(results)}); "
@@ -295,7 +294,7 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
     dense = next((r for r in results if r.baseline == "dense"
                   and latency_key(config.primary) in r.metrics), None)
     if dense:
-        note = "" if dense.status == "complete" else f" ({dense.status}: {dense.reason})"
+        note = "" if dense.status == TrialStatus.COMPLETE else f" ({dense.status}: {dense.reason})"
         lines += ["Dense model: " + ", ".join(
             f"{c} {v}" for c, v in zip(header[2:], _fmt_row(dense, config)[2:])) + note, ""]
     for target in config.target_names:
@@ -333,7 +332,7 @@ def summarize(results: list[TrialResult], config: RunConfig) -> str:
     warned = warning_lines(results)
     if warned:
         lines += ["", "## Warnings", "", *warned]
-    failed = [r for r in results if r.status in ("failed", "infeasible")]
+    failed = [r for r in results if r.status in (TrialStatus.FAILED, TrialStatus.INFEASIBLE)]
     if failed:
         lines += ["", f"## Failed and infeasible trials ({len(failed)})", ""]
         lines += [f"- trial {r.number} ({r.status}): {r.reason}" for r in failed[:20]]

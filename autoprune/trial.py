@@ -30,6 +30,7 @@ from autoprune.metrics import (
     CV,
     FASTEST,
     SCREENED,
+    TrialStatus,
     latency_metrics,
 )
 from autoprune.plan import LayerRule, PruningPlan
@@ -37,9 +38,7 @@ from autoprune.plan import LayerRule, PruningPlan
 __all__ = ["TrialSettings", "TrialResult", "run_trial", "measure_plan", "prune_for_task",
            "STATUSES"]
 
-# complete: fine-tuned and evaluated; infeasible: broke a cost budget, stopped before
-# fine-tuning; pruned: stopped early by the search's pruner; failed: an error, see reason.
-STATUSES = ("complete", "infeasible", "pruned", "failed")
+STATUSES = tuple(s.value for s in TrialStatus)
 
 
 @dataclass
@@ -75,7 +74,7 @@ class TrialResult:
     """What one trial measured. Plain data: backends store it, reports read it."""
 
     plan: PruningPlan  # the plan that was tried
-    status: str  # one of STATUSES
+    status: TrialStatus  # a plain string is taken as its TrialStatus
     metrics: dict[str, float] = field(default_factory=dict)  # measured values by key
     reason: str = ""  # why the trial is infeasible / pruned / failed
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
@@ -89,8 +88,12 @@ class TrialResult:
     # what did not run as configured (a MeasurementWarning: timing unpinned, stopper lost)
     warnings: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.status = TrialStatus(self.status)
+
     def feasible(self, budgets: list[Budget], primary: str) -> bool:
-        return self.status == "complete" and all(b.met_by(self.metrics, primary) for b in budgets)
+        return self.status == TrialStatus.COMPLETE and all(
+            b.met_by(self.metrics, primary) for b in budgets)
 
     def values(self, objectives: list[Objective]) -> list[float] | None:
         vals = [self.metrics.get(o.key) for o in objectives]
@@ -301,12 +304,12 @@ def run_trial(
             status, reason = _run(task, plan, settings, clock, metrics, fallbacks,
                                   on_intermediate)
     except TrialFailure as e:
-        status, reason = "failed", e.reason
+        status, reason = TrialStatus.FAILED, e.reason
     except AutopruneError as e:
-        status, reason = "failed", f"{type(e).__name__}: {e}"
+        status, reason = TrialStatus.FAILED, f"{type(e).__name__}: {e}"
     except Exception as e:  # user code, torch, ORT: record it, the search goes on
         first = (str(e).splitlines() or [""])[0][:300]
-        status, reason = "failed", f"{type(e).__name__} in trial: {first}"
+        status, reason = TrialStatus.FAILED, f"{type(e).__name__} in trial: {first}"
     finally:  # also on Ctrl-C: never leave the heap frozen
         _release_memory()  # the trial's models are unreachable now: _run has returned
     ours = [w for w in seen if issubclass(w.category, MeasurementWarning)]
@@ -343,7 +346,7 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
                 metrics.update(evaluate_shipped(task, pruned, shipped))
         shown = ", ".join(f"{b} (measured {metrics.get(b.metric_key(settings.primary)):.4g})"
                           for b in broken)
-        return "infeasible", f"breaks {shown}; not fine-tuned"
+        return TrialStatus.INFEASIBLE, f"breaks {shown}; not fine-tuned"
 
     model.to(settings.device), pruned.to(settings.device)
     with clock("reconstruct"):
@@ -360,13 +363,14 @@ def _run(task: Any, plan: PruningPlan, settings: TrialSettings, clock: _Clock,
     if getattr(outcome, "stopped_early", False):
         last = outcome.history[-1] if outcome.history else (0, float("nan"))
         metrics[task.metric.name] = float(last[1])
-        return "pruned", f"stopped early at step {last[0]} ({task.metric.name} {last[1]:.4g})"
+        return TrialStatus.PRUNED, (f"stopped early at step {last[0]} "
+                                    f"({task.metric.name} {last[1]:.4g})")
     with clock("quantize"):  # the fine-tuned weights, quantized as they ship
         shipped = None if plan.quantize == "none" else _shipped(task, pruned.cpu(), plan)
     with clock("evaluate"):
         values = evaluate_shipped(task, pruned, shipped)
     value = values[task.metric.name]
     if not math.isfinite(value):
-        return "failed", f"{task.metric.name} is {value} after fine-tuning"
+        return TrialStatus.FAILED, f"{task.metric.name} is {value} after fine-tuning"
     metrics.update(values)
-    return "complete", ""
+    return TrialStatus.COMPLETE, ""

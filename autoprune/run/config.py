@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,15 @@ from autoprune.budget import Budget, Objective, parse_budgets
 from autoprune.run.layout import RUN_JSON
 
 __all__ = ["RunConfig"]
+
+
+@lru_cache(maxsize=64)
+def _resolved(budgets: tuple[str, ...], reference: tuple[tuple[str, float], ...],
+              primary: str) -> tuple[Budget, ...]:
+    parsed = parse_budgets(list(budgets))
+    if not reference:  # not measured yet: relative budgets stay unresolved
+        return tuple(parsed)
+    return tuple(b.resolve(dict(reference), primary) for b in parsed)
 
 
 @dataclass
@@ -44,11 +54,10 @@ class RunConfig:
         return self.targets[0]["name"]
 
     def parsed_budgets(self) -> list[Budget]:
-        """The budgets, relative ones resolved against the dense model (``reference``)."""
-        budgets = parse_budgets(self.budgets)
-        if not self.reference:  # not measured yet: relative budgets stay unresolved
-            return budgets
-        return [b.resolve(self.reference, self.primary) for b in budgets]
+        """The budgets, relative ones resolved against the dense model (``reference``); parsed
+        once per distinct (budgets, reference), not on every call."""
+        return list(_resolved(tuple(self.budgets), tuple(sorted(self.reference.items())),
+                              self.primary))
 
     def budgets_text(self, budgets: list[Budget] | None = None) -> str:
         """Budgets as written, each relative one with the absolute value it resolved to."""

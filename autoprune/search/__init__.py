@@ -10,7 +10,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from autoprune.budget import latency_key, parse_budgets, parse_objectives, resolve_budgets
+from autoprune.budget import (
+    latency_key,
+    objective_names,
+    parse_budgets,
+    parse_objectives,
+    resolve_budgets,
+)
 from autoprune.busy import busy_note
 from autoprune.costmodel import CostModel, CostStructure
 from autoprune.device import resolve_device
@@ -42,6 +48,7 @@ __all__ = ["Backend", "EarlyStopper", "SearchContext", "SearchResult", "get_back
            "register_backend", "run_search", "search"]
 
 # Backends register themselves on import; ray is imported lazily by its module.
+from autoprune.metrics import TrialStatus
 from autoprune.run.layout import LATENCY_CACHE, RUN_JSON, SUMMARY_MD
 from autoprune.search import (
     _optuna,  # noqa: E402,F401
@@ -77,7 +84,7 @@ def _progress_printer(total: int, config: RunConfig, stream=sys.stdout):
         best = ", ".join(f"{r.metrics[config.metric]:.3f}@{r.metrics[lat]:.2f}ms"
                          for r in front[:4])
         tag = f" [{result.baseline}]" if result.baseline else ""
-        reason = f" ({result.reason[:70]})" if result.status != "complete" else ""
+        reason = f" ({result.reason[:70]})" if result.status != TrialStatus.COMPLETE else ""
         print(f"[{len(results)}/{total}] trial {result.number}{tag}: {result.status}{reason} "
               f"{value}{latency}| front: {len(front)} plans {best} | "
               f"ETA {eta(started, new, total - done_before[0])}", file=stream, flush=True)
@@ -138,7 +145,7 @@ def run_search(
         targets = [t["spec"] for t in saved.targets]
         finetune_steps, screen_latency = saved.finetune_steps, saved.screen_latency
         steer = saved.steer
-        objectives = [o["key"].replace("size_bytes", "size") for o in saved.objectives[2:]]
+        objectives = objective_names(saved.parsed_objectives())
         trials = saved.trials if trials is None else trials
     elif (run_dir / RUN_JSON).exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it or "

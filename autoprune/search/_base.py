@@ -13,6 +13,7 @@ from autoprune.augment import with_augmented
 from autoprune.budget import Objective, latency_key
 from autoprune.data_importance import allocate, collect_statistics, fisher_unit_scores
 from autoprune.fingerprint import architecture_signature
+from autoprune.metrics import Direction, TrialStatus
 from autoprune.plan import PruningPlan
 from autoprune.prune._groups import build_groups
 from autoprune.run.config import RunConfig
@@ -129,10 +130,10 @@ class SearchContext:
         """Whether ``result``, a fit baseline that broke a cost budget or met it with room to
         spare, is tried once more (steered by the cost model that has now seen it); see
         FIT_RETRIES."""
-        if (self.steering is None or result.status not in ("infeasible", "complete")
-                or not _is_fit(result.baseline)):
+        if (self.steering is None or not _is_fit(result.baseline)
+                or result.status not in (TrialStatus.INFEASIBLE, TrialStatus.COMPLETE)):
             return False
-        if result.status == "complete":  # room to spare beyond the margin it aimed at
+        if result.status == TrialStatus.COMPLETE:  # room to spare beyond the margin it aimed at
             upper = [b for b in self.settings.budgets if b.is_cost and b.op in ("<", "<=")]
             spare = min((-b.violation_by(result.metrics, self.settings.primary)
                          - self.steering.margin(b, FIT_MARGIN) for b in upper),
@@ -147,7 +148,7 @@ class SearchContext:
 
     def record(self, result: TrialResult) -> None:
         """Remember a finished trial (for reuse) and refit the cost model from it."""
-        if result.status == "failed" or result.reused_from is not None:
+        if result.status == TrialStatus.FAILED or result.reused_from is not None:
             return
         self.recorded.setdefault(result.plan.key(), result)
         if _is_fit(result.baseline):
@@ -280,7 +281,7 @@ class EarlyStopper:
         if len(seen) < self.startup_trials:
             return False
         median = seen[len(seen) // 2]
-        return value < median if self.direction == "maximize" else value > median
+        return value < median if self.direction == Direction.MAXIMIZE else value > median
 
 
 def eta(started: float, done: int, total: int) -> str:

@@ -7,6 +7,7 @@ import math
 import warnings
 from typing import Any
 
+from autoprune.metrics import Direction, TrialStatus
 from autoprune.run.layout import STUDY_DB
 from autoprune.search._base import Backend, EarlyStopper, SearchContext, register_backend
 from autoprune.trial import TrialResult, run_trial
@@ -167,7 +168,7 @@ class OptunaBackend(Backend):
 
             trial.study.tell(trial, state=TrialState.FAIL)
             raise
-        if result.status == "complete":
+        if result.status == TrialStatus.COMPLETE:
             stopper.record(curve)
         trial.set_user_attr("curve", curve)
         return result
@@ -198,16 +199,16 @@ def tell_result(study, trial, result: TrialResult, budgets: list, primary: str,
     if keep_result:
         trial.set_user_attr("result", json.dumps(result.to_dict()))
     values: Any = result.values(objectives)
-    if result.status == "infeasible" and values is None:
+    if result.status == TrialStatus.INFEASIBLE and values is None:
         # Not evaluated (stopped before fine-tuning): the metric counts as the worst value, so
         # the sampler still learns from the trial. Optuna ranks infeasible trials by their
         # constraint violation anyway, and its NSGA-II handles infinite values.
-        worst = {"maximize": -math.inf, "minimize": math.inf}
+        worst = {Direction.MAXIMIZE: -math.inf, Direction.MINIMIZE: math.inf}
         values = [result.metrics.get(o.key, worst[o.direction]) for o in objectives]
         values = None if any(math.isnan(v) for v in values) else values
-    if result.status in ("complete", "infeasible") and values:
+    if result.status in (TrialStatus.COMPLETE, TrialStatus.INFEASIBLE) and values:
         study.tell(trial, values)
-    elif result.status == "pruned" or (result.status == "infeasible" and not values):
+    elif result.status in (TrialStatus.PRUNED, TrialStatus.INFEASIBLE):  # no values to tell
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, state=TrialState.FAIL)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from autoprune.budget import latency_key
+from autoprune.metrics import Direction, TrialStatus
 from autoprune.results import recommend, target_front, uniform_reference
 from autoprune.run.config import RunConfig
 from autoprune.run.layout import VERIFY_JSON
@@ -110,12 +111,12 @@ def pick_plans(results: list[TrialResult], config: RunConfig, k: int) -> list[Tr
     """The top ``k`` plans of the primary target's front and ``k`` other completed plans at
     evenly spaced ranks of the proxy metric (each plan once; the unchanged dense model is no
     plan to verify)."""
-    sign = -1.0 if config.metric_direction == "maximize" else 1.0
+    sign = -Direction(config.metric_direction).sign
     distinct: dict[str, TrialResult] = {}
     for r in results:
         changes = r.plan.quantize != "none" or any(
             rule.active for rule in [r.plan.default, *r.plan.rules.values()])
-        if (r.status == "complete" and changes
+        if (r.status == TrialStatus.COMPLETE and changes
                 and math.isfinite(r.metrics.get(config.metric, math.nan))):
             distinct.setdefault(r.plan.key(), r)
     top = [r for r in target_front(results, config, config.primary)

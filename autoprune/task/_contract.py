@@ -17,6 +17,7 @@ from torch import nn
 
 from autoprune.errors import TaskError
 from autoprune.finetune_settings import FinetuneSettings
+from autoprune.metrics import Direction
 
 __all__ = ["Metric", "Task", "accuracy", "call_model", "iterate_seeded", "TASK_EXAMPLE"]
 
@@ -102,16 +103,17 @@ class Metric:
     """
 
     name: str  # column name in results, e.g. "accuracy"
-    direction: str  # "maximize" or "minimize"
+    direction: Direction  # "maximize" or "minimize" (taken as a Direction)
     fn: Callable[[nn.Module, Iterable], float]  # (model in eval mode, val batches) -> value
     bounds: tuple[float, float] | None = None  # possible range, e.g. (0, 1) for a fraction
 
     def __post_init__(self) -> None:
-        if self.direction not in ("maximize", "minimize"):
+        if self.direction not in tuple(Direction):
             raise TaskError(
                 f"Metric {self.name!r}: direction must be 'maximize' or 'minimize', "
                 f"got {self.direction!r}"
             )
+        self.direction = Direction(self.direction)
         if not callable(self.fn):
             raise TaskError(f"Metric {self.name!r}: fn must be callable (model, data) -> float")
 
@@ -131,7 +133,7 @@ def _accuracy(model: nn.Module, data: Iterable) -> float:
 
 def accuracy(name: str = "accuracy") -> Metric:
     """Top-1 classification accuracy (fraction in [0, 1]) of logits ``(batch, classes)``."""
-    return Metric(name, "maximize", _accuracy, bounds=(0.0, 1.0))
+    return Metric(name, Direction.MAXIMIZE, _accuracy, bounds=(0.0, 1.0))
 
 
 def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from autoprune.metrics import Direction
 from autoprune.search._base import SearchContext
 from autoprune.search._optuna import make_sampler, tell_result
 from autoprune.search._ray._session import _active
@@ -46,7 +47,7 @@ def _make_searcher(ctx: SearchContext, done: int = 0):
         ctx.baselines(), list(ctx.settings.budgets), ctx.settings.primary,
         list(ctx.objectives), space=_Sample(ctx.space),
         metric=[o.key for o in ctx.objectives],
-        mode=["max" if o.direction == "maximize" else "min" for o in ctx.objectives],
+        mode=["max" if o.direction == Direction.MAXIMIZE else "min" for o in ctx.objectives],
         sampler=make_sampler(ctx.config.sampler, ctx.config.seed + done))
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from autoprune.metrics import TrialStatus
 from autoprune.search._base import SearchContext
 from autoprune.search._ray._journal import EXPERIMENT, _Journal
 from autoprune.search._ray._trainable import (
@@ -71,7 +72,7 @@ class _Session:
         if reason is None:
             reason = (f"Ray worker failed {trial.num_failures} time(s), retries exhausted: "
                       f"{_error_line(trial)}")
-        result = TrialResult(self._plan(meta.get("steered", meta["params"])), "failed",
+        result = TrialResult(self._plan(meta.get("steered", meta["params"])), TrialStatus.FAILED,
                              reason=reason,
                              number=meta["number"], params=meta["params"],
                              baseline=meta.get("baseline"))
@@ -101,7 +102,7 @@ class _Session:
         self.ctx.record(result)
         if show and self.ctx.steer_again(result, self.order):  # (a replay's are in the journal)
             self.again.append({"params": result.params, "baseline": result.baseline})
-        if result.status == "complete" and curve and self.stopper is not None:
+        if result.status == TrialStatus.COMPLETE and curve and self.stopper is not None:
             self.stopper.record.remote([tuple(c) for c in curve])
         if show and self.ctx.progress:
             self.ctx.progress(result, list(self.order))
