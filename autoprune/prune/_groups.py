@@ -73,17 +73,19 @@ def grouped_advice(width: int) -> str:
     """Which way of shrinking a grouped conv with ``width`` channels per group pays on ONNX
     Runtime's CPU convs, which run on blocks of 16 channels (AVX-512; 8 with AVX2) only when
     every group's channels are whole blocks (benchmarks/grouped_conv.py measures both ways)."""
-    block = next((b for b in (16, 8) if width % b == 0), None)
-    if block is None:
+    if width % 8:
         return (f"groups of {width} ch miss the blocked kernels already: channels inside "
                 f"groups pay (they remove about twice the MACs of whole groups)")
-    cpus = "AVX-512 and AVX2 CPUs" if block == 16 else "AVX2 CPUs"
-    if width == block:
-        return (f"groups of {width} ch run on the blocked kernels ({cpus}); channels removed "
-                f"inside groups leave them: whole groups pay")
-    return (f"groups of {width} ch run on the blocked kernels ({cpus}); channels inside "
-            f"groups stay on them only if every group keeps a multiple of {block} ch, "
-            f"whole groups always")
+    if width % 16:
+        return (f"groups of {width} ch run on the blocked kernels of AVX2 CPUs (blocks of 8), "
+                f"not of AVX-512 ones (16): whole groups pay on AVX2, channels inside groups "
+                f"on AVX-512")
+    if width == 16:
+        return ("groups of 16 ch run on the blocked kernels; channels removed inside groups "
+                "leave them on AVX-512 CPUs: whole groups pay")
+    return (f"groups of {width} ch run on the blocked kernels; channels inside groups stay on "
+            f"them only if every group keeps a multiple of 16 ch (8 on AVX2), whole groups "
+            f"always")
 
 
 @dataclass

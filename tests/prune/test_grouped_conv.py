@@ -133,10 +133,12 @@ def test_layers_say_which_way_pays_for_each_grouped_conv():
     table = inspect_model(_model(), _model().example_inputs()).table()
     assert ("stages.0.grouped.0: groups of 4 ch miss the blocked kernels already: channels "
             "inside groups pay") in table
-    assert ("stages.1.grouped.0: groups of 8 ch run on the blocked kernels (AVX2 CPUs); "
-            "channels removed inside groups leave them: whole groups pay") in table
-    assert grouped_advice(64).endswith("only if every group keeps a multiple of 16 ch, "
-                                       "whole groups always")
+    assert ("stages.1.grouped.0: groups of 8 ch run on the blocked kernels of AVX2 CPUs "
+            "(blocks of 8), not of AVX-512 ones (16): whole groups pay on AVX2, channels "
+            "inside groups on AVX-512") in table
+    assert grouped_advice(16).endswith("leave them on AVX-512 CPUs: whole groups pay")
+    assert grouped_advice(64).endswith("only if every group keeps a multiple of 16 ch (8 on "
+                                       "AVX2), whole groups always")
 
 
 @pytest.mark.parametrize("whole", [False, True])
