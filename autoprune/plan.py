@@ -196,6 +196,11 @@ class PruningPlan:
                     raise PlanError(f"rules[{key!r}]: invalid regular expression: {e}") from None
 
     # -- lookup ---------------------------------------------------------------------------
+    @property
+    def removes_whole_groups(self) -> bool:
+        """Whether a rule of the plan removes whole conv groups (``whole_groups``)."""
+        return any(r.whole_groups for r in [self.default, *self.rules.values()])
+
     def rule_for(self, name: str) -> LayerRule:
         """The rule for ``name``: exact key, then the first matching ``re:`` key, then default."""
         if name in self.rules:

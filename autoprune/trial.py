@@ -35,10 +35,7 @@ from autoprune.metrics import (
 )
 from autoprune.plan import LayerRule, PruningPlan
 
-__all__ = ["TrialSettings", "TrialResult", "run_trial", "measure_plan", "prune_for_task",
-           "STATUSES"]
-
-STATUSES = tuple(s.value for s in TrialStatus)
+__all__ = ["TrialSettings", "TrialResult", "run_trial", "measure_plan", "prune_for_task"]
 
 
 @dataclass

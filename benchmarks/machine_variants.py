@@ -53,8 +53,8 @@ from autoprune.results import (  # noqa: E402
     recommend,
     within_cost_budgets,
 )
+from autoprune.run.layout import VERIFY_JSON  # noqa: E402
 from autoprune.search import run_search  # noqa: E402
-from autoprune.search._verify import VERIFY_FILE  # noqa: E402
 
 VARIANTS = {
     "cpu-1t": "",
@@ -83,7 +83,7 @@ def run_variant(name: str, out: Path, trials: int) -> dict[str, object] | str:
 
 def _search_variant(name: str, out: Path, trials: int) -> dict[str, object]:
     run_dir = out / name
-    finished = (run_dir / VERIFY_FILE).is_file() and load_run(run_dir)[0].trials == trials
+    finished = (run_dir / VERIFY_JSON).is_file() and load_run(run_dir)[0].trials == trials
     if not finished:  # none yet, one cut short, or one of another --trials
         profile = out / f"{name}.yaml"
         profile.write_text(f"base: cpu-1t\nname: {name}\n{VARIANTS[name]}")
@@ -94,7 +94,7 @@ def _search_variant(name: str, out: Path, trials: int) -> dict[str, object]:
         print(f"  {name}: searched in {(time.time() - start) / 60:.1f} min ({load()})",
               flush=True)
     config, results = load_run(run_dir)
-    verify = json.loads((run_dir / VERIFY_FILE).read_text())
+    verify = json.loads((run_dir / VERIFY_JSON).read_text())
     finals = {p["trial"]: p for p in verify["plans"]}
     lat = latency_key(config.primary)
     inside, searched = within_cost_budgets(results, config)

@@ -151,6 +151,7 @@ def test_whole_groups_round_trips_and_is_left_out_when_false(tmp_path):
     for suffix in (".json", ".yaml"):
         assert PruningPlan.load(plan.save(tmp_path / f"p{suffix}")) == plan
     assert "whole_groups" not in PruningPlan.uniform(0.5).to_json()  # keys stay as they were
+    assert plan.removes_whole_groups and not PruningPlan.uniform(0.5).removes_whole_groups
     with pytest.raises(PlanError, match=r"rules\['c'\]\.whole_groups: 'yes' must be true or "
                                         r"false"):
         PruningPlan.from_dict({"rules": {"c": {"mode": "structured", "whole_groups": "yes"}}})

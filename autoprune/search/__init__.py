@@ -40,7 +40,7 @@ from autoprune.search._preflight import (
     check_targets,
     check_trials,
 )
-from autoprune.search._steer import PROFILE_FILE, Steering
+from autoprune.search._steer import Steering
 from autoprune.space import GroupInfo, SearchSpace, load_space
 from autoprune.trial import TrialResult, TrialSettings
 
@@ -49,7 +49,7 @@ __all__ = ["Backend", "EarlyStopper", "SearchContext", "SearchResult", "get_back
 
 # Backends register themselves on import; ray is imported lazily by its module.
 from autoprune.metrics import TrialStatus
-from autoprune.run.layout import LATENCY_CACHE, RUN_JSON, SUMMARY_MD
+from autoprune.run.layout import COST_PROFILE, LATENCY_CACHE, RUN_JSON, SUMMARY_MD
 from autoprune.search import (
     _optuna,  # noqa: E402,F401
     _ray,  # noqa: E402,F401
@@ -210,7 +210,7 @@ def run_search(
         resume=resume, workers=workers, backend_options=backend_options or {},
         progress=_progress_printer(trials, config) if progress else None)
     if not resume:  # a profile left by a run that stopped before its first trial
-        (run_dir / PROFILE_FILE).unlink(missing_ok=True)
+        (run_dir / COST_PROFILE).unlink(missing_ok=True)
     if not config.reference:  # the dense model, timed in full: it resolves relative budgets
         say("measuring the dense model (full latency protocol)")
         config.reference = backend_obj.measure(ctx, [PruningPlan()])[0]

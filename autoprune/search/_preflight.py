@@ -108,7 +108,7 @@ def check_reach(steering: Any, space: Any, reference: dict[str, float], primary:
         dense = reference.get(key)
         unit = {"latency": " ms", "size": " B"}.get(b.metric, "")
         share = f" ({value / dense:.0%} of the dense model)" if dense else ""
-        whole = ", whole conv groups" if any(r.whole_groups for r in plan.rules.values()) else ""
+        whole = ", whole conv groups" if plan.removes_whole_groups else ""
         text = (f"budget {b.describe()} is out of reach of search space {space.name!r}: its "
                 f"most pruned plan (every searched group at sparsity {space.sparsity.high:g}, "
                 f"{'structured' if 'structured' in space.modes else 'unstructured'}"

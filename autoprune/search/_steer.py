@@ -26,11 +26,10 @@ from autoprune.plan import PruningPlan
 from autoprune.run.layout import COST_PROFILE
 from autoprune.space import BoundSpace
 
-__all__ = ["Steering", "UNIFORM_FIT", "PROFILE_FILE"]
+__all__ = ["Steering", "UNIFORM_FIT"]
 
 UNIFORM_FIT = "uniform-fit"  # baseline: one sparsity for every unit, scaled onto the budget
 _EXACT_MARGIN = 0.002  # MACs / params / size are predicted from the structure (rounding only)
-PROFILE_FILE = COST_PROFILE
 _SCAN = 32  # factors tried, evenly spaced, before bisection refines the first that fits
 # The profile's uniform plan at the space's highest sparsity (level 1.0); with depth, the
 # space's most pruned plan also drops every block it may
@@ -189,7 +188,7 @@ class Steering:
         choices), and the dense and most pruned plans in each INT8 scheme the space offers;
         screened, without fine-tuning. Kept in ``cost_profile.jsonl`` so a resumed search
         does not measure it again."""
-        path = run_dir / PROFILE_FILE
+        path = run_dir / COST_PROFILE
         if path.is_file():
             rows = [json.loads(line) for line in path.read_text().splitlines()]
             points = [(PruningPlan.from_dict(r["plan"]), r["metrics"]) for r in rows]
@@ -230,5 +229,5 @@ class Steering:
             key = latency_key(self.primary)
             most = [points[_MOST_PRUNED]] + [
                 (plan, m) for plan, m in points if plan.quantize == "none"
-                and (plan.drop_blocks or any(r.whole_groups for r in plan.rules.values()))]
+                and (plan.drop_blocks or plan.removes_whole_groups)]
             self.most_pruned = min(most, key=lambda point: point[1].get(key, math.inf))

@@ -25,9 +25,8 @@ from autoprune.run.layout import VERIFY_JSON
 from autoprune.trial import TrialResult, TrialSettings, run_trial
 
 __all__ = ["Verification", "kendall_tau", "pick_plans", "final_result", "verify_search",
-           "verify_section", "VERIFY_FILE"]
+           "verify_section"]
 
-VERIFY_FILE = VERIFY_JSON
 
 
 @dataclass
@@ -169,13 +168,13 @@ def verify_search(task: Any, results: list[TrialResult], config: RunConfig,
     if plans:
         again = final_result(task, plans[0].plan, config.seed + 1, settings.device)
         out.noise = abs(again.metrics.get(config.metric, math.nan) - out.plans[0]["final"])
-    (run_dir / VERIFY_FILE).write_text(json.dumps(out.to_dict(), indent=2))
+    (run_dir / VERIFY_JSON).write_text(json.dumps(out.to_dict(), indent=2))
     return out
 
 
 def verify_section(run_dir: str | Path) -> str:
     """The summary section of a verified run (empty if the run was not verified)."""
-    path = Path(run_dir) / VERIFY_FILE
+    path = Path(run_dir) / VERIFY_JSON
     if not path.is_file():
         return ""
     data = json.loads(path.read_text())
